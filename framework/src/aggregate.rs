@@ -1,0 +1,458 @@
+//! Aggregates decide; the [`Repository`] loads them, asks them, and stores
+//! their decision.
+//!
+//! `execute` loads the stream `<category>-<id>` (newest snapshot + tail),
+//! folds [`Aggregate::apply`], calls [`Aggregate::decide`] and appends the
+//! events with the version it loaded as the expected version. On a version
+//! conflict it reloads and decides again, a bounded number of times.
+//!
+//! With a [`CommandMeta::command_id`], the event ids are derived from the
+//! command id (uuid v5), so sending the same command again returns the first
+//! result instead of deciding twice: the command inbox.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+
+use chrono::Utc;
+use futures::TryStreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::event::{DecodeError, EncodeError, Event, EventData, Metadata, Position};
+use crate::store::{Direction, EventStore, ExpectedVersion, Snapshot, StoreError, read_stream_all};
+
+/// A consistency boundary that decides, purely, what happens.
+///
+/// `decide` must be pure and synchronous: no I/O, no clock, no randomness.
+/// Anything it needs (a timestamp, a price quote) is part of the command.
+/// `apply` folds one event into the state and must not fail: an event is a
+/// fact that already happened.
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// Stream category: the aggregate with id `x` lives in stream
+    /// `<CATEGORY>-x`.
+    const CATEGORY: &'static str;
+    /// What it can be asked to do.
+    type Command: Send;
+    /// What it records; usually an enum with `#[derive(Event)]`.
+    type Event: Event + Clone;
+    /// Why it refuses a command.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Decides which events a command produces, or refuses it.
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Folds one event into the state.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// The stream name of the aggregate with this id.
+    fn stream_name(id: &str) -> String {
+        format!("{}-{}", Self::CATEGORY, id)
+    }
+}
+
+/// Ids and metadata of one command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandMeta {
+    /// The command's id. When set, event ids derive from it (uuid v5) and
+    /// sending the same command again is a no-op returning the first result.
+    /// When unset, a fresh v7 id is used and events get fresh v7 ids.
+    pub command_id: Option<Uuid>,
+    /// The conversation; defaults to the command id.
+    pub correlation_id: Option<Uuid>,
+    /// What caused the command; defaults to the command id.
+    pub causation_id: Option<Uuid>,
+    /// Copied into every event's metadata.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl CommandMeta {
+    /// Metadata for a command with this id (idempotent on retry).
+    pub fn with_id(command_id: Uuid) -> Self {
+        CommandMeta {
+            command_id: Some(command_id),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn causation(mut self, id: Uuid) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// Adds a key/value pair to every event's metadata.
+    pub fn extra(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// The id of event number `index` decided by command `command_id`.
+pub fn derived_event_id(command_id: Uuid, index: usize) -> Uuid {
+    Uuid::new_v5(&command_id, &(index as u64).to_be_bytes())
+}
+
+/// What a successful `execute` did.
+#[derive(Debug)]
+pub struct Executed<A: Aggregate> {
+    /// The aggregate's state after the command.
+    pub state: A,
+    /// The events decided (for a duplicate command: the events the first
+    /// execution stored).
+    pub events: Vec<A::Event>,
+    /// The stream version after the command.
+    pub version: u64,
+    /// `$all` position of the last event appended (`None` if none).
+    pub position: Option<Position>,
+    /// True when the command id had already been executed: nothing changed.
+    pub duplicate: bool,
+    /// How many version conflicts were retried.
+    pub retries: u32,
+}
+
+/// An aggregate's state as loaded from its stream.
+#[derive(Debug)]
+pub struct Loaded<A> {
+    /// The folded state.
+    pub state: A,
+    /// The stream version it includes (0 = no events).
+    pub version: u64,
+    /// How many events were read (the tail after the snapshot, if one was used).
+    pub events_read: u64,
+    /// The snapshot version it started from, if a snapshot was used.
+    pub snapshot_version: Option<u64>,
+}
+
+/// Why `execute` did not store a decision.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<E: std::error::Error + 'static> {
+    /// The aggregate refused the command (its `decide` returned an error).
+    #[error("command rejected: {0}")]
+    Rejected(#[source] E),
+    /// Every attempt lost a version race against a concurrent writer.
+    #[error("stream `{stream}` kept changing: gave up after {attempts} attempts")]
+    Conflict {
+        /// The aggregate's stream.
+        stream: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A decided event could not be serialized.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The store failed, or returned an event that does not decode.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl<E: std::error::Error + 'static> From<DecodeError> for ExecuteError<E> {
+    fn from(e: DecodeError) -> Self {
+        ExecuteError::Store(StoreError::Decode(e))
+    }
+}
+
+type SnapshotEncode<A> = fn(&A) -> Result<Vec<u8>, serde_json::Error>;
+type SnapshotDecode<A> = fn(&[u8]) -> Result<A, serde_json::Error>;
+
+struct Snapshots<A> {
+    every: u64,
+    encode: SnapshotEncode<A>,
+    decode: SnapshotDecode<A>,
+}
+
+/// Loads aggregates of type `A` from store `S` and executes commands on them.
+///
+/// Cheap to clone when the store is.
+pub struct Repository<A: Aggregate, S> {
+    store: S,
+    max_attempts: u32,
+    page: usize,
+    snapshots: Option<Snapshots<A>>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate, S: Clone> Clone for Repository<A, S> {
+    fn clone(&self) -> Self {
+        Repository {
+            store: self.store.clone(),
+            max_attempts: self.max_attempts,
+            page: self.page,
+            snapshots: self.snapshots.as_ref().map(|s| Snapshots {
+                every: s.every,
+                encode: s.encode,
+                decode: s.decode,
+            }),
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+impl<A: Aggregate, S: EventStore> Repository<A, S> {
+    /// A repository over `store`: 10 attempts on version conflicts, no
+    /// snapshots, stream reads in pages of 512 events.
+    pub fn new(store: S) -> Self {
+        Repository {
+            store,
+            max_attempts: 10,
+            page: 512,
+            snapshots: None,
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// How many times `execute` decides before giving up on conflicts (at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Page size of stream reads while loading.
+    pub fn page_size(mut self, page: usize) -> Self {
+        self.page = page.max(1);
+        self
+    }
+
+    /// Stores a snapshot of the state every `every` events (serde JSON), so
+    /// a load reads the newest snapshot and only the tail after it. A
+    /// snapshot that no longer decodes (the state's shape changed) is ignored
+    /// with a warning and the stream is folded from the start.
+    pub fn with_snapshots(mut self, every: u64) -> Self
+    where
+        A: Serialize + DeserializeOwned,
+    {
+        self.snapshots = Some(Snapshots {
+            every: every.max(1),
+            encode: |a| serde_json::to_vec(a),
+            decode: |b| serde_json::from_slice(b),
+        });
+        self
+    }
+
+    /// The store this repository writes to.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Loads the aggregate `id`: newest snapshot (if enabled) plus the tail.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, StoreError> {
+        let stream = A::stream_name(id);
+        let mut state = A::default();
+        let mut version = 0;
+        let mut snapshot_version = None;
+        if let Some(snapshots) = &self.snapshots
+            && let Some(snapshot) = self.store.load_snapshot(&stream).await?
+        {
+            match (snapshots.decode)(&snapshot.state) {
+                Ok(s) => {
+                    state = s;
+                    version = snapshot.version;
+                    snapshot_version = Some(snapshot.version);
+                }
+                Err(e) => tracing::warn!(
+                    stream = %stream,
+                    snapshot_version = snapshot.version,
+                    error = %e,
+                    "snapshot no longer decodes; ignoring it and folding the whole stream"
+                ),
+            }
+        }
+        let mut events_read = 0;
+        let mut events = std::pin::pin!(read_stream_all(
+            &self.store,
+            &stream,
+            version + 1,
+            Direction::Forward,
+            self.page
+        ));
+        while let Some(stored) = events.try_next().await? {
+            let recorded = stored.decode_known::<A::Event>()?;
+            state.apply(&recorded.event);
+            version = recorded.version;
+            events_read += 1;
+        }
+        Ok(Loaded {
+            state,
+            version,
+            events_read,
+            snapshot_version,
+        })
+    }
+
+    /// Executes `command` on aggregate `id` with fresh ids.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with(id, command, CommandMeta::default()).await
+    }
+
+    /// Executes `command` on aggregate `id` with the given ids and metadata.
+    ///
+    /// With a command id, a command that was already executed returns its
+    /// first result (`duplicate: true`) without deciding again.
+    pub async fn execute_with(
+        &self,
+        id: &str,
+        command: A::Command,
+        meta: CommandMeta,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let stream = A::stream_name(id);
+        if let Some(command_id) = meta.command_id
+            && let Some(done) = self.already_executed(id, &stream, command_id).await?
+        {
+            return Ok(done);
+        }
+        let command_id = meta.command_id.unwrap_or_else(Uuid::now_v7);
+        let metadata = Metadata {
+            correlation_id: meta.correlation_id.unwrap_or(command_id),
+            causation_id: meta.causation_id.unwrap_or(command_id),
+            extra: meta.extra,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let loaded = self.load(id).await?;
+            let mut state = loaded.state;
+            let events = state
+                .decide(command.clone())
+                .map_err(ExecuteError::Rejected)?;
+            if events.is_empty() {
+                return Ok(Executed {
+                    state,
+                    events,
+                    version: loaded.version,
+                    position: None,
+                    duplicate: false,
+                    retries: attempt - 1,
+                });
+            }
+            let data = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let event_id = match meta.command_id {
+                        Some(c) => derived_event_id(c, i),
+                        None => Uuid::now_v7(),
+                    };
+                    EventData::encode(e, event_id, metadata.clone())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let expected = ExpectedVersion::Exact(loaded.version);
+            match self.store.append(&stream, expected, data).await {
+                Ok(result) => {
+                    for e in &events {
+                        state.apply(e);
+                    }
+                    self.maybe_snapshot(&stream, &state, loaded.version, result.last_version)
+                        .await;
+                    return Ok(Executed {
+                        state,
+                        events,
+                        version: result.last_version,
+                        position: result.last_position,
+                        duplicate: result.duplicate,
+                        retries: attempt - 1,
+                    });
+                }
+                Err(StoreError::WrongExpectedVersion { .. }) if attempt < self.max_attempts => {
+                    tracing::debug!(stream = %stream, attempt, "version conflict; deciding again");
+                }
+                Err(StoreError::WrongExpectedVersion { .. }) => {
+                    return Err(ExecuteError::Conflict {
+                        stream,
+                        attempts: attempt,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// If the command's first derived event is stored in this stream, the
+    /// command was executed: rebuild its result.
+    async fn already_executed(
+        &self,
+        id: &str,
+        stream: &str,
+        command_id: Uuid,
+    ) -> Result<Option<Executed<A>>, ExecuteError<A::Error>> {
+        let Some(first) = self.store.find_event(derived_event_id(command_id, 0)).await? else {
+            return Ok(None);
+        };
+        if first.stream != stream {
+            return Err(StoreError::DuplicateEventId {
+                id: first.id,
+                stream: stream.to_owned(),
+                existing_stream: first.stream,
+                existing_version: first.version,
+            }
+            .into());
+        }
+        let mut events = Vec::new();
+        let mut last = (first.version, first.position);
+        let mut stored = std::pin::pin!(read_stream_all(
+            &self.store,
+            stream,
+            first.version,
+            Direction::Forward,
+            self.page
+        ));
+        while let Some(event) = stored.try_next().await? {
+            if event.id != derived_event_id(command_id, events.len()) {
+                break;
+            }
+            last = (event.version, event.position);
+            events.push(event.decode_known::<A::Event>()?.event);
+        }
+        let loaded = self.load(id).await?;
+        Ok(Some(Executed {
+            state: loaded.state,
+            events,
+            version: last.0,
+            position: Some(last.1),
+            duplicate: true,
+            retries: 0,
+        }))
+    }
+
+    async fn maybe_snapshot(&self, stream: &str, state: &A, before: u64, after: u64) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        // Snapshot when the append crossed a multiple of `every`.
+        if after / snapshots.every == before / snapshots.every {
+            return;
+        }
+        let state = match (snapshots.encode)(state) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(stream, error = %e, "aggregate state does not serialize; no snapshot taken");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            stream: stream.to_owned(),
+            version: after,
+            state,
+            taken_at: Utc::now(),
+        };
+        // A lost snapshot only costs a longer load later; the command succeeded.
+        if let Err(e) = self.store.save_snapshot(snapshot).await {
+            tracing::warn!(stream, error = %e, "saving snapshot failed");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! # aftermath
+//!
+//! Event sourcing for Rust that separates **decisions** from **side effects**.
+//!
+//! An [`Aggregate`] only decides, purely: `decide(&self, command) -> events`.
+//! Its decision is stored as events in an [`EventStore`] with optimistic
+//! concurrency and idempotent retries. Everything that follows (read models,
+//! business processes, calls to the outside world) happens afterwards, in
+//! subscribers that read the log from a saved checkpoint.
+//!
+//! ```
+//! use aftermath::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! enum CounterEvent {
+//!     Incremented { by: u32 },
+//! }
+//!
+//! #[derive(Default)]
+//! struct Counter {
+//!     value: u32,
+//! }
+//!
+//! #[derive(Debug, PartialEq, thiserror::Error)]
+//! #[error("counter would overflow")]
+//! struct Overflow;
+//!
+//! impl Aggregate for Counter {
+//!     const CATEGORY: &'static str = "counter";
+//!     type Command = u32;
+//!     type Event = CounterEvent;
+//!     type Error = Overflow;
+//!
+//!     fn decide(&self, by: u32) -> Result<Vec<CounterEvent>, Overflow> {
+//!         self.value.checked_add(by).ok_or(Overflow)?;
+//!         Ok(vec![CounterEvent::Incremented { by }])
+//!     }
+//!
+//!     fn apply(&mut self, event: &CounterEvent) {
+//!         match event {
+//!             CounterEvent::Incremented { by } => self.value += by,
+//!         }
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let counters = Repository::<Counter, _>::new(MemoryStore::new());
+//! let done = counters.execute("c-1", 5).await.unwrap();
+//! assert_eq!(done.state.value, 5);
+//! assert_eq!(done.version, 1);
+//! # });
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod aggregate;
+pub mod event;
+pub mod store;
+pub mod testing;
+pub mod upcast;
+
+pub use aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Loaded, Repository};
+pub use aftermath_derive::Event;
+pub use event::{
+    DecodeError, EncodeError, Event, EventData, Metadata, PayloadError, Position, Recorded,
+    StoredEvent,
+};
+#[doc(hidden)]
+pub mod __private {
+    //! Support code for `#[derive(Event)]`; not a public API.
+    pub use crate::codec::{decode_variant, encode_variant};
+    pub use serde_json;
+}
+mod codec;
+
+pub use store::memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+pub use store::{AppendResult, Direction, EventStore, ExpectedVersion, Snapshot, StoreError};
+pub use upcast::Upcasters;
+
+/// Everything an application usually needs, in one import.
+pub mod prelude {
+    pub use crate::aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Repository};
+    pub use crate::event::{Event, Metadata, Position, Recorded};
+    pub use crate::store::memory::MemoryStore;
+    #[cfg(feature = "sqlite")]
+    pub use crate::store::sqlite::SqliteStore;
+    pub use crate::store::{EventStore, ExpectedVersion};
+    pub use aftermath_derive::Event;
+}

@@ -1,0 +1,389 @@
+//! The [`EventStore`] trait every backend implements, and its types.
+//!
+//! Contracts (checked for every backend by the conformance suite in `tests/`):
+//!
+//! - `append` is atomic for the whole batch. An expected-version mismatch is
+//!   [`StoreError::WrongExpectedVersion`], never a partial write.
+//! - Appending a batch whose event ids were already appended to that stream at
+//!   the same versions is a no-op that returns the first [`AppendResult`] (with
+//!   `duplicate: true`). Any other reuse of an event id, including twice in one
+//!   batch, is [`StoreError::DuplicateEventId`].
+//! - `$all` order is total and gap-free for readers: a reader that has seen
+//!   position `p` never later receives an event ordered before `p`.
+//! - Reads are paged: a call returns at most `limit` events, so memory is
+//!   bounded by the page size. [`read_stream_all`] and [`read_all_pages`]
+//!   iterate pages as a [`futures::Stream`].
+//! - Bad data is a typed error naming the stream, version, position and type.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use uuid::Uuid;
+
+use crate::event::{DecodeError, EventData, Position, StoredEvent};
+
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// What the writer expects the stream's current version to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The stream must not exist (have no events).
+    NoStream,
+    /// The stream must exist (have at least one event).
+    StreamExists,
+    /// The stream's last version must be exactly this (0 means no events).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream whose current version is `actual` (0 = no stream)
+    /// satisfies this expectation.
+    pub fn matches(self, actual: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::StreamExists => actual > 0,
+            ExpectedVersion::Exact(v) => v == actual,
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::StreamExists => f.write_str("stream exists"),
+            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Version of the first event appended (the stream's version + 1 before
+    /// the append). For an empty batch, the stream's current version + 1.
+    pub first_version: u64,
+    /// The stream's version after the append (its last event's version).
+    pub last_version: u64,
+    /// Position of the first event appended (`None` for an empty batch).
+    pub first_position: Option<Position>,
+    /// Position of the last event appended (`None` for an empty batch).
+    pub last_position: Option<Position>,
+    /// True when these event ids were already appended at this place and the
+    /// call changed nothing (idempotent retry).
+    pub duplicate: bool,
+}
+
+/// Direction of a stream read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first: versions `from, from + 1, ...`.
+    Forward,
+    /// Newest first: versions `from, from - 1, ...` (`u64::MAX` = from the end).
+    Backward,
+}
+
+/// A saved aggregate state at a stream version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The stream the state was folded from.
+    pub stream: String,
+    /// The stream version the state includes.
+    pub version: u64,
+    /// The serialized state (JSON).
+    pub state: Vec<u8>,
+    /// When it was taken.
+    pub taken_at: DateTime<Utc>,
+}
+
+/// Errors of the event store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream's version is not the one the writer expected.
+    #[error("wrong expected version on stream `{stream}`: expected {expected}, actual version {actual}")]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: String,
+        /// What the writer expected.
+        expected: ExpectedVersion,
+        /// The stream's current version (0 = no events).
+        actual: u64,
+    },
+    /// An event id that already exists elsewhere (or twice in the batch).
+    #[error(
+        "event id {id} reused on stream `{stream}`: already stored in stream `{existing_stream}` at version {existing_version}"
+    )]
+    DuplicateEventId {
+        /// The offending id.
+        id: Uuid,
+        /// The stream of the rejected append.
+        stream: String,
+        /// Where the id is already stored (the same stream for a duplicate in
+        /// one batch).
+        existing_stream: String,
+        /// Version of the existing event (0 for a duplicate within the batch).
+        existing_version: u64,
+    },
+    /// A stream name that cannot be stored (empty, or starting with `$`).
+    #[error("invalid stream name `{stream}`: {reason}")]
+    InvalidStream {
+        /// The rejected name.
+        stream: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A stored event that does not decode or fails upcasting.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A stored row that is not a valid event (bad id, metadata, timestamp).
+    #[error("corrupt row at position {position} (stream `{stream}`): {message}")]
+    Corrupt {
+        /// Position of the row.
+        position: Position,
+        /// Stream of the row, as far as it could be read.
+        stream: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The database is not an aftermath event store, or a newer schema.
+    #[error("refusing to open {location}: {reason}")]
+    Incompatible {
+        /// Path or URL of the database.
+        location: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The store was closed or its writer stopped.
+    #[error("event store is closed: {0}")]
+    Closed(String),
+    /// An error of the underlying database.
+    #[error("database error during {operation}: {source}")]
+    Database {
+        /// What the store was doing.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StoreError {
+    /// Wraps a driver error with what the store was doing.
+    pub fn database(
+        operation: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Database {
+            operation,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Checks a stream name for append: not empty, not starting with `$`
+/// (reserved for the store's own streams such as `$all`).
+pub fn validate_stream(stream: &str) -> Result<(), StoreError> {
+    if stream.is_empty() {
+        return Err(StoreError::InvalidStream {
+            stream: stream.to_owned(),
+            reason: "a stream name must not be empty",
+        });
+    }
+    if stream.starts_with('$') {
+        return Err(StoreError::InvalidStream {
+            stream: stream.to_owned(),
+            reason: "names starting with `$` are reserved",
+        });
+    }
+    Ok(())
+}
+
+/// Checks a batch for an event id used twice in it.
+pub fn check_batch_ids(stream: &str, events: &[EventData]) -> Result<(), StoreError> {
+    for (i, e) in events.iter().enumerate() {
+        if events[..i].iter().any(|o| o.id == e.id) {
+            return Err(StoreError::DuplicateEventId {
+                id: e.id,
+                stream: stream.to_owned(),
+                existing_stream: stream.to_owned(),
+                existing_version: 0,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An append-only event log with optimistic concurrency and a global order.
+///
+/// Implementations are cheap to clone handles (`Arc` inside) and safe to
+/// share between tasks.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically if its version matches
+    /// `expected`. See the module docs for the idempotent-retry rule.
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads up to `limit` events of `stream` starting at version `from`
+    /// (inclusive) in `direction`. A missing stream reads as empty.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Reads up to `limit` events of `$all` with a position greater than
+    /// `after`, in position order. With `types`, only events whose type
+    /// (after upcasting) is one of them; the filter runs in the store.
+    async fn read_all(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The current version of `stream` (0 when it has no events).
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
+
+    /// The position of the last event in `$all` ([`Position::ORIGIN`] when
+    /// empty).
+    async fn head(&self) -> Result<Position, StoreError>;
+
+    /// Finds an event by id.
+    async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError>;
+
+    /// A receiver that changes whenever this process appends: the value is
+    /// the head position after the append. Readers await it instead of
+    /// polling for appends made through this store handle.
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<Position>;
+
+    /// Saves (replaces) the snapshot of a stream.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
+
+    /// Loads the snapshot of a stream, if any.
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError>;
+}
+
+#[async_trait]
+impl<S: EventStore + ?Sized> EventStore for Arc<S> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        (**self).append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        (**self).read_stream(stream, from, direction, limit).await
+    }
+    async fn read_all(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        (**self).read_all(after, types, limit).await
+    }
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        (**self).stream_version(stream).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        (**self).head().await
+    }
+    async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        (**self).find_event(id).await
+    }
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
+        (**self).watch_head()
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        (**self).save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        (**self).load_snapshot(stream).await
+    }
+}
+
+/// Streams every event of `stream` from version `from` in `direction`,
+/// reading `page` events at a time: memory stays bounded by the page size.
+pub fn read_stream_all<'a, S: EventStore + ?Sized>(
+    store: &'a S,
+    stream: &'a str,
+    from: u64,
+    direction: Direction,
+    page: usize,
+) -> impl Stream<Item = Result<StoredEvent, StoreError>> + Send + 'a {
+    let page = page.max(1);
+    let state = (Some(from), Vec::<StoredEvent>::new().into_iter());
+    futures::stream::unfold(state, move |(next, mut buffered)| async move {
+        if let Some(event) = buffered.next() {
+            return Some((Ok(event), (next, buffered)));
+        }
+        let from = next?;
+        match store.read_stream(stream, from, direction, page).await {
+            Err(e) => Some((Err(e), (None, Vec::new().into_iter()))),
+            Ok(events) => {
+                let following = match (events.last(), direction) {
+                    _ if events.len() < page => None,
+                    (Some(last), Direction::Forward) => last.version.checked_add(1),
+                    (Some(last), Direction::Backward) => {
+                        last.version.checked_sub(1).filter(|v| *v > 0)
+                    }
+                    (None, _) => None,
+                };
+                buffered = events.into_iter();
+                buffered.next().map(|e| (Ok(e), (following, buffered)))
+            }
+        }
+    })
+}
+
+/// Streams every event of `$all` after `after` (optionally filtered by type),
+/// reading `page` events at a time: memory stays bounded by the page size.
+pub fn read_all_pages<'a, S: EventStore + ?Sized>(
+    store: &'a S,
+    after: Position,
+    types: Option<&'a [&'a str]>,
+    page: usize,
+) -> impl Stream<Item = Result<StoredEvent, StoreError>> + Send + 'a {
+    let page = page.max(1);
+    let state = (Some(after), Vec::<StoredEvent>::new().into_iter());
+    futures::stream::unfold(state, move |(next, mut buffered)| async move {
+        if let Some(event) = buffered.next() {
+            return Some((Ok(event), (next, buffered)));
+        }
+        let after = next?;
+        match store.read_all(after, types, page).await {
+            Err(e) => Some((Err(e), (None, Vec::new().into_iter()))),
+            Ok(events) => {
+                let following = match events.last() {
+                    Some(last) if events.len() == page => Some(last.position),
+                    _ => None,
+                };
+                buffered = events.into_iter();
+                buffered.next().map(|e| (Ok(e), (following, buffered)))
+            }
+        }
+    })
+}
