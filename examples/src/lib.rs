@@ -1,1 +1,4 @@
-//! placeholder
+//! Runnable applications built on aftermath. Each binary in `src/bin` is one
+//! use case; the domain code they share lives in modules here.
+
+pub mod bank;

@@ -390,7 +390,11 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         stream: &str,
         command_id: Uuid,
     ) -> Result<Option<Executed<A>>, ExecuteError<A::Error>> {
-        let Some(first) = self.store.find_event(derived_event_id(command_id, 0)).await? else {
+        let Some(first) = self
+            .store
+            .find_event(derived_event_id(command_id, 0))
+            .await?
+        else {
             return Ok(None);
         };
         if first.stream != stream {

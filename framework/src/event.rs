@@ -11,7 +11,9 @@ use uuid::Uuid;
 /// A global position in the `$all` log. Positions are strictly increasing in
 /// the order readers see events; [`Position::ORIGIN`] is "before the first
 /// event", so reading `$all` after the origin reads everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Position(pub u64);
 

@@ -56,12 +56,15 @@
 
 pub mod aggregate;
 pub mod event;
+pub mod projection;
 pub mod store;
+pub mod subscription;
 pub mod testing;
 pub mod upcast;
+pub mod worker;
 
-pub use aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Loaded, Repository};
 pub use aftermath_derive::Event;
+pub use aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Loaded, Repository};
 pub use event::{
     DecodeError, EncodeError, Event, EventData, Metadata, PayloadError, Position, Recorded,
     StoredEvent,

@@ -121,7 +121,7 @@ impl EventStore for MemoryStore {
             let existing = &inner.log[idx];
             let same_place = existing.stream == stream
                 && match expected {
-                    ExpectedVersion::Exact(v) => existing.version == v + 1,
+                    ExpectedVersion::Exact(v) => v.checked_add(1) == Some(existing.version),
                     ExpectedVersion::NoStream => existing.version == 1,
                     ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
                 };
@@ -134,7 +134,9 @@ impl EventStore for MemoryStore {
                     .take(events.len())
                     .map(|&i| &inner.log[i])
                     .collect();
-                if stored.len() == events.len() && stored.iter().zip(&events).all(|(s, e)| s.id == e.id) {
+                if stored.len() == events.len()
+                    && stored.iter().zip(&events).all(|(s, e)| s.id == e.id)
+                {
                     return Ok(result_of(&stored, true, current));
                 }
             }
@@ -172,7 +174,11 @@ impl EventStore for MemoryStore {
                 metadata: data.metadata,
             });
             inner.ids.insert(data.id, idx);
-            inner.streams.entry(stream.to_owned()).or_default().push(idx);
+            inner
+                .streams
+                .entry(stream.to_owned())
+                .or_default()
+                .push(idx);
         }
         let appended: Vec<&StoredEvent> = inner.log[start..].iter().collect();
         let result = result_of(&appended, false, current);
@@ -199,7 +205,12 @@ impl EventStore for MemoryStore {
         let picked: Vec<usize> = match direction {
             Direction::Forward => {
                 let start = from.max(1) - 1;
-                indices.iter().skip(start as usize).take(limit).copied().collect()
+                indices
+                    .iter()
+                    .skip(start as usize)
+                    .take(limit)
+                    .copied()
+                    .collect()
             }
             Direction::Backward => {
                 if from == 0 {
@@ -209,7 +220,10 @@ impl EventStore for MemoryStore {
                 indices[..end].iter().rev().take(limit).copied().collect()
             }
         };
-        picked.into_iter().map(|i| self.out(&inner.log[i])).collect()
+        picked
+            .into_iter()
+            .map(|i| self.out(&inner.log[i]))
+            .collect()
     }
 
     async fn read_all(
@@ -226,7 +240,7 @@ impl EventStore for MemoryStore {
             .filter(|e| {
                 stored_types
                     .as_ref()
-                    .is_none_or(|t| t.iter().any(|t| *t == e.event_type))
+                    .is_none_or(|t| t.contains(&e.event_type))
             })
             .take(limit)
             .map(|e| self.out(e))
@@ -234,7 +248,11 @@ impl EventStore for MemoryStore {
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
-        Ok(self.read().streams.get(stream).map_or(0, |s| s.len() as u64))
+        Ok(self
+            .read()
+            .streams
+            .get(stream)
+            .map_or(0, |s| s.len() as u64))
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
@@ -243,7 +261,11 @@ impl EventStore for MemoryStore {
 
     async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
         let inner = self.read();
-        inner.ids.get(&id).map(|&i| self.out(&inner.log[i])).transpose()
+        inner
+            .ids
+            .get(&id)
+            .map(|&i| self.out(&inner.log[i]))
+            .transpose()
     }
 
     fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
@@ -252,7 +274,13 @@ impl EventStore for MemoryStore {
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        inner.snapshots.insert(snapshot.stream.clone(), snapshot);
+        let newer = inner
+            .snapshots
+            .get(&snapshot.stream)
+            .is_some_and(|old| old.version > snapshot.version);
+        if !newer {
+            inner.snapshots.insert(snapshot.stream.clone(), snapshot);
+        }
         Ok(())
     }
 

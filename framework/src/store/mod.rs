@@ -108,7 +108,9 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The stream's version is not the one the writer expected.
-    #[error("wrong expected version on stream `{stream}`: expected {expected}, actual version {actual}")]
+    #[error(
+        "wrong expected version on stream `{stream}`: expected {expected}, actual version {actual}"
+    )]
     WrongExpectedVersion {
         /// The stream.
         stream: String,
@@ -160,6 +162,16 @@ pub enum StoreError {
         location: String,
         /// Why it was refused.
         reason: String,
+    },
+    /// A fenced write by an owner whose lease is no longer current.
+    #[error("lease `{name}` is no longer held by `{owner}` with token {token}")]
+    LeaseLost {
+        /// The lease (subscriber) name.
+        name: String,
+        /// The owner that tried to write.
+        owner: String,
+        /// The token it held.
+        token: u64,
     },
     /// The store was closed or its writer stopped.
     #[error("event store is closed: {0}")]

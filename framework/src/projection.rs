@@ -1,0 +1,859 @@
+//! Projections: read models kept up to date from the log.
+//!
+//! A [`Projection`] gets each event together with the open transaction of its
+//! read-model database ([`ReadModelDb`]); the runner commits the read-model
+//! writes and the checkpoint in that same transaction, many events per
+//! transaction. A crash at any point therefore never applies an event twice
+//! and never loses one.
+//!
+//! A projection declares a [`Projection::version`]; bumping it makes the
+//! runner reset the read model ([`Projection::reset`], checkpoint to the
+//! origin) and replay the log on its next start. [`ProjectionRunner::rebuild`]
+//! does the same on demand.
+//!
+//! An event whose handler keeps failing (or that does not decode) stops the
+//! projection with an error naming it, unless the runner is configured with
+//! [`OnError::Skip`]: then the event is recorded as skipped in the read-model
+//! database, in the same transaction that moves the checkpoint past it, where
+//! an operator can list it ([`ReadModelDb::skipped`]). Never a silent skip.
+//!
+//! A projection that writes somewhere else than its own database implements
+//! [`ExternalProjection`] instead and keeps its checkpoint in a
+//! [`CheckpointStore`]: it is then at-least-once, and must be idempotent.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::event::{Event, Position, Recorded, StoredEvent};
+use crate::store::{EventStore, StoreError};
+use crate::subscription::{
+    CatchUp, CheckpointStore, Lease, StartFrom, SubscriptionOptions, stopped,
+};
+use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
+
+/// An error from a projection's handler. Anything that is a
+/// `std::error::Error` converts into it with `?`.
+pub struct HandlerError(Box<dyn std::error::Error + Send + Sync>);
+
+impl HandlerError {
+    /// An error with just a message.
+    pub fn msg(message: impl Into<String>) -> Self {
+        HandlerError(message.into().into())
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError(Box::new(e))
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A handler failure inside a batch: which event, and why.
+#[derive(Debug)]
+pub struct HandlerFailure {
+    /// Index of the failing event in the batch.
+    pub index: usize,
+    /// The handler's error.
+    pub error: HandlerError,
+}
+
+/// A projection's saved state in its read-model database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectionState {
+    /// The projection version the read model was built with.
+    pub version: u32,
+    /// Everything through this position is applied.
+    pub position: Position,
+}
+
+/// An event an operator chose to skip, recorded where they can see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEvent {
+    /// The subscriber that skipped it.
+    pub subscriber: String,
+    /// Its position.
+    pub position: Position,
+    /// Its stream.
+    pub stream: String,
+    /// Its version.
+    pub version: u64,
+    /// Its type.
+    pub event_type: String,
+    /// Why it was skipped.
+    pub error: String,
+    /// When.
+    pub skipped_at: DateTime<Utc>,
+}
+
+/// What a [`ReadModelDb::transact`] commits besides the projection's writes.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// The projection.
+    pub projection: String,
+    /// Its version, stored with the checkpoint.
+    pub version: u32,
+    /// The new checkpoint.
+    pub position: Position,
+    /// The lease the write is fenced by.
+    pub lease: Option<Lease>,
+    /// An event skipped by policy, recorded in the same transaction.
+    pub skipped: Option<SkippedEvent>,
+}
+
+/// The work of one transaction: the projection's writes through `Tx`.
+pub type TxWork<D, T> = Box<
+    dyn for<'a, 'b> FnOnce(&'b mut <D as ReadModelDb>::Tx<'a>) -> Result<T, HandlerFailure> + Send,
+>;
+
+/// A read-model database: runs projection writes and the checkpoint in one
+/// transaction.
+#[async_trait]
+pub trait ReadModelDb: Clone + Send + Sync + 'static {
+    /// What projections write through (for SQLite, a connection inside the
+    /// open transaction).
+    type Tx<'a>;
+
+    /// The saved state of a projection, if it ever ran here.
+    async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError>;
+
+    /// Runs `work` in one transaction and, if it succeeds, saves `commit`
+    /// (fenced by its lease) in the same transaction. If `work` fails,
+    /// everything is rolled back and the failure returned as `Ok(Err(..))`.
+    async fn transact<T: Send + 'static>(
+        &self,
+        commit: Commit,
+        work: TxWork<Self, T>,
+    ) -> Result<Result<T, HandlerFailure>, StoreError>;
+
+    /// Events skipped by policy, of one subscriber or all, oldest first.
+    async fn skipped(&self, subscriber: Option<&str>) -> Result<Vec<SkippedEvent>, StoreError>;
+}
+
+/// A read model maintained in a [`ReadModelDb`], exactly once per event.
+///
+/// `apply` runs inside the batch's transaction: write through `tx` only,
+/// with no other side effects (it may run again if the transaction rolls
+/// back and is retried).
+pub trait Projection: Send + Sync + 'static {
+    /// The events it reads (only these types are read from the store).
+    type Event: Event;
+    /// Its read-model database.
+    type Db: ReadModelDb;
+
+    /// Stable name: the key of its checkpoint.
+    fn name(&self) -> &str;
+
+    /// Version of the read model's shape; bumping it rebuilds on start.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// Creates the read model's tables if missing; runs at every start.
+    fn setup(&self, _tx: &mut <Self::Db as ReadModelDb>::Tx<'_>) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    /// Drops the read model's data (tables); `setup` runs right after.
+    fn reset(&self, tx: &mut <Self::Db as ReadModelDb>::Tx<'_>) -> Result<(), HandlerError>;
+
+    /// Applies one event.
+    fn apply(
+        &self,
+        tx: &mut <Self::Db as ReadModelDb>::Tx<'_>,
+        event: &Recorded<Self::Event>,
+    ) -> Result<(), HandlerError>;
+}
+
+/// What to do with an event that keeps failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Stop the subscriber with an error naming the event (the default).
+    #[default]
+    Stop,
+    /// Record the event as skipped and go on.
+    Skip,
+}
+
+/// Tuning of a projection runner.
+#[derive(Debug, Clone)]
+pub struct ProjectionOptions {
+    /// Page size, poll interval, start position.
+    pub subscription: SubscriptionOptions,
+    /// Policy for an event that still fails after the retries.
+    pub on_error: OnError,
+    /// Attempts at a failing batch before the policy applies.
+    pub attempts: u32,
+    /// First retry delay (doubles each attempt).
+    pub retry_delay: Duration,
+}
+
+impl Default for ProjectionOptions {
+    fn default() -> Self {
+        ProjectionOptions {
+            subscription: SubscriptionOptions::default(),
+            on_error: OnError::Stop,
+            attempts: 3,
+            retry_delay: Duration::from_millis(50),
+        }
+    }
+}
+
+impl ProjectionOptions {
+    /// Events per transaction (and per read).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.subscription = self.subscription.batch_size(n);
+        self
+    }
+
+    /// Sets the policy for events that keep failing.
+    pub fn on_error(mut self, policy: OnError) -> Self {
+        self.on_error = policy;
+        self
+    }
+
+    /// Sets the attempts at a failing batch (at least 1).
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// Sets the cross-process poll interval.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.subscription = self.subscription.poll_interval(interval);
+        self
+    }
+
+    /// Sets where a projection without a checkpoint starts.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.subscription = self.subscription.start_from(start);
+        self
+    }
+}
+
+/// Runs a [`Projection`]: a [`Subscriber`] for a [`Worker`](crate::worker::Worker),
+/// or driven directly with [`ProjectionRunner::catch_up`].
+pub struct ProjectionRunner<P: Projection, S> {
+    projection: Arc<P>,
+    store: S,
+    db: P::Db,
+    options: ProjectionOptions,
+}
+
+enum Step {
+    /// The page is done; checkpoint through here.
+    Done,
+    /// Stop the run (shutdown between retries).
+    Interrupted,
+}
+
+impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
+    /// A runner reading `store` and writing to `db`, with default options.
+    pub fn new(projection: P, store: S, db: P::Db) -> Self {
+        ProjectionRunner {
+            projection: Arc::new(projection),
+            store,
+            db,
+            options: ProjectionOptions::default(),
+        }
+    }
+
+    /// Sets the options.
+    pub fn options(mut self, options: ProjectionOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// The read-model database.
+    pub fn db(&self) -> &P::Db {
+        &self.db
+    }
+
+    fn name(&self) -> String {
+        self.projection.name().to_owned()
+    }
+
+    fn store_error(&self, source: StoreError) -> SubscriberError {
+        SubscriberError::Store {
+            subscriber: self.name(),
+            source,
+        }
+    }
+
+    /// Resets the read model (`reset`, then `setup`) and moves the
+    /// checkpoint to the origin; the next run replays the whole log.
+    pub async fn rebuild(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
+        let projection = self.projection.clone();
+        let commit = Commit {
+            projection: self.name(),
+            version: self.projection.version(),
+            position: Position::ORIGIN,
+            lease,
+            skipped: None,
+        };
+        let work: TxWork<P::Db, ()> = Box::new(move |tx| {
+            projection
+                .reset(tx)
+                .and_then(|_| projection.setup(tx))
+                .map_err(|error| HandlerFailure { index: 0, error })
+        });
+        self.db
+            .transact(commit, work)
+            .await
+            .map_err(|e| self.store_error(e))?
+            .map_err(|f| {
+                self.store_error(StoreError::Closed(format!(
+                    "projection `{}` reset failed: {}",
+                    self.name(),
+                    f.error
+                )))
+            })
+    }
+
+    /// Prepares the read model and returns the position to continue after:
+    /// runs `setup`, rebuilds on a version change, starts a new projection
+    /// at its configured start.
+    async fn prepare(&self, lease: Option<Lease>) -> Result<Position, SubscriberError> {
+        let state = self
+            .db
+            .load_state(self.projection.name())
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let version = self.projection.version();
+        let position = match state {
+            Some(s) if s.version == version => s.position,
+            Some(s) => {
+                tracing::info!(projection = %self.name(), from = s.version, to = version, "projection version changed; rebuilding");
+                self.rebuild(lease.clone()).await?;
+                return Ok(Position::ORIGIN);
+            }
+            None => match self.options.subscription.start_from {
+                StartFrom::Origin => Position::ORIGIN,
+                StartFrom::After(p) => p,
+                StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
+            },
+        };
+        let projection = self.projection.clone();
+        let commit = Commit {
+            projection: self.name(),
+            version,
+            position,
+            lease,
+            skipped: None,
+        };
+        let work: TxWork<P::Db, ()> = Box::new(move |tx| {
+            projection
+                .setup(tx)
+                .map_err(|error| HandlerFailure { index: 0, error })
+        });
+        self.db
+            .transact(commit, work)
+            .await
+            .map_err(|e| self.store_error(e))?
+            .map_err(|f| {
+                self.store_error(StoreError::Closed(format!(
+                    "projection `{}` setup failed: {}",
+                    self.name(),
+                    f.error
+                )))
+            })?;
+        Ok(position)
+    }
+
+    /// Runs until caught up with the head as of now, then returns the
+    /// position reached. For tests, tools and examples; workers use `run`.
+    pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let mut ctx = RunContext::standalone(self.projection.name(), rx);
+        self.process(&mut ctx, true).await
+    }
+
+    async fn process(
+        &self,
+        ctx: &mut RunContext,
+        until_caught_up: bool,
+    ) -> Result<Position, SubscriberError> {
+        let start = self.prepare(ctx.lease.clone()).await?;
+        let mut reader = CatchUp::new(
+            self.store.clone(),
+            Some(P::Event::event_types().to_vec()),
+            start,
+            self.options.subscription.clone(),
+        );
+        loop {
+            if ctx.stopping() {
+                return Ok(reader.position());
+            }
+            let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
+            let lag = reader.lag();
+            let caught_up = page.caught_up;
+            ctx.report(|s| {
+                s.lag = lag;
+                s.state = if caught_up {
+                    SubscriberState::Live
+                } else {
+                    SubscriberState::CatchingUp
+                };
+            });
+            let through = page.through;
+            if page.events.is_empty() {
+                if through > reader.position() {
+                    self.commit_empty(through, ctx.lease.clone()).await?;
+                }
+            } else if let Step::Interrupted = self.handle_page(ctx, reader.position(), page).await?
+            {
+                return Ok(reader.position());
+            }
+            reader.advance(through);
+            let lag = reader.lag();
+            ctx.report(|s| s.lag = lag);
+            if caught_up {
+                if until_caught_up {
+                    return Ok(reader.position());
+                }
+                if !reader.wait_for_more(&mut ctx.shutdown).await {
+                    return Ok(reader.position());
+                }
+            }
+        }
+    }
+
+    async fn commit_empty(
+        &self,
+        through: Position,
+        lease: Option<Lease>,
+    ) -> Result<(), SubscriberError> {
+        let commit = Commit {
+            projection: self.name(),
+            version: self.projection.version(),
+            position: through,
+            lease,
+            skipped: None,
+        };
+        let work: TxWork<P::Db, ()> = Box::new(|_| Ok(()));
+        self.db
+            .transact(commit, work)
+            .await
+            .map_err(|e| self.store_error(e))?
+            .map_err(|f| self.store_error(StoreError::Closed(f.error.to_string())))
+    }
+
+    /// Applies a page: decodes it, then commits it in transactions, retrying
+    /// failures and applying the error policy to an event that keeps failing.
+    async fn handle_page(
+        &self,
+        ctx: &mut RunContext,
+        before: Position,
+        page: crate::subscription::Page,
+    ) -> Result<Step, SubscriberError> {
+        let mut rest: &[StoredEvent] = &page.events;
+        let mut checkpoint_floor = before;
+        while !rest.is_empty() {
+            // Decode up to the first event that does not decode.
+            let mut decoded = Vec::with_capacity(rest.len());
+            let mut bad = None;
+            for stored in rest {
+                match stored.decode::<P::Event>() {
+                    Ok(Some(event)) => decoded.push(event),
+                    Ok(None) => {
+                        bad = Some((
+                            decoded.len(),
+                            format!(
+                                "event type `{}` is not one of this projection's",
+                                stored.event_type
+                            ),
+                        ))
+                    }
+                    Err(e) => bad = Some((decoded.len(), e.message)),
+                }
+                if bad.is_some() {
+                    break;
+                }
+            }
+            let good = decoded.len();
+            if good > 0 {
+                let last = rest[good - 1].position;
+                // The last chunk of the page may checkpoint through the page's end.
+                let through = if bad.is_none() {
+                    page.through.max(last)
+                } else {
+                    last
+                };
+                match self.commit_events(ctx, decoded, through).await? {
+                    Ok(()) => {
+                        checkpoint_floor = through;
+                        ctx.report(|s| s.handled += good as u64);
+                    }
+                    Err((index, error)) => bad = Some((index, error)),
+                }
+            }
+            let Some((index, error)) = bad else { break };
+            if ctx.stopping() {
+                return Ok(Step::Interrupted);
+            }
+            // `index` is relative to the committed chunk or the decoded
+            // prefix; both start at `rest[0]`.
+            let failed = &rest[index];
+            // Events before the failing one (if the chunk rolled back) are
+            // applied first, then the failing one is skipped or stops us.
+            if index > 0 && checkpoint_floor < rest[index - 1].position {
+                let prefix = rest[..index]
+                    .iter()
+                    .map(|e| {
+                        e.decode_known::<P::Event>()
+                            .map_err(|d| self.event_error(e, d.message))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Err((i, e)) = self
+                    .commit_events(ctx, prefix, rest[index - 1].position)
+                    .await?
+                {
+                    return Err(self.event_error(&rest[i], e));
+                }
+                ctx.report(|s| s.handled += index as u64);
+            }
+            match self.options.on_error {
+                OnError::Stop => return Err(self.event_error(failed, error)),
+                OnError::Skip => {
+                    self.skip(failed, &error, ctx.lease.clone()).await?;
+                    ctx.report(|s| s.skipped += 1);
+                    checkpoint_floor = failed.position;
+                }
+            }
+            rest = &rest[index + 1..];
+        }
+        Ok(Step::Done)
+    }
+
+    /// Commits `events` with checkpoint `through`, retrying a handler
+    /// failure with backoff. `Ok(Err((index, error)))` when it still fails.
+    async fn commit_events(
+        &self,
+        ctx: &mut RunContext,
+        events: Vec<Recorded<P::Event>>,
+        through: Position,
+    ) -> Result<Result<(), (usize, String)>, SubscriberError> {
+        let events = Arc::new(events);
+        let mut delay = self.options.retry_delay;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let projection = self.projection.clone();
+            let batch = events.clone();
+            let commit = Commit {
+                projection: self.name(),
+                version: self.projection.version(),
+                position: through,
+                lease: ctx.lease.clone(),
+                skipped: None,
+            };
+            let work: TxWork<P::Db, ()> = Box::new(move |tx| {
+                for (index, event) in batch.iter().enumerate() {
+                    projection
+                        .apply(tx, event)
+                        .map_err(|error| HandlerFailure { index, error })?;
+                }
+                Ok(())
+            });
+            let started = Instant::now();
+            match self.db.transact(commit, work).await {
+                Err(e) => return Err(self.store_error(e)),
+                Ok(Ok(())) => {
+                    tracing::trace!(projection = %self.name(), events = events.len(), through = %through, elapsed = ?started.elapsed(), "batch committed");
+                    return Ok(Ok(()));
+                }
+                Ok(Err(failure)) if attempt >= self.options.attempts => {
+                    return Ok(Err((failure.index, failure.error.to_string())));
+                }
+                Ok(Err(failure)) => {
+                    let event = &events[failure.index];
+                    tracing::warn!(
+                        projection = %self.name(), attempt, position = %event.position,
+                        stream = %event.stream, error = %failure.error, "projection handler failed; retrying"
+                    );
+                    tokio::select! {
+                        _ = stopped(&mut ctx.shutdown) => return Ok(Err((failure.index, failure.error.to_string()))),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = delay.saturating_mul(2);
+                }
+            }
+        }
+    }
+
+    async fn skip(
+        &self,
+        event: &StoredEvent,
+        error: &str,
+        lease: Option<Lease>,
+    ) -> Result<(), SubscriberError> {
+        tracing::warn!(
+            projection = %self.name(), position = %event.position, stream = %event.stream,
+            event_type = %event.event_type, error, "skipping event by policy"
+        );
+        let commit = Commit {
+            projection: self.name(),
+            version: self.projection.version(),
+            position: event.position,
+            lease,
+            skipped: Some(SkippedEvent {
+                subscriber: self.name(),
+                position: event.position,
+                stream: event.stream.clone(),
+                version: event.version,
+                event_type: event.event_type.clone(),
+                error: error.to_owned(),
+                skipped_at: Utc::now(),
+            }),
+        };
+        let work: TxWork<P::Db, ()> = Box::new(|_| Ok(()));
+        self.db
+            .transact(commit, work)
+            .await
+            .map_err(|e| self.store_error(e))?
+            .map_err(|f| self.store_error(StoreError::Closed(f.error.to_string())))
+    }
+
+    fn event_error(&self, event: &StoredEvent, message: String) -> SubscriberError {
+        SubscriberError::Event {
+            subscriber: self.name(),
+            position: event.position,
+            stream: event.stream.clone(),
+            version: event.version,
+            event_type: event.event_type.clone(),
+            message,
+        }
+    }
+}
+
+#[async_trait]
+impl<P: Projection, S: EventStore + Clone> Subscriber for ProjectionRunner<P, S> {
+    fn name(&self) -> &str {
+        self.projection.name()
+    }
+
+    async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
+        self.process(ctx, false).await.map(|_| ())
+    }
+}
+
+/// A projection into something other than its checkpoint's database (a
+/// search index, a cache, another service): at-least-once, so `handle` must
+/// be idempotent (upsert keyed by event id or by the entity's version).
+#[async_trait]
+pub trait ExternalProjection: Send + Sync + 'static {
+    /// The events it reads.
+    type Event: Event;
+
+    /// Stable name: the key of its checkpoint.
+    fn name(&self) -> &str;
+
+    /// Handles one event. May be called again for the same event after a
+    /// crash.
+    async fn handle(&self, event: &Recorded<Self::Event>) -> Result<(), HandlerError>;
+}
+
+/// When an [`ExternalRunner`] saves its checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// After this many handled events...
+    pub every_events: u64,
+    /// ...or this much time, whichever comes first; and always on shutdown.
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            every_events: 500,
+            every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs an [`ExternalProjection`] with its checkpoint in a [`CheckpointStore`].
+pub struct ExternalRunner<P, S, C> {
+    projection: P,
+    store: S,
+    checkpoints: C,
+    options: ProjectionOptions,
+    policy: CheckpointPolicy,
+}
+
+impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalRunner<P, S, C> {
+    /// A runner reading `store`, saving positions in `checkpoints`.
+    pub fn new(projection: P, store: S, checkpoints: C) -> Self {
+        ExternalRunner {
+            projection,
+            store,
+            checkpoints,
+            options: ProjectionOptions::default(),
+            policy: CheckpointPolicy::default(),
+        }
+    }
+
+    /// Sets the options (`on_error: Skip` is not offered here: without a
+    /// transaction there is no place to record a skip atomically, so a
+    /// failing event always stops the runner).
+    pub fn options(mut self, options: ProjectionOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets when checkpoints are saved.
+    pub fn checkpoints_every(mut self, policy: CheckpointPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    fn store_error(&self, source: StoreError) -> SubscriberError {
+        SubscriberError::Store {
+            subscriber: self.projection.name().to_owned(),
+            source,
+        }
+    }
+
+    async fn handle_with_retries(
+        &self,
+        ctx: &mut RunContext,
+        stored: &StoredEvent,
+    ) -> Result<bool, SubscriberError> {
+        let name = self.projection.name().to_owned();
+        let event_error = |message: String| SubscriberError::Event {
+            subscriber: name.clone(),
+            position: stored.position,
+            stream: stored.stream.clone(),
+            version: stored.version,
+            event_type: stored.event_type.clone(),
+            message,
+        };
+        let event = match stored.decode::<P::Event>() {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(true),
+            Err(e) => return Err(event_error(e.message)),
+        };
+        let mut delay = self.options.retry_delay;
+        for attempt in 1..=self.options.attempts {
+            match self.projection.handle(&event).await {
+                Ok(()) => return Ok(true),
+                Err(e) if attempt == self.options.attempts => {
+                    return Err(event_error(e.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(projection = %name, attempt, position = %stored.position, error = %e, "handler failed; retrying");
+                    tokio::select! {
+                        _ = stopped(&mut ctx.shutdown) => return Ok(false),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = delay.saturating_mul(2);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[async_trait]
+impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscriber
+    for ExternalRunner<P, S, C>
+{
+    fn name(&self) -> &str {
+        self.projection.name()
+    }
+
+    async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
+        let name = self.projection.name().to_owned();
+        let start = match self
+            .checkpoints
+            .load(&name)
+            .await
+            .map_err(|e| self.store_error(e))?
+        {
+            Some(p) => p,
+            None => match self.options.subscription.start_from {
+                StartFrom::Origin => Position::ORIGIN,
+                StartFrom::After(p) => p,
+                StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
+            },
+        };
+        let mut reader = CatchUp::new(
+            self.store.clone(),
+            Some(P::Event::event_types().to_vec()),
+            start,
+            self.options.subscription.clone(),
+        );
+        let mut saved = start;
+        let mut since_save = 0u64;
+        let mut last_save = Instant::now();
+        let result = async {
+            loop {
+                if ctx.stopping() {
+                    return Ok(());
+                }
+                let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
+                let caught_up = page.caught_up;
+                let lag = reader.lag();
+                ctx.report(|s| {
+                    s.lag = lag;
+                    s.state = if caught_up {
+                        SubscriberState::Live
+                    } else {
+                        SubscriberState::CatchingUp
+                    };
+                });
+                for stored in &page.events {
+                    if !self.handle_with_retries(ctx, stored).await? {
+                        return Ok(());
+                    }
+                    reader.advance(stored.position);
+                    since_save += 1;
+                    ctx.report(|s| s.handled += 1);
+                }
+                reader.advance(page.through);
+                if since_save >= self.policy.every_events
+                    || last_save.elapsed() >= self.policy.every
+                {
+                    self.checkpoints
+                        .save(&name, reader.position(), ctx.lease.as_ref())
+                        .await
+                        .map_err(|e| self.store_error(e))?;
+                    saved = reader.position();
+                    since_save = 0;
+                    last_save = Instant::now();
+                }
+                if caught_up && !reader.wait_for_more(&mut ctx.shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        // Save what was handled, on shutdown and on error alike.
+        if reader.position() > saved {
+            self.checkpoints
+                .save(&name, reader.position(), ctx.lease.as_ref())
+                .await
+                .map_err(|e| self.store_error(e))?;
+        }
+        result
+    }
+}

@@ -1,0 +1,237 @@
+//! Checkpointed catch-up subscriptions: the engine every subscriber
+//! (projection, process manager, reactor) reads the log through.
+//!
+//! A [`CatchUp`] reader starts after a saved position, reads `$all` in pages
+//! with the subscriber's event types pushed down into the store's query, and
+//! when it has caught up waits for the next append: woken at once by appends
+//! made through the same store handle ([`EventStore::watch_head`]), and by a
+//! low-frequency poll for appends made by another process on the same
+//! database.
+//!
+//! Delivery is at-least-once: after a crash, the events after the last saved
+//! checkpoint are delivered again. What makes a redelivery harmless depends on
+//! the subscriber kind:
+//!
+//! | subscriber | redelivery is harmless because |
+//! |---|---|
+//! | [`Projection`](crate::projection::Projection) | read-model writes and the checkpoint commit in one transaction: after a crash either both happened or neither did, so no event is applied twice or lost |
+//! | [`ExternalProjection`](crate::projection::ExternalProjection) | it is not: the checkpoint is stored apart from the target, so events since the last checkpoint are handled again; the handler must be idempotent (e.g. upsert by event id) |
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::event::{Position, StoredEvent};
+use crate::store::{EventStore, StoreError};
+
+pub mod checkpoint;
+pub mod lease;
+
+pub use checkpoint::{CheckpointStore, MemoryCheckpoints};
+pub use lease::{Lease, LeaseStore, MemoryLeases};
+
+/// Where a subscriber without a saved checkpoint starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// From the first event of the log.
+    #[default]
+    Origin,
+    /// From the head at first start: only events appended afterwards.
+    Now,
+    /// After this position.
+    After(Position),
+}
+
+/// Tuning of a catch-up subscription.
+#[derive(Debug, Clone)]
+pub struct SubscriptionOptions {
+    /// Events read per page (and handled per batch).
+    pub batch_size: usize,
+    /// How often a caught-up reader polls for appends by other processes.
+    pub poll_interval: Duration,
+    /// Where to start without a saved checkpoint.
+    pub start_from: StartFrom,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(250),
+            start_from: StartFrom::Origin,
+        }
+    }
+}
+
+impl SubscriptionOptions {
+    /// Sets the page and batch size.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Sets the cross-process poll interval.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Sets where a subscriber without a checkpoint starts.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start_from = start;
+        self
+    }
+}
+
+/// How far a subscriber is behind the head of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Lag {
+    /// The subscriber's position (last event handled, or skipped by filter).
+    pub position: Position,
+    /// The head of the log when last looked at.
+    pub head: Position,
+    /// Positions between the two: events behind (an upper bound for filtered
+    /// subscribers, which skip events of other types).
+    pub events: u64,
+    /// Age of the oldest event not handled yet, in seconds (0 when caught up).
+    pub seconds: f64,
+}
+
+/// A stop signal for long-running readers: flips to `true` once.
+pub type Shutdown = tokio::sync::watch::Receiver<bool>;
+
+/// Waits until `shutdown` is `true` (or its sender is gone).
+pub async fn stopped(shutdown: &mut Shutdown) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// One page of a catch-up read.
+#[derive(Debug)]
+pub struct Page {
+    /// The events, in `$all` order (only the subscribed types).
+    pub events: Vec<StoredEvent>,
+    /// The position the subscriber may record once it has handled every
+    /// event of the page: the last event's position, or further when the
+    /// filter skipped events up to the head seen before the read.
+    pub through: Position,
+    /// True when the page reached the head: the reader is caught up.
+    pub caught_up: bool,
+}
+
+/// A catch-up reader of `$all` for one subscriber.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use aftermath::subscription::{CatchUp, SubscriptionOptions};
+/// use aftermath::{EventData, EventStore, ExpectedVersion, MemoryStore, Metadata, Position};
+///
+/// let store = MemoryStore::new();
+/// let id = uuid::Uuid::now_v7();
+/// let pinged = EventData { id, event_type: "Pinged".into(), payload: b"null".to_vec(), metadata: Metadata::caused_by(id) };
+/// store.append("ping-1", ExpectedVersion::Any, vec![pinged]).await.unwrap();
+///
+/// let mut reader = CatchUp::new(store.clone(), Some(vec!["Pinged"]), Position::ORIGIN, SubscriptionOptions::default());
+/// let page = reader.next_page().await.unwrap();
+/// assert_eq!(page.events.len(), 1);
+/// assert!(page.caught_up);
+/// reader.advance(page.through);
+/// # });
+/// ```
+pub struct CatchUp<S> {
+    store: S,
+    types: Option<Vec<&'static str>>,
+    position: Position,
+    options: SubscriptionOptions,
+    head: tokio::sync::watch::Receiver<Position>,
+    last_head: Position,
+    oldest_pending: Option<DateTime<Utc>>,
+}
+
+impl<S: EventStore> CatchUp<S> {
+    /// A reader of the given event types (all types with `None`) after
+    /// `position`.
+    pub fn new(
+        store: S,
+        types: Option<Vec<&'static str>>,
+        position: Position,
+        options: SubscriptionOptions,
+    ) -> Self {
+        let head = store.watch_head();
+        CatchUp {
+            store,
+            types,
+            position,
+            options,
+            head,
+            last_head: position,
+            oldest_pending: None,
+        }
+    }
+
+    /// The position after which the next page is read.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Records that everything through `position` is handled.
+    pub fn advance(&mut self, position: Position) {
+        if position > self.position {
+            self.position = position;
+        }
+        self.oldest_pending = None;
+    }
+
+    /// Reads the next page after the current position, without waiting.
+    pub async fn next_page(&mut self) -> Result<Page, StoreError> {
+        // The head is read before the page: if the page comes back short,
+        // nothing of our types exists up to that head, so the subscriber may
+        // record it and not scan those events again after a restart.
+        let head = self.store.head().await?;
+        let types: Option<Vec<&str>> = self.types.clone();
+        let events = self
+            .store
+            .read_all(self.position, types.as_deref(), self.options.batch_size)
+            .await?;
+        self.last_head = head.max(events.last().map_or(head, |e| e.position));
+        let caught_up = events.len() < self.options.batch_size;
+        let through = match events.last() {
+            Some(last) if !caught_up => last.position,
+            Some(last) => last.position.max(head),
+            None => head.max(self.position),
+        };
+        self.oldest_pending = events.first().map(|e| e.recorded_at);
+        Ok(Page {
+            events,
+            through,
+            caught_up,
+        })
+    }
+
+    /// Waits until the head may have moved past the current position: an
+    /// append through this store handle, the poll interval elapsing (for
+    /// other processes), or shutdown. Returns `false` on shutdown.
+    pub async fn wait_for_more(&mut self, shutdown: &mut Shutdown) -> bool {
+        if *shutdown.borrow() {
+            return false;
+        }
+        let position = self.position;
+        tokio::select! {
+            _ = stopped(shutdown) => false,
+            _ = self.head.wait_for(|head| *head > position) => true,
+            _ = tokio::time::sleep(self.options.poll_interval) => true,
+        }
+    }
+
+    /// How far behind the head this reader is, as of the last page.
+    pub fn lag(&self) -> Lag {
+        let head = self.last_head.max(*self.head.borrow());
+        Lag {
+            position: self.position,
+            head,
+            events: head.0.saturating_sub(self.position.0),
+            seconds: self.oldest_pending.map_or(0.0, |t| {
+                (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+            }),
+        }
+    }
+}

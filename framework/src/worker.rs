@@ -1,0 +1,512 @@
+//! Workers: run subscribers as long-lived tasks with graceful shutdown,
+//! retries with backoff, leases and queryable status.
+//!
+//! A [`Worker`] runs each [`Subscriber`] in its own task until shutdown.
+//! Graceful shutdown lets the batch in flight finish and saves its
+//! checkpoint. A subscriber that fails with a transient error (the database
+//! is busy, the connection dropped) is restarted with exponential backoff; one
+//! that fails permanently (an event that still fails after its retries, or
+//! does not decode) stops with an error naming the event, and the others go
+//! on. With a [`LeaseStore`], only one process at a time runs a given
+//! subscriber on a database: the others stand by and take over when the
+//! owner's lease expires.
+//!
+//! ```no_run
+//! # async fn demo(store: aftermath::SqliteStore, balances: aftermath::projection::ProjectionRunner<MyProjection, aftermath::SqliteStore>) {
+//! use aftermath::worker::Worker;
+//! use std::time::Duration;
+//!
+//! let worker = Worker::new()
+//!     .with_leases(store.clone(), Duration::from_secs(10))
+//!     .add_subscriber(balances)
+//!     .start();
+//! // ... later, e.g. on SIGTERM:
+//! for status in worker.status() {
+//!     println!("{}: {:?}, {} events behind", status.name, status.state, status.lag.events);
+//! }
+//! worker.shutdown().await;
+//! # }
+//! # struct MyProjection;
+//! # impl aftermath::projection::Projection for MyProjection {
+//! #     type Event = Ev; type Db = aftermath::SqliteStore;
+//! #     fn name(&self) -> &str { "x" }
+//! #     fn reset(&self, _: &mut aftermath::store::sqlite::SqliteTx<'_>) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
+//! #     fn apply(&self, _: &mut aftermath::store::sqlite::SqliteTx<'_>, _: &aftermath::Recorded<Ev>) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
+//! # }
+//! # #[derive(serde::Serialize, serde::Deserialize, aftermath::Event)] enum Ev { A }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::event::Position;
+use crate::store::StoreError;
+use crate::subscription::{Lag, Lease, LeaseStore, Shutdown, stopped};
+
+/// What a subscriber is doing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriberState {
+    /// Registered, not running yet.
+    Starting,
+    /// Another process holds its lease; waiting to take over.
+    Standby,
+    /// Reading history faster than it is written.
+    CatchingUp,
+    /// Caught up; handling new events as they are appended.
+    Live,
+    /// Failed with a transient error; restarting after a backoff.
+    Retrying {
+        /// Restarts so far.
+        attempt: u32,
+        /// The error that caused the restart.
+        error: String,
+    },
+    /// Stopped for good: `None` after a graceful shutdown, or the error.
+    Stopped(Option<String>),
+}
+
+/// A subscriber's status, as reported to operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriberStatus {
+    /// The subscriber's name.
+    pub name: String,
+    /// What it is doing.
+    pub state: SubscriberState,
+    /// How far behind the head it is.
+    pub lag: Lag,
+    /// Events handled since this worker started.
+    pub handled: u64,
+    /// Events skipped by policy since this worker started (each recorded).
+    pub skipped: u64,
+    /// When the status last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl SubscriberStatus {
+    fn new(name: &str) -> Self {
+        SubscriberStatus {
+            name: name.to_owned(),
+            state: SubscriberState::Starting,
+            lag: Lag::default(),
+            handled: 0,
+            skipped: 0,
+            updated_at: Utc::now(),
+        }
+    }
+}
+
+/// Why a subscriber run ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriberError {
+    /// An event that still fails after the retries (or does not decode):
+    /// the subscriber stops, naming the event.
+    #[error(
+        "subscriber `{subscriber}` stopped at position {position} (stream `{stream}` version {version}, type `{event_type}`): {message}"
+    )]
+    Event {
+        /// The subscriber.
+        subscriber: String,
+        /// Position of the event.
+        position: Position,
+        /// Its stream.
+        stream: String,
+        /// Its version.
+        version: u64,
+        /// Its type.
+        event_type: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The store or read-model database failed; retried with backoff.
+    #[error("subscriber `{subscriber}`: {source}")]
+    Store {
+        /// The subscriber.
+        subscriber: String,
+        /// The store error.
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl SubscriberError {
+    /// Whether restarting can help: store errors are transient, a failing
+    /// event is not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SubscriberError::Store { .. })
+    }
+}
+
+/// Handed to a subscriber's run: when to stop, the lease it runs under, and
+/// where to report status.
+pub struct RunContext {
+    /// Flips to `true` on shutdown or when the lease is lost.
+    pub shutdown: Shutdown,
+    /// The lease this run holds, for fenced checkpoint writes.
+    pub lease: Option<Lease>,
+    status: Arc<Mutex<SubscriberStatus>>,
+}
+
+impl RunContext {
+    /// A context outside any worker: runs until `shutdown`, without a lease.
+    pub fn standalone(name: &str, shutdown: Shutdown) -> Self {
+        RunContext {
+            shutdown,
+            lease: None,
+            status: Arc::new(Mutex::new(SubscriberStatus::new(name))),
+        }
+    }
+
+    /// Whether shutdown was requested.
+    pub fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Updates the reported status.
+    pub fn report(&self, f: impl FnOnce(&mut SubscriberStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut status);
+        status.updated_at = Utc::now();
+    }
+
+    /// The current status.
+    pub fn status(&self) -> SubscriberStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Something a [`Worker`] runs: a projection, process manager or reactor.
+#[async_trait]
+pub trait Subscriber: Send + Sync + 'static {
+    /// Stable name: the key of its checkpoint and lease.
+    fn name(&self) -> &str;
+
+    /// Runs until `ctx.shutdown` flips (then returns `Ok` after saving its
+    /// checkpoint) or an error. Called again after a transient error.
+    async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError>;
+}
+
+/// Restart delays: exponential from `initial`, capped at `max`, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before restart number `attempt` (1-based), with up to 25%
+    /// random jitter so restarting workers do not stampede.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(self.max);
+        let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 4000.0;
+        exp.mul_f64(1.0 + jitter).min(self.max)
+    }
+}
+
+type DynLeases = Arc<dyn LeaseStore>;
+
+/// Runs subscribers until shutdown. Build with [`Worker::new`], then
+/// [`Worker::start`].
+pub struct Worker {
+    subscribers: Vec<Arc<dyn Subscriber>>,
+    leases: Option<(DynLeases, Duration)>,
+    owner: String,
+    backoff: Backoff,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Worker {
+    /// A worker with no subscribers, no leases, default backoff, and a
+    /// unique owner name (host-less: pid plus a random suffix).
+    pub fn new() -> Self {
+        Worker {
+            subscribers: Vec::new(),
+            leases: None,
+            owner: format!(
+                "worker-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            ),
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Runs each subscriber only while holding its lease in `leases`
+    /// (renewed every `ttl / 3`). Use the database that holds the
+    /// subscribers' checkpoints, so checkpoint writes are fenced by the lease.
+    pub fn with_leases(mut self, leases: impl LeaseStore, ttl: Duration) -> Self {
+        self.leases = Some((Arc::new(leases), ttl));
+        self
+    }
+
+    /// Sets this worker's owner name in leases (default: pid + random).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    /// Sets the restart backoff.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Adds a subscriber.
+    pub fn add_subscriber(mut self, subscriber: impl Subscriber) -> Self {
+        self.subscribers.push(Arc::new(subscriber));
+        self
+    }
+
+    /// Starts every subscriber in its own task.
+    pub fn start(self) -> RunningWorker {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut statuses = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for subscriber in self.subscribers {
+            let name = subscriber.name().to_owned();
+            let status = Arc::new(Mutex::new(SubscriberStatus::new(&name)));
+            statuses.insert(name, status.clone());
+            let supervisor = Supervisor {
+                subscriber,
+                leases: self.leases.clone(),
+                owner: self.owner.clone(),
+                backoff: self.backoff,
+                status,
+            };
+            tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
+        }
+        RunningWorker {
+            stop: stop_tx,
+            statuses,
+            tasks,
+            owner: self.owner,
+        }
+    }
+
+    /// Starts, runs until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        let running = self.start();
+        signal.await;
+        running.shutdown().await;
+    }
+}
+
+/// A started worker: query status, then shut down.
+pub struct RunningWorker {
+    stop: watch::Sender<bool>,
+    statuses: BTreeMap<String, Arc<Mutex<SubscriberStatus>>>,
+    tasks: Vec<JoinHandle<()>>,
+    owner: String,
+}
+
+impl RunningWorker {
+    /// The status of every subscriber.
+    pub fn status(&self) -> Vec<SubscriberStatus> {
+        self.statuses
+            .values()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    /// The status of one subscriber.
+    pub fn status_of(&self, name: &str) -> Option<SubscriberStatus> {
+        self.statuses
+            .get(name)
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// This worker's owner name in leases.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Asks every subscriber to stop after its batch in flight, and waits
+    /// until all have saved their checkpoints and released their leases.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+struct Supervisor {
+    subscriber: Arc<dyn Subscriber>,
+    leases: Option<(DynLeases, Duration)>,
+    owner: String,
+    backoff: Backoff,
+    status: Arc<Mutex<SubscriberStatus>>,
+}
+
+impl Supervisor {
+    fn report(&self, state: SubscriberState) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.state = state;
+        status.updated_at = Utc::now();
+    }
+
+    async fn run(self, mut stop: Shutdown) {
+        let name = self.subscriber.name().to_owned();
+        let mut attempt = 0u32;
+        let final_state = loop {
+            if *stop.borrow() {
+                break SubscriberState::Stopped(None);
+            }
+            let lease = match &self.leases {
+                None => None,
+                Some((leases, ttl)) => match self.acquire(leases, *ttl, &mut stop).await {
+                    Ok(Some(lease)) => Some(lease),
+                    Ok(None) => break SubscriberState::Stopped(None),
+                    Err(e) => {
+                        attempt += 1;
+                        if !self.pause(attempt, e.to_string(), &mut stop).await {
+                            break SubscriberState::Stopped(None);
+                        }
+                        continue;
+                    }
+                },
+            };
+            // The run stops on worker shutdown or when the lease is lost.
+            let (run_stop_tx, run_stop_rx) = watch::channel(false);
+            let renewer = lease.clone().map(|lease| {
+                let (leases, ttl) = self.leases.clone().expect("lease implies a lease store");
+                let stop = stop.clone();
+                let run_stop = run_stop_tx.clone();
+                tokio::spawn(renew(leases, lease, ttl, stop, run_stop))
+            });
+            let forward = {
+                let mut stop = stop.clone();
+                let run_stop = run_stop_tx.clone();
+                tokio::spawn(async move {
+                    stopped(&mut stop).await;
+                    let _ = run_stop.send(true);
+                })
+            };
+            let mut ctx = RunContext {
+                shutdown: run_stop_rx,
+                lease: lease.clone(),
+                status: self.status.clone(),
+            };
+            let result = self.subscriber.run(&mut ctx).await;
+            forward.abort();
+            if let Some(renewer) = renewer {
+                renewer.abort();
+            }
+            if let (Some((leases, _)), Some(lease)) = (&self.leases, &lease)
+                && let Err(e) = leases.release(lease).await
+            {
+                tracing::warn!(subscriber = %name, error = %e, "releasing lease failed; it will expire");
+            }
+            match result {
+                Ok(()) if *stop.borrow() => break SubscriberState::Stopped(None),
+                // Lease lost without shutdown: go back to standby.
+                Ok(()) => {
+                    tracing::warn!(subscriber = %name, "lease lost; standing by");
+                    continue;
+                }
+                Err(e) if e.is_transient() => {
+                    attempt += 1;
+                    tracing::warn!(subscriber = %name, attempt, error = %e, "subscriber failed; restarting after backoff");
+                    if !self.pause(attempt, e.to_string(), &mut stop).await {
+                        break SubscriberState::Stopped(None);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(subscriber = %name, error = %e, "subscriber stopped");
+                    break SubscriberState::Stopped(Some(e.to_string()));
+                }
+            }
+        };
+        self.report(final_state);
+    }
+
+    /// Reports `Retrying` and sleeps the backoff; false on shutdown.
+    async fn pause(&self, attempt: u32, error: String, stop: &mut Shutdown) -> bool {
+        self.report(SubscriberState::Retrying { attempt, error });
+        tokio::select! {
+            _ = stopped(stop) => false,
+            _ = tokio::time::sleep(self.backoff.delay(attempt)) => true,
+        }
+    }
+
+    /// Waits for the lease (standing by while another owner holds it).
+    async fn acquire(
+        &self,
+        leases: &DynLeases,
+        ttl: Duration,
+        stop: &mut Shutdown,
+    ) -> Result<Option<Lease>, StoreError> {
+        let name = self.subscriber.name();
+        loop {
+            if let Some(lease) = leases.acquire(name, &self.owner, ttl).await? {
+                tracing::info!(subscriber = %name, owner = %self.owner, token = lease.token, "lease acquired");
+                return Ok(Some(lease));
+            }
+            self.report(SubscriberState::Standby);
+            tokio::select! {
+                _ = stopped(stop) => return Ok(None),
+                _ = tokio::time::sleep(ttl / 3) => {}
+            }
+        }
+    }
+}
+
+/// Renews `lease` every `ttl / 3`; on failure to renew before expiry, stops
+/// the run (its fenced writes would fail anyway).
+async fn renew(
+    leases: DynLeases,
+    mut lease: Lease,
+    ttl: Duration,
+    mut stop: Shutdown,
+    run_stop: watch::Sender<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        match leases.renew(&lease, ttl).await {
+            Ok(renewed) => lease = renewed,
+            Err(StoreError::LeaseLost { .. }) => {
+                tracing::warn!(lease = %lease.name, "lease lost to another owner");
+                let _ = run_stop.send(true);
+                return;
+            }
+            Err(e) if Utc::now() >= lease.expires_at => {
+                tracing::warn!(lease = %lease.name, error = %e, "could not renew lease before it expired");
+                let _ = run_stop.send(true);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(lease = %lease.name, error = %e, "renewing lease failed; retrying")
+            }
+        }
+    }
+}

@@ -1,0 +1,980 @@
+//! The conformance suite: every contract of `EventStore` (and of the
+//! `Repository` on top of it), written once, generic over the backend.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aftermath::store::{read_all_pages, read_stream_all};
+use aftermath::{
+    AppendResult, CommandMeta, Direction, EventStore, ExecuteError, ExpectedVersion, Position,
+    Repository, Snapshot, StoreError, StoredEvent, Upcasters,
+};
+use futures::TryStreamExt;
+use uuid::Uuid;
+
+use crate::domain::{Account, AccountCommand, AccountError, AccountEvent};
+use crate::{Backend, deposits, open_or_skip, raw};
+
+macro_rules! fresh {
+    ($b:ty, $name:literal) => {
+        fresh!($b, $name, Upcasters::new())
+    };
+    ($b:ty, $name:literal, $up:expr) => {
+        match open_or_skip::<$b>($name, $up).await {
+            Some(fresh) => fresh,
+            None => return,
+        }
+    };
+}
+
+async fn all_events<S: EventStore>(store: &S) -> Vec<StoredEvent> {
+    read_all_pages(store, Position::ORIGIN, None, 1000)
+        .try_collect()
+        .await
+        .expect("read $all")
+}
+
+fn assert_wrong_version(result: Result<AppendResult, StoreError>, stream: &str, want_actual: u64) {
+    match result {
+        Err(StoreError::WrongExpectedVersion {
+            stream: s, actual, ..
+        }) => {
+            assert_eq!(s, stream);
+            assert_eq!(actual, want_actual, "actual version reported");
+        }
+        other => panic!("expected WrongExpectedVersion on {stream}, got {other:?}"),
+    }
+}
+
+/// Every expected-version case, accepted and refused.
+pub async fn expected_version_cases<B: Backend>() {
+    let f = fresh!(B, "expected_version_cases");
+    let s = &f.store;
+    use ExpectedVersion::*;
+    assert_wrong_version(
+        s.append("a-1", StreamExists, deposits(0, 1)).await,
+        "a-1",
+        0,
+    );
+    assert_wrong_version(s.append("a-1", Exact(1), deposits(0, 1)).await, "a-1", 0);
+    let r = s.append("a-1", NoStream, deposits(0, 2)).await.unwrap();
+    assert_eq!(
+        (r.first_version, r.last_version, r.duplicate),
+        (1, 2, false)
+    );
+    assert_eq!(
+        r.last_position.unwrap().value() - r.first_position.unwrap().value(),
+        1
+    );
+    assert_wrong_version(s.append("a-1", NoStream, deposits(0, 1)).await, "a-1", 2);
+    assert_wrong_version(s.append("a-1", Exact(1), deposits(0, 1)).await, "a-1", 2);
+    assert_wrong_version(s.append("a-1", Exact(3), deposits(0, 1)).await, "a-1", 2);
+    assert_wrong_version(s.append("a-1", Exact(0), deposits(0, 1)).await, "a-1", 2);
+    let r = s.append("a-1", Exact(2), deposits(0, 1)).await.unwrap();
+    assert_eq!((r.first_version, r.last_version), (3, 3));
+    let r = s.append("a-1", StreamExists, deposits(0, 1)).await.unwrap();
+    assert_eq!(r.last_version, 4);
+    let r = s.append("a-1", Any, deposits(0, 3)).await.unwrap();
+    assert_eq!((r.first_version, r.last_version), (5, 7));
+    let r = s.append("b-1", Exact(0), deposits(0, 1)).await.unwrap();
+    assert_eq!(r.last_version, 1);
+    let r = s.append("c-1", Any, deposits(0, 1)).await.unwrap();
+    assert_eq!(r.last_version, 1);
+    assert_eq!(s.stream_version("a-1").await.unwrap(), 7);
+    assert_eq!(s.stream_version("nope").await.unwrap(), 0);
+    assert_eq!(
+        all_events(s).await.len(),
+        9,
+        "refused appends wrote nothing"
+    );
+}
+
+/// An empty batch checks the version and writes nothing.
+pub async fn empty_batch_checks_version<B: Backend>() {
+    let f = fresh!(B, "empty_batch_checks_version");
+    let s = &f.store;
+    let r = s
+        .append("e-1", ExpectedVersion::NoStream, vec![])
+        .await
+        .unwrap();
+    assert_eq!((r.last_version, r.first_position), (0, None));
+    s.append("e-1", ExpectedVersion::NoStream, deposits(0, 2))
+        .await
+        .unwrap();
+    assert_wrong_version(
+        s.append("e-1", ExpectedVersion::Exact(1), vec![]).await,
+        "e-1",
+        2,
+    );
+    let r = s
+        .append("e-1", ExpectedVersion::Exact(2), vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.first_version, r.last_version, r.last_position),
+        (3, 2, None)
+    );
+    assert_eq!(all_events(s).await.len(), 2);
+}
+
+/// A batch with the same id twice is refused whole.
+pub async fn atomic_batch_on_duplicate_in_batch<B: Backend>() {
+    let f = fresh!(B, "atomic_batch_on_duplicate_in_batch");
+    let s = &f.store;
+    let mut batch = deposits(0, 3);
+    batch[2].id = batch[0].id;
+    let dup = batch[0].id;
+    match s.append("d-1", ExpectedVersion::Any, batch).await {
+        Err(StoreError::DuplicateEventId { id, .. }) => assert_eq!(id, dup),
+        other => panic!("expected DuplicateEventId, got {other:?}"),
+    }
+    assert_eq!(s.stream_version("d-1").await.unwrap(), 0);
+    assert!(
+        all_events(s).await.is_empty(),
+        "nothing of the batch was written"
+    );
+}
+
+/// A batch whose last event reuses a stored id is refused whole.
+pub async fn atomic_batch_on_id_stored_elsewhere<B: Backend>() {
+    let f = fresh!(B, "atomic_batch_on_id_stored_elsewhere");
+    let s = &f.store;
+    let first = deposits(0, 1);
+    let taken = first[0].id;
+    s.append("x-1", ExpectedVersion::NoStream, first)
+        .await
+        .unwrap();
+    let mut batch = deposits(1, 4);
+    batch[3].id = taken;
+    match s.append("y-1", ExpectedVersion::NoStream, batch).await {
+        Err(StoreError::DuplicateEventId {
+            id,
+            existing_stream,
+            existing_version,
+            stream,
+        }) => {
+            assert_eq!((id, stream.as_str()), (taken, "y-1"));
+            assert_eq!((existing_stream.as_str(), existing_version), ("x-1", 1));
+        }
+        other => panic!("expected DuplicateEventId, got {other:?}"),
+    }
+    assert_eq!(s.stream_version("y-1").await.unwrap(), 0);
+    assert_eq!(all_events(s).await.len(), 1);
+}
+
+/// The same ids appended again at the same place return the first result.
+pub async fn idempotent_retry_returns_first_result<B: Backend>() {
+    let f = fresh!(B, "idempotent_retry_returns_first_result");
+    let s = &f.store;
+    s.append("other-1", ExpectedVersion::Any, deposits(0, 2))
+        .await
+        .unwrap();
+    let batch = deposits(10, 3);
+    let first = s
+        .append("r-1", ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    s.append("other-1", ExpectedVersion::Any, deposits(0, 2))
+        .await
+        .unwrap();
+    let head = s.head().await.unwrap();
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(0),
+        ExpectedVersion::Any,
+        ExpectedVersion::StreamExists,
+    ] {
+        let again = s.append("r-1", expected, batch.clone()).await.unwrap();
+        assert!(again.duplicate, "retry with {expected} is a duplicate");
+        assert_eq!(
+            (
+                again.first_version,
+                again.last_version,
+                again.first_position,
+                again.last_position
+            ),
+            (
+                first.first_version,
+                first.last_version,
+                first.first_position,
+                first.last_position
+            ),
+            "retry with {expected} returns the first result"
+        );
+    }
+    assert_eq!(s.head().await.unwrap(), head, "retries wrote nothing");
+    assert_eq!(s.stream_version("r-1").await.unwrap(), 3);
+    // The stream moved on: the same batch is still recognised at its place.
+    s.append("r-1", ExpectedVersion::Exact(3), deposits(0, 1))
+        .await
+        .unwrap();
+    let again = s
+        .append("r-1", ExpectedVersion::Exact(0), batch.clone())
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.last_version, 3);
+}
+
+/// Any other reuse of an event id is a typed error.
+pub async fn id_reuse_elsewhere_is_an_error<B: Backend>() {
+    let f = fresh!(B, "id_reuse_elsewhere_is_an_error");
+    let s = &f.store;
+    let batch = deposits(0, 2);
+    s.append("u-1", ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    let cases: Vec<(&str, ExpectedVersion, Vec<aftermath::EventData>)> = vec![
+        // Same ids, another stream.
+        ("u-2", ExpectedVersion::Any, batch.clone()),
+        // Same ids, same stream, another place.
+        ("u-1", ExpectedVersion::Exact(2), batch.clone()),
+        // Partial overlap.
+        (
+            "u-1",
+            ExpectedVersion::Any,
+            vec![batch[0].clone(), deposits(5, 1).remove(0)],
+        ),
+        // Reordered.
+        (
+            "u-1",
+            ExpectedVersion::Any,
+            vec![batch[1].clone(), batch[0].clone()],
+        ),
+    ];
+    for (stream, expected, events) in cases {
+        match s.append(stream, expected, events).await {
+            Err(StoreError::DuplicateEventId {
+                existing_stream, ..
+            }) => {
+                assert_eq!(existing_stream, "u-1")
+            }
+            other => panic!("expected DuplicateEventId on {stream} {expected}, got {other:?}"),
+        }
+    }
+    assert_eq!(all_events(s).await.len(), 2);
+}
+
+/// Empty and reserved stream names are refused.
+pub async fn invalid_stream_names<B: Backend>() {
+    let f = fresh!(B, "invalid_stream_names");
+    for name in ["", "$all", "$system"] {
+        match f
+            .store
+            .append(name, ExpectedVersion::Any, deposits(0, 1))
+            .await
+        {
+            Err(StoreError::InvalidStream { stream, .. }) => assert_eq!(stream, name),
+            other => panic!("expected InvalidStream for {name:?}, got {other:?}"),
+        }
+    }
+}
+
+/// 8 concurrent writers and a tailing reader: `$all` is total and gap-free,
+/// every committed event appears exactly once, versions have no holes, and
+/// the reader never sees a position go back or an event appear behind it.
+pub async fn all_order_under_concurrent_writers<B: Backend>() {
+    let f = fresh!(B, "all_order_under_concurrent_writers");
+    let store = f.store.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let reader = {
+        let store = store.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut seen: Vec<StoredEvent> = Vec::new();
+            let mut after = Position::ORIGIN;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let page = store.read_all(after, None, 97).await.expect("tail $all");
+                for e in &page {
+                    assert!(
+                        e.position > after,
+                        "position went back: {} after {}",
+                        e.position,
+                        after
+                    );
+                    after = e.position;
+                }
+                let empty = page.is_empty();
+                seen.extend(page);
+                if finished && empty {
+                    return seen;
+                }
+                if empty {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for i in 0..150u64 {
+                // Half the writes race on 4 shared streams, half go to the
+                // writer's own stream with an exact version.
+                let (stream, expected) = if i % 2 == 0 {
+                    (format!("shared-{}", i % 4), ExpectedVersion::Any)
+                } else {
+                    let own = format!("own-{w}");
+                    let v = store.stream_version(&own).await.unwrap();
+                    (own, ExpectedVersion::Exact(v))
+                };
+                let batch = deposits(w * 1000 + i, 1 + (i % 3));
+                let ids: Vec<Uuid> = batch.iter().map(|e| e.id).collect();
+                match store.append(&stream, expected, batch).await {
+                    Ok(_) => committed.extend(ids),
+                    Err(e) => panic!("writer {w} append {i} failed: {e}"),
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = HashSet::new();
+    for w in writers {
+        committed.extend(w.await.unwrap());
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let tailed = reader.await.unwrap();
+    let all = all_events(&store).await;
+
+    assert_eq!(all.len(), committed.len(), "every committed event once");
+    let ids: HashSet<Uuid> = all.iter().map(|e| e.id).collect();
+    assert_eq!(ids, committed);
+    for pair in all.windows(2) {
+        assert!(
+            pair[0].position < pair[1].position,
+            "positions strictly increase"
+        );
+    }
+    let tail_ids: Vec<Uuid> = tailed.iter().map(|e| e.id).collect();
+    let all_ids: Vec<Uuid> = all.iter().map(|e| e.id).collect();
+    assert_eq!(
+        tail_ids, all_ids,
+        "the tailing reader saw exactly the final order"
+    );
+    let mut versions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for e in &all {
+        versions.entry(&e.stream).or_default().push(e.version);
+    }
+    for (stream, vs) in versions {
+        let want: Vec<u64> = (1..=vs.len() as u64).collect();
+        assert_eq!(
+            vs, want,
+            "versions of {stream} have no holes and follow $all order"
+        );
+    }
+}
+
+/// A type filter returns only those types, in order, across pages.
+pub async fn filtered_reads<B: Backend>() {
+    let f = fresh!(B, "filtered_reads");
+    let s = &f.store;
+    for i in 0..60u64 {
+        let t = ["Opened", "Deposited", "Withdrawn"][(i % 3) as usize];
+        s.append(
+            &format!("f-{}", i % 5),
+            ExpectedVersion::Any,
+            vec![raw(t, "{}")],
+        )
+        .await
+        .unwrap();
+    }
+    let types: &[&str] = &["Withdrawn", "Opened"];
+    let got: Vec<StoredEvent> = read_all_pages(s, Position::ORIGIN, Some(types), 7)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 40);
+    assert!(got.iter().all(|e| e.event_type != "Deposited"));
+    assert!(got.windows(2).all(|p| p[0].position < p[1].position));
+    let all = all_events(s).await;
+    let want: Vec<Uuid> = all
+        .iter()
+        .filter(|e| types.contains(&e.event_type.as_str()))
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), want);
+    // From the middle, with a limit.
+    let mid = got[10].position;
+    let page = s.read_all(mid, Some(types), 5).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.id).collect::<Vec<_>>(),
+        want[11..16].to_vec()
+    );
+    let none = s
+        .read_all(Position::ORIGIN, Some(&["Nothing"]), 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+/// Forward and backward reads from any version, with limits.
+pub async fn stream_reads_both_directions<B: Backend>() {
+    let f = fresh!(B, "stream_reads_both_directions");
+    let s = &f.store;
+    s.append("s-1", ExpectedVersion::NoStream, deposits(1, 10))
+        .await
+        .unwrap();
+    s.append("s-2", ExpectedVersion::NoStream, deposits(1, 3))
+        .await
+        .unwrap();
+    let versions = |v: Vec<StoredEvent>| v.into_iter().map(|e| e.version).collect::<Vec<_>>();
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", 1, Direction::Forward, 100)
+                .await
+                .unwrap()
+        ),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", 4, Direction::Forward, 3)
+                .await
+                .unwrap()
+        ),
+        vec![4, 5, 6]
+    );
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", 0, Direction::Forward, 2)
+                .await
+                .unwrap()
+        ),
+        vec![1, 2]
+    );
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", 11, Direction::Forward, 2)
+                .await
+                .unwrap()
+        ),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", u64::MAX, Direction::Backward, 3)
+                .await
+                .unwrap()
+        ),
+        vec![10, 9, 8]
+    );
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", 4, Direction::Backward, 10)
+                .await
+                .unwrap()
+        ),
+        vec![4, 3, 2, 1]
+    );
+    assert_eq!(
+        versions(
+            s.read_stream("s-1", 0, Direction::Backward, 10)
+                .await
+                .unwrap()
+        ),
+        Vec::<u64>::new()
+    );
+    assert!(
+        s.read_stream("missing", 1, Direction::Forward, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.read_stream("missing", u64::MAX, Direction::Backward, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let back: Vec<StoredEvent> = read_stream_all(s, "s-1", u64::MAX, Direction::Backward, 4)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(versions(back), (1..=10).rev().collect::<Vec<_>>());
+    let e = &s
+        .read_stream("s-1", 2, Direction::Forward, 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (e.stream.as_str(), e.event_type.as_str()),
+        ("s-1", "Deposited")
+    );
+    assert_eq!(e.payload, br#"{"amount":2}"#.to_vec());
+}
+
+/// A 100k-event stream reads completely, in order, page by page.
+pub async fn large_stream_paged<B: Backend>() {
+    let f = fresh!(B, "large_stream_paged");
+    let s = &f.store;
+    const N: u64 = 100_000;
+    for chunk in 0..N / 1000 {
+        s.append(
+            "big-1",
+            ExpectedVersion::Exact(chunk * 1000),
+            deposits(chunk * 1000, 1000),
+        )
+        .await
+        .unwrap();
+    }
+    let mut next = 1;
+    let mut events = std::pin::pin!(read_stream_all(s, "big-1", 1, Direction::Forward, 1000));
+    while let Some(e) = events.try_next().await.unwrap() {
+        assert_eq!(e.version, next);
+        next += 1;
+    }
+    assert_eq!(next - 1, N);
+    let mut count = 0u64;
+    let mut all = std::pin::pin!(read_all_pages(
+        s,
+        Position::ORIGIN,
+        Some(&["Deposited"]),
+        1000
+    ));
+    while all.try_next().await.unwrap().is_some() {
+        count += 1;
+    }
+    assert_eq!(count, N);
+}
+
+/// `find_event`, `head`, `stream_version`, and the head watch.
+pub async fn find_head_version_and_watch<B: Backend>() {
+    let f = fresh!(B, "find_head_version_and_watch");
+    let s = &f.store;
+    assert_eq!(s.head().await.unwrap(), Position::ORIGIN);
+    let mut watch = s.watch_head();
+    let batch = deposits(0, 2);
+    let wanted = batch[1].id;
+    let r = s
+        .append("w-1", ExpectedVersion::NoStream, batch)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .expect("watch fires on append")
+        .unwrap();
+    assert_eq!(*watch.borrow_and_update(), r.last_position.unwrap());
+    assert_eq!(s.head().await.unwrap(), r.last_position.unwrap());
+    let found = s
+        .find_event(wanted)
+        .await
+        .unwrap()
+        .expect("event found by id");
+    assert_eq!(
+        (found.stream.as_str(), found.version, found.position),
+        ("w-1", 2, r.last_position.unwrap())
+    );
+    assert!(s.find_event(Uuid::now_v7()).await.unwrap().is_none());
+    assert_eq!(s.stream_version("w-1").await.unwrap(), 2);
+}
+
+/// Snapshots round-trip and an older one never replaces a newer one.
+pub async fn snapshots_never_go_back<B: Backend>() {
+    let f = fresh!(B, "snapshots_never_go_back");
+    let s = &f.store;
+    assert!(s.load_snapshot("snap-1").await.unwrap().is_none());
+    let snap = |v: u64| Snapshot {
+        stream: "snap-1".into(),
+        version: v,
+        state: format!("{{\"v\":{v}}}").into_bytes(),
+        taken_at: chrono::Utc::now(),
+    };
+    s.save_snapshot(snap(10)).await.unwrap();
+    s.save_snapshot(snap(20)).await.unwrap();
+    s.save_snapshot(snap(15)).await.unwrap();
+    let loaded = s.load_snapshot("snap-1").await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.state), (20, b"{\"v\":20}".to_vec()));
+}
+
+/// A stored payload that no longer fits is a typed error naming the event.
+pub async fn undecodable_payload_is_typed_error<B: Backend>() {
+    let f = fresh!(B, "undecodable_payload_is_typed_error");
+    let s = &f.store;
+    s.append(
+        "account-bad",
+        ExpectedVersion::NoStream,
+        vec![raw("Opened", r#"{"owner":"ann"}"#)],
+    )
+    .await
+    .unwrap();
+    s.append(
+        "account-bad",
+        ExpectedVersion::Exact(1),
+        vec![raw("Deposited", r#"{"amount":"ten"}"#)],
+    )
+    .await
+    .unwrap();
+    let events = s
+        .read_stream("account-bad", 1, Direction::Forward, 10)
+        .await
+        .unwrap();
+    assert!(events[0].decode::<AccountEvent>().unwrap().is_some());
+    let err = events[1].decode::<AccountEvent>().unwrap_err();
+    assert_eq!(
+        (err.stream.as_str(), err.version, err.event_type.as_str()),
+        ("account-bad", 2, "Deposited")
+    );
+    assert_eq!(err.position, events[1].position);
+    assert!(
+        err.message.contains("invalid type"),
+        "serde's message kept: {}",
+        err.message
+    );
+    // The repository surfaces it too, naming the event.
+    let repo = Repository::<Account, _>::new(s.clone());
+    match repo.load("bad").await {
+        Err(StoreError::Decode(e)) => assert_eq!(e.version, 2),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    // An unknown type for an aggregate is an error, never a silent skip.
+    s.append(
+        "account-bad2",
+        ExpectedVersion::NoStream,
+        vec![raw("Exploded", "{}")],
+    )
+    .await
+    .unwrap();
+    match repo.load("bad2").await {
+        Err(StoreError::Decode(e)) => assert_eq!(e.event_type, "Exploded"),
+        other => panic!("expected a decode error for an unknown type, got {other:?}"),
+    }
+}
+
+/// Upcasters change old payloads (and names) on stream reads, `$all` reads
+/// and filtered `$all` reads alike.
+pub async fn upcasters_apply_on_every_read_path<B: Backend>() {
+    let upcasters = Upcasters::new()
+        // v1 deposits stored cents as a string.
+        .register("Deposited", |mut v| {
+            if let Some(cents) = v.get("cents").and_then(|c| c.as_str()).map(str::to_owned) {
+                let amount: u64 = cents.parse().map_err(|e| format!("cents `{cents}`: {e}"))?;
+                v = serde_json::json!({ "amount": amount });
+            }
+            Ok(v)
+        })
+        // "Credited" was the old name of "Deposited", with the same old shape.
+        .register_renamed("Credited", "Deposited", Ok);
+    let f = fresh!(B, "upcasters_apply_on_every_read_path", upcasters);
+    let s = &f.store;
+    s.append(
+        "account-up",
+        ExpectedVersion::NoStream,
+        vec![
+            raw("Opened", r#"{"owner":"ann"}"#),
+            raw("Deposited", r#"{"cents":"5"}"#),
+            raw("Credited", r#"{"cents":"7"}"#),
+            raw("Deposited", r#"{"amount":11}"#),
+        ],
+    )
+    .await
+    .unwrap();
+    let repo = Repository::<Account, _>::new(s.clone());
+    assert_eq!(
+        repo.load("up").await.unwrap().state.balance,
+        23,
+        "aggregate load upcasts"
+    );
+    let deposits: Vec<AccountEvent> = read_all_pages(s, Position::ORIGIN, Some(&["Deposited"]), 2)
+        .map_ok(|e| e.decode_known::<AccountEvent>().unwrap().event)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        deposits,
+        vec![
+            AccountEvent::Deposited { amount: 5 },
+            AccountEvent::Deposited { amount: 7 },
+            AccountEvent::Deposited { amount: 11 }
+        ],
+        "filtered $all read finds renamed types and upcasts"
+    );
+    let all = all_events(s).await;
+    assert_eq!(all[2].event_type, "Deposited");
+    let id = all[1].id;
+    let found = s.find_event(id).await.unwrap().unwrap();
+    assert_eq!(found.payload, br#"{"amount":5}"#.to_vec());
+    // A failing upcaster is a decode error naming the event.
+    s.append(
+        "account-up2",
+        ExpectedVersion::NoStream,
+        vec![raw("Deposited", r#"{"cents":"x"}"#)],
+    )
+    .await
+    .unwrap();
+    match s
+        .read_stream("account-up2", 1, Direction::Forward, 10)
+        .await
+    {
+        Err(StoreError::Decode(e)) => {
+            assert_eq!((e.stream.as_str(), e.version), ("account-up2", 1));
+            assert!(e.message.contains("cents `x`"), "{}", e.message);
+        }
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+/// `execute` stores decisions, returns the new state, keeps rejections typed.
+pub async fn repository_execute_and_reject<B: Backend>() {
+    let f = fresh!(B, "repository_execute_and_reject");
+    let repo = Repository::<Account, _>::new(f.store.clone());
+    let done = repo
+        .execute(
+            "1",
+            AccountCommand::Open {
+                owner: "ann".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((done.version, done.duplicate, done.retries), (1, false, 0));
+    let done = repo
+        .execute("1", AccountCommand::Deposit { amount: 30 })
+        .await
+        .unwrap();
+    assert_eq!((done.state.balance, done.version), (30, 2));
+    assert_eq!(done.events, vec![AccountEvent::Deposited { amount: 30 }]);
+    match repo
+        .execute("1", AccountCommand::Withdraw { amount: 31 })
+        .await
+    {
+        Err(ExecuteError::Rejected(AccountError::InsufficientFunds {
+            balance: 30,
+            requested: 31,
+        })) => {}
+        other => panic!("expected a typed rejection, got {other:?}"),
+    }
+    match repo
+        .execute("2", AccountCommand::Deposit { amount: 1 })
+        .await
+    {
+        Err(ExecuteError::Rejected(AccountError::NotOpen)) => {}
+        other => panic!("expected NotOpen, got {other:?}"),
+    }
+    assert_eq!(f.store.stream_version("account-1").await.unwrap(), 2);
+    assert_eq!(f.store.stream_version("account-2").await.unwrap(), 0);
+    let events = f
+        .store
+        .read_stream("account-1", 1, Direction::Forward, 10)
+        .await
+        .unwrap();
+    let meta = &events[1].metadata;
+    assert_eq!(
+        meta.correlation_id, meta.causation_id,
+        "a fresh command correlates to itself"
+    );
+    assert_ne!(events[0].metadata.correlation_id, meta.correlation_id);
+}
+
+/// Concurrent commands on one aggregate all land through conflict retries,
+/// and a repository with one attempt reports the conflict.
+pub async fn repository_conflicts_are_retried<B: Backend>() {
+    let f = fresh!(B, "repository_conflicts_are_retried");
+    let repo = Repository::<Account, _>::new(f.store.clone()).max_attempts(1000);
+    repo.execute(
+        "c",
+        AccountCommand::Open {
+            owner: "bob".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8u64 {
+        let repo = repo.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut retries = 0;
+            for _ in 0..10 {
+                retries += repo
+                    .execute("c", AccountCommand::Deposit { amount: i + 1 })
+                    .await
+                    .unwrap()
+                    .retries;
+            }
+            retries
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let loaded = repo.load("c").await.unwrap();
+    assert_eq!(loaded.version, 81);
+    assert_eq!(
+        loaded.state.balance,
+        (1..=8u64).map(|i| i * 10).sum::<u64>()
+    );
+
+    // With a single attempt, a conflicting writer in between is reported.
+    let strict = Repository::<Account, _>::new(f.store.clone()).max_attempts(1);
+    let store = f.store.clone();
+    let mut conflicts = 0;
+    for _ in 0..50 {
+        let racer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let v = store.stream_version("account-c").await.unwrap();
+                let _ = store
+                    .append(
+                        "account-c",
+                        ExpectedVersion::Exact(v),
+                        vec![crate::raw("Deposited", r#"{"amount":0}"#)],
+                    )
+                    .await;
+            })
+        };
+        match strict
+            .execute("c", AccountCommand::Deposit { amount: 0 })
+            .await
+        {
+            Ok(_) => {}
+            Err(ExecuteError::Conflict { stream, attempts }) => {
+                assert_eq!((stream.as_str(), attempts), ("account-c", 1));
+                conflicts += 1;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        racer.await.unwrap();
+    }
+    eprintln!("{conflicts} of 50 racing commands hit a conflict with max_attempts(1)");
+}
+
+/// The same command id twice: decided once, second call returns the first result.
+pub async fn repository_command_id_is_idempotent<B: Backend>() {
+    let f = fresh!(B, "repository_command_id_is_idempotent");
+    let repo = Repository::<Account, _>::new(f.store.clone());
+    let open = CommandMeta::with_id(Uuid::now_v7()).extra("user", "ann");
+    let first = repo
+        .execute_with(
+            "i",
+            AccountCommand::Open {
+                owner: "ann".into(),
+            },
+            open.clone(),
+        )
+        .await
+        .unwrap();
+    // Re-sending "open" would be rejected (AlreadyOpen) if decided again.
+    let again = repo
+        .execute_with(
+            "i",
+            AccountCommand::Open {
+                owner: "ann".into(),
+            },
+            open.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.version, again.position, again.events),
+        (first.version, first.position, first.events)
+    );
+    let deposit = CommandMeta::with_id(Uuid::now_v7());
+    repo.execute_with("i", AccountCommand::Deposit { amount: 5 }, deposit.clone())
+        .await
+        .unwrap();
+    repo.execute("i", AccountCommand::Deposit { amount: 1 })
+        .await
+        .unwrap();
+    let again = repo
+        .execute_with("i", AccountCommand::Deposit { amount: 5 }, deposit.clone())
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.version, 2, "the version the command produced");
+    assert_eq!(again.state.balance, 6, "current state");
+    assert_eq!(f.store.stream_version("account-i").await.unwrap(), 3);
+    let stored = f
+        .store
+        .read_stream("account-i", 1, Direction::Forward, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored[0].metadata.extra.get("user").map(String::as_str),
+        Some("ann")
+    );
+    assert_eq!(stored[0].metadata.correlation_id, open.command_id.unwrap());
+    // The same command id on another aggregate is an id reuse, not a no-op.
+    match repo
+        .execute_with("j", AccountCommand::Open { owner: "x".into() }, open)
+        .await
+    {
+        Err(ExecuteError::Store(StoreError::DuplicateEventId {
+            existing_stream, ..
+        })) => {
+            assert_eq!(existing_stream, "account-i")
+        }
+        other => panic!("expected DuplicateEventId, got {other:?}"),
+    }
+}
+
+/// Loading with and without snapshots gives the same state; with snapshots
+/// only the tail is read.
+pub async fn snapshots_give_same_state<B: Backend>() {
+    let f = fresh!(B, "snapshots_give_same_state");
+    let plain = Repository::<Account, _>::new(f.store.clone());
+    let snapped = Repository::<Account, _>::new(f.store.clone()).with_snapshots(10);
+    snapped
+        .execute(
+            "s",
+            AccountCommand::Open {
+                owner: "ann".into(),
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..34u64 {
+        let repo = if i % 3 == 0 { &plain } else { &snapped };
+        repo.execute("s", AccountCommand::Deposit { amount: i })
+            .await
+            .unwrap();
+    }
+    let a = plain.load("s").await.unwrap();
+    let b = snapped.load("s").await.unwrap();
+    assert_eq!(a.state, b.state);
+    assert_eq!((a.version, b.version), (35, 35));
+    assert_eq!(a.events_read, 35);
+    let snap = b.snapshot_version.expect("a snapshot was used");
+    assert!(snap >= 30, "newest snapshot used, got {snap}");
+    assert_eq!(b.events_read, 35 - snap);
+}
+
+/// A snapshot whose shape no longer decodes is ignored, not an error.
+pub async fn stale_snapshot_is_ignored<B: Backend>() {
+    let f = fresh!(B, "stale_snapshot_is_ignored");
+    let repo = Repository::<Account, _>::new(f.store.clone()).with_snapshots(2);
+    repo.execute(
+        "z",
+        AccountCommand::Open {
+            owner: "ann".into(),
+        },
+    )
+    .await
+    .unwrap();
+    repo.execute("z", AccountCommand::Deposit { amount: 4 })
+        .await
+        .unwrap();
+    f.store
+        .save_snapshot(Snapshot {
+            stream: "account-z".into(),
+            version: 2,
+            state: br#"{"shape":"from an old release"}"#.to_vec(),
+            taken_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    let loaded = repo.load("z").await.unwrap();
+    assert_eq!(
+        (
+            loaded.state.balance,
+            loaded.version,
+            loaded.snapshot_version
+        ),
+        (4, 2, None)
+    );
+}

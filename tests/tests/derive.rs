@@ -1,0 +1,407 @@
+//! Runtime behaviour of `#[derive(Event)]` and its payload codec.
+
+use aftermath::{Event, PayloadError};
+use serde::{Deserialize, Serialize};
+
+/// A struct shared by several event enums.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Deposited {
+    amount: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+enum AccountEvent {
+    Opened {
+        owner: String,
+    },
+    Deposited(Deposited),
+    #[event(name = "Withdrawn", alias = "MoneyWithdrawn")]
+    #[event(alias = "Debited", alias = "Taken")]
+    Withdrew {
+        amount: u64,
+    },
+    Moved(u32, String),
+    Closed,
+    #[event(name = "Renamed")]
+    NameChanged(String),
+}
+
+/// A second enum reusing the same struct (a process manager's inputs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+enum SagaInput {
+    Started,
+    Deposited(Deposited),
+}
+
+/// Serde attributes at work: renamed variants, renamed and defaulted fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[serde(rename_all = "snake_case")]
+enum Tweaked {
+    #[serde(rename = "something-else-entirely")]
+    Opened {
+        #[serde(rename = "who")]
+        owner: String,
+        #[serde(default)]
+        note: Option<String>,
+        #[serde(default = "default_limit")]
+        limit: u32,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        tags: Vec<String>,
+    },
+    #[serde(alias = "serde_alias_only")]
+    BalanceChecked(u64),
+    Closed,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+/// A generic event enum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+enum Wrapped<T> {
+    Put(T),
+    Cleared,
+}
+
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).expect("payload is UTF-8")
+}
+
+fn round_trip<E: Event + std::fmt::Debug + PartialEq>(event: &E) -> E {
+    let bytes = event.encode().expect("encodes");
+    E::decode(event.event_type(), &bytes)
+        .expect("decodes")
+        .expect("type is known")
+}
+
+#[test]
+fn every_variant_shape_round_trips() {
+    let events = [
+        AccountEvent::Opened {
+            owner: "ann".into(),
+        },
+        AccountEvent::Deposited(Deposited { amount: 5 }),
+        AccountEvent::Withdrew { amount: 3 },
+        AccountEvent::Moved(7, "x".into()),
+        AccountEvent::Closed,
+        AccountEvent::NameChanged("bob".into()),
+    ];
+    for event in &events {
+        assert_eq!(&round_trip(event), event);
+    }
+}
+
+#[test]
+fn stores_exactly_the_variant_content() {
+    let cases: [(AccountEvent, &str, &str); 6] = [
+        (
+            AccountEvent::Opened {
+                owner: "ann".into(),
+            },
+            "Opened",
+            r#"{"owner":"ann"}"#,
+        ),
+        (
+            AccountEvent::Deposited(Deposited { amount: 5 }),
+            "Deposited",
+            r#"{"amount":5}"#,
+        ),
+        (
+            AccountEvent::Withdrew { amount: 5 },
+            "Withdrawn",
+            r#"{"amount":5}"#,
+        ),
+        (AccountEvent::Moved(1, "a".into()), "Moved", r#"[1,"a"]"#),
+        (AccountEvent::Closed, "Closed", "null"),
+        (
+            AccountEvent::NameChanged("bob".into()),
+            "Renamed",
+            r#""bob""#,
+        ),
+    ];
+    for (event, event_type, payload) in cases {
+        assert_eq!(event.event_type(), event_type);
+        assert_eq!(text(&event.encode().unwrap()), payload, "{event:?}");
+        assert_eq!(
+            AccountEvent::decode(event_type, payload.as_bytes()).unwrap(),
+            Some(event)
+        );
+    }
+}
+
+#[test]
+fn event_types_lists_names_then_aliases() {
+    assert_eq!(
+        AccountEvent::event_types(),
+        [
+            "Opened",
+            "Deposited",
+            "Withdrawn",
+            "Moved",
+            "Closed",
+            "Renamed",
+            "MoneyWithdrawn",
+            "Debited",
+            "Taken",
+        ]
+    );
+    assert_eq!(SagaInput::event_types(), ["Started", "Deposited"]);
+    assert_eq!(
+        Tweaked::event_types(),
+        ["Opened", "BalanceChecked", "Closed"]
+    );
+}
+
+#[test]
+fn aliases_decode_to_the_variant() {
+    for old in ["MoneyWithdrawn", "Debited", "Taken", "Withdrawn"] {
+        assert_eq!(
+            AccountEvent::decode(old, br#"{"amount":9}"#).unwrap(),
+            Some(AccountEvent::Withdrew { amount: 9 }),
+            "{old}"
+        );
+    }
+}
+
+#[test]
+fn unknown_type_is_not_mine() {
+    assert_eq!(AccountEvent::decode("Frozen", b"{}").unwrap(), None);
+    // The Rust variant name is not a type name once `name` overrides it.
+    assert_eq!(
+        AccountEvent::decode("Withdrew", br#"{"amount":1}"#).unwrap(),
+        None
+    );
+    assert_eq!(
+        AccountEvent::decode("NameChanged", br#""x""#).unwrap(),
+        None
+    );
+    // Names are case sensitive.
+    assert_eq!(AccountEvent::decode("opened", b"{}").unwrap(), None);
+    // Even garbage is fine when the type is not ours: it is not looked at.
+    assert_eq!(
+        AccountEvent::decode("Frozen", b"\xff not json").unwrap(),
+        None
+    );
+}
+
+#[test]
+fn payload_that_does_not_fit_names_the_type_and_says_why() {
+    let error: PayloadError =
+        AccountEvent::decode("MoneyWithdrawn", br#"{"amount":"five"}"#).unwrap_err();
+    assert_eq!(error.event_type, "MoneyWithdrawn");
+    assert!(
+        error
+            .message
+            .starts_with("invalid type: string \"five\", expected u64"),
+        "{}",
+        error.message
+    );
+    assert!(error.to_string().contains("`MoneyWithdrawn`"), "{error}");
+
+    let error = AccountEvent::decode("Opened", b"{}").unwrap_err();
+    assert_eq!(error.event_type, "Opened");
+    assert!(
+        error.message.starts_with("missing field `owner`"),
+        "{}",
+        error.message
+    );
+
+    let error = AccountEvent::decode("Deposited", b"[").unwrap_err();
+    assert!(error.message.contains("EOF"), "{}", error.message);
+
+    let error = AccountEvent::decode("Moved", br#"[1]"#).unwrap_err();
+    assert!(
+        error.message.contains("invalid length 1"),
+        "{}",
+        error.message
+    );
+
+    let error = AccountEvent::decode("Closed", b"{}").unwrap_err();
+    assert!(error.message.contains("expected unit"), "{}", error.message);
+
+    let error = AccountEvent::decode("Closed", b"").unwrap_err();
+    assert!(error.message.contains("EOF"), "{}", error.message);
+}
+
+#[test]
+fn trailing_bytes_are_rejected() {
+    for (event_type, payload) in [
+        ("Deposited", &br#"{"amount":5} {"amount":6}"#[..]),
+        ("Opened", br#"{"owner":"a"}x"#),
+        ("Closed", b"null null"),
+        ("Renamed", br#""a","b""#),
+        ("Moved", br#"[1,"a"]]"#),
+    ] {
+        let error = AccountEvent::decode(event_type, payload).unwrap_err();
+        assert_eq!(error.event_type, event_type);
+        assert!(
+            error.message.starts_with("trailing characters"),
+            "{event_type}: {}",
+            error.message
+        );
+    }
+    // Whitespace around the value is not garbage.
+    assert_eq!(
+        AccountEvent::decode("Deposited", b" {\"amount\": 5}\n").unwrap(),
+        Some(AccountEvent::Deposited(Deposited { amount: 5 }))
+    );
+}
+
+#[test]
+fn serde_field_attributes_are_respected() {
+    let event = Tweaked::Opened {
+        owner: "ann".into(),
+        note: None,
+        limit: 3,
+        tags: vec![],
+    };
+    assert_eq!(event.event_type(), "Opened");
+    assert_eq!(
+        text(&event.encode().unwrap()),
+        r#"{"who":"ann","note":null,"limit":3}"#
+    );
+    assert_eq!(round_trip(&event), event);
+
+    // `default` fields may be missing; the renamed field must use its serde name.
+    assert_eq!(
+        Tweaked::decode("Opened", br#"{"who":"bob"}"#).unwrap(),
+        Some(Tweaked::Opened {
+            owner: "bob".into(),
+            note: None,
+            limit: 100,
+            tags: vec![],
+        })
+    );
+    let error = Tweaked::decode("Opened", br#"{"owner":"bob"}"#).unwrap_err();
+    assert!(
+        error.message.starts_with("missing field `who`"),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn serde_variant_renames_do_not_matter() {
+    // The type names come from #[event], never from serde's variant names.
+    for event in [
+        Tweaked::Opened {
+            owner: "a".into(),
+            note: Some("n".into()),
+            limit: 1,
+            tags: vec!["t".into()],
+        },
+        Tweaked::BalanceChecked(12),
+        Tweaked::Closed,
+    ] {
+        assert_eq!(round_trip(&event), event);
+    }
+    assert_eq!(Tweaked::BalanceChecked(1).event_type(), "BalanceChecked");
+    assert_eq!(
+        Tweaked::decode("something-else-entirely", b"{}").unwrap(),
+        None
+    );
+    assert_eq!(Tweaked::decode("serde_alias_only", b"1").unwrap(), None);
+    assert_eq!(Tweaked::decode("balance_checked", b"1").unwrap(), None);
+    // Proof that serde itself does see the renames.
+    assert_eq!(
+        serde_json::to_string(&Tweaked::Closed).unwrap(),
+        r#""closed""#
+    );
+}
+
+#[test]
+fn shared_struct_decodes_the_same_payload_in_both_enums() {
+    let stored = AccountEvent::Deposited(Deposited { amount: 42 });
+    let bytes = stored.encode().unwrap();
+    assert_eq!(text(&bytes), r#"{"amount":42}"#);
+    // The struct's own JSON is exactly the payload.
+    assert_eq!(
+        bytes,
+        serde_json::to_vec(&Deposited { amount: 42 }).unwrap()
+    );
+
+    assert_eq!(
+        SagaInput::decode(stored.event_type(), &bytes).unwrap(),
+        Some(SagaInput::Deposited(Deposited { amount: 42 }))
+    );
+    assert_eq!(
+        SagaInput::Deposited(Deposited { amount: 42 })
+            .encode()
+            .unwrap(),
+        bytes
+    );
+    // Each enum ignores the other's types.
+    assert_eq!(
+        SagaInput::decode("Opened", br#"{"owner":"a"}"#).unwrap(),
+        None
+    );
+    assert_eq!(AccountEvent::decode("Started", b"null").unwrap(), None);
+}
+
+#[test]
+fn event_data_encode_uses_the_type_name_and_content() {
+    let event = AccountEvent::Withdrew { amount: 2 };
+    let data = aftermath::EventData::fresh(&event).unwrap();
+    assert_eq!(data.event_type, "Withdrawn");
+    assert_eq!(text(&data.payload), r#"{"amount":2}"#);
+}
+
+#[test]
+fn generic_enums_work() {
+    let event = Wrapped::Put(Deposited { amount: 1 });
+    assert_eq!(event.event_type(), "Put");
+    assert_eq!(text(&event.encode().unwrap()), r#"{"amount":1}"#);
+    assert_eq!(round_trip(&event), event);
+    assert_eq!(
+        Wrapped::<u8>::decode("Put", b"300").unwrap_err().event_type,
+        "Put"
+    );
+    assert_eq!(
+        Wrapped::<u8>::decode("Cleared", b"null").unwrap(),
+        Some(Wrapped::Cleared)
+    );
+    assert_eq!(Wrapped::<u8>::event_types(), ["Put", "Cleared"]);
+}
+
+/// Hand-written serde impls that are not an externally tagged enum fail
+/// at run time with a message saying why.
+mod not_an_enum {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Event)]
+    pub enum Odd {
+        A(u32),
+    }
+
+    impl Serialize for Odd {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let Odd::A(value) = self;
+            serializer.serialize_u32(*value)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Odd {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            u32::deserialize(deserializer).map(Odd::A)
+        }
+    }
+
+    #[test]
+    fn says_the_representation_is_wrong() {
+        let error = Odd::A(1).encode().unwrap_err();
+        assert_eq!(error.event_type, "A");
+        assert!(
+            error.message.contains("externally tagged"),
+            "{}",
+            error.message
+        );
+        let error = Odd::decode("A", b"1").unwrap_err();
+        assert_eq!(error.event_type, "A");
+        assert!(
+            error.message.contains("externally tagged"),
+            "{}",
+            error.message
+        );
+    }
+}

@@ -1,0 +1,7 @@
+use aftermath::Event;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Event)]
+enum NothingHappens {}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use aftermath::Event;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Event)]
+enum AccountEvent {
+    #[event(name = "")]
+    Opened { owner: String },
+    #[event(alias = "  ")]
+    Closed,
+}
+
+fn main() {}

@@ -1,0 +1,11 @@
+use aftermath::Event;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Event)]
+enum AccountEvent {
+    #[event(name = "AccountOpened")]
+    #[event(name = "Opened")]
+    Opened { owner: String },
+}
+
+fn main() {}
