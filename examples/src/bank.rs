@@ -1,9 +1,12 @@
 //! A small bank: accounts that can be opened, credited and debited.
 //!
 //! The aggregate only decides; the rules (no overdraft, open once) live in
-//! `decide`, and `apply` folds facts without judging them.
+//! `decide`, and `apply` folds facts without judging them. The [`Balances`]
+//! projection turns the events into a table that is cheap to query.
 
 use aftermath::prelude::*;
+use aftermath::projection::{HandlerError, Projection};
+use aftermath::store::sqlite::{SqliteTx, rusqlite};
 use serde::{Deserialize, Serialize};
 
 /// What happened to an account.
@@ -163,5 +166,76 @@ mod tests {
         }])
         .when(AccountCommand::Deposit { amount: 0 })
         .then_error(AccountError::ZeroAmount);
+    }
+}
+
+/// The `balances` read model: one row per account, kept by a projection in
+/// the same SQLite file as the events. Rows and checkpoint commit in one
+/// transaction, so each event is applied exactly once, even across crashes.
+pub struct Balances;
+
+impl Balances {
+    /// Reads the read model: (account, owner, balance, movements), by account.
+    pub fn rows(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(String, String, i64, i64)>> {
+        let mut stmt = conn
+            .prepare("SELECT account, owner, balance, movements FROM balances ORDER BY account")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect()
+    }
+}
+
+impl Projection for Balances {
+    type Event = AccountEvent;
+    type Db = SqliteStore;
+
+    fn name(&self) -> &str {
+        "balances"
+    }
+
+    fn setup(&self, tx: &mut SqliteTx<'_>) -> Result<(), HandlerError> {
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS balances (
+                 account   TEXT PRIMARY KEY,
+                 owner     TEXT NOT NULL,
+                 balance   INTEGER NOT NULL,
+                 movements INTEGER NOT NULL
+             )",
+        )?;
+        Ok(())
+    }
+
+    fn reset(&self, tx: &mut SqliteTx<'_>) -> Result<(), HandlerError> {
+        tx.execute_batch("DROP TABLE IF EXISTS balances")?;
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        tx: &mut SqliteTx<'_>,
+        event: &Recorded<AccountEvent>,
+    ) -> Result<(), HandlerError> {
+        let account = event
+            .stream
+            .strip_prefix("account-")
+            .unwrap_or(&event.stream);
+        let (sql, amount): (&str, i64) = match &event.event {
+            AccountEvent::Opened { owner } => {
+                tx.prepare_cached(
+                    "INSERT INTO balances (account, owner, balance, movements) VALUES (?1, ?2, 0, 0)",
+                )?
+                .execute((account, owner))?;
+                return Ok(());
+            }
+            AccountEvent::Deposited { amount } => (
+                "UPDATE balances SET balance = balance + ?2, movements = movements + 1 WHERE account = ?1",
+                i64::try_from(*amount)?,
+            ),
+            AccountEvent::Withdrew { amount } => (
+                "UPDATE balances SET balance = balance - ?2, movements = movements + 1 WHERE account = ?1",
+                i64::try_from(*amount)?,
+            ),
+        };
+        tx.prepare_cached(sql)?.execute((account, amount))?;
+        Ok(())
     }
 }

@@ -8,9 +8,11 @@
 //! command, an explicit retry of the same command, and prints the stored
 //! streams.
 
+use aftermath::StoreError;
 use aftermath::prelude::*;
+use aftermath::projection::{ProjectionRunner, ReadModelDb};
 use aftermath::store::read_all_pages;
-use aftermath_examples::bank::{Account, AccountCommand};
+use aftermath_examples::bank::{Account, AccountCommand, Balances};
 use futures::TryStreamExt;
 use uuid::Uuid;
 
@@ -123,8 +125,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             String::from_utf8_lossy(&event.payload)
         );
     }
-    println!(
-        "\nRun me again: every command is recognised by its id and nothing is appended twice."
-    );
+    println!("\n== read model `balances` (a projection in the same file)");
+    match ReadModelDb::load_state(&store, "balances").await? {
+        Some(state) => println!("  resuming after checkpoint {}", state.position),
+        None => println!("  first run: projecting from the start of the log"),
+    }
+    let runner = ProjectionRunner::new(Balances, store.clone(), store.clone());
+    let reached = runner.catch_up().await?;
+    println!("  caught up through position {reached}");
+    let rows = store
+        .read(|conn| Balances::rows(conn).map_err(|e| StoreError::database("reading balances", e)))
+        .await?;
+    for (account, owner, balance, movements) in rows {
+        println!("  {account:<6} {owner:<5} balance {balance:>7}  ({movements} movements)");
+    }
+
+    println!("\nRun me again: every command is recognised by its id, nothing is appended twice,");
+    println!("and the projection continues from its checkpoint.");
     Ok(())
 }
