@@ -113,62 +113,6 @@ impl Aggregate for Account {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use aftermath::testing::AggregateTest;
-
-    #[test]
-    fn opens_once() {
-        AggregateTest::<Account>::given_nothing()
-            .when(AccountCommand::Open {
-                owner: "ann".into(),
-            })
-            .then([AccountEvent::Opened {
-                owner: "ann".into(),
-            }]);
-        AggregateTest::<Account>::given([AccountEvent::Opened {
-            owner: "ann".into(),
-        }])
-        .when(AccountCommand::Open {
-            owner: "bob".into(),
-        })
-        .then_error(AccountError::AlreadyOpen);
-    }
-
-    #[test]
-    fn never_overdraws() {
-        let opened = AccountEvent::Opened {
-            owner: "ann".into(),
-        };
-        let state = AggregateTest::<Account>::given([
-            opened.clone(),
-            AccountEvent::Deposited { amount: 10 },
-        ])
-        .when(AccountCommand::Withdraw { amount: 10 })
-        .then([AccountEvent::Withdrew { amount: 10 }]);
-        assert_eq!(state.balance, 0);
-        AggregateTest::<Account>::given([opened, AccountEvent::Deposited { amount: 10 }])
-            .when(AccountCommand::Withdraw { amount: 11 })
-            .then_error(AccountError::InsufficientFunds {
-                balance: 10,
-                requested: 11,
-            });
-    }
-
-    #[test]
-    fn needs_an_open_account_and_a_positive_amount() {
-        AggregateTest::<Account>::given_nothing()
-            .when(AccountCommand::Deposit { amount: 1 })
-            .then_error(AccountError::NotOpen);
-        AggregateTest::<Account>::given([AccountEvent::Opened {
-            owner: "ann".into(),
-        }])
-        .when(AccountCommand::Deposit { amount: 0 })
-        .then_error(AccountError::ZeroAmount);
-    }
-}
-
 /// The `balances` read model: one row per account, kept by a projection in
 /// the same SQLite file as the events. Rows and checkpoint commit in one
 /// transaction, so each event is applied exactly once, even across crashes.
@@ -237,5 +181,61 @@ impl Projection for Balances {
         };
         tx.prepare_cached(sql)?.execute((account, amount))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aftermath::testing::AggregateTest;
+
+    #[test]
+    fn opens_once() {
+        AggregateTest::<Account>::given_nothing()
+            .when(AccountCommand::Open {
+                owner: "ann".into(),
+            })
+            .then([AccountEvent::Opened {
+                owner: "ann".into(),
+            }]);
+        AggregateTest::<Account>::given([AccountEvent::Opened {
+            owner: "ann".into(),
+        }])
+        .when(AccountCommand::Open {
+            owner: "bob".into(),
+        })
+        .then_error(AccountError::AlreadyOpen);
+    }
+
+    #[test]
+    fn never_overdraws() {
+        let opened = AccountEvent::Opened {
+            owner: "ann".into(),
+        };
+        let state = AggregateTest::<Account>::given([
+            opened.clone(),
+            AccountEvent::Deposited { amount: 10 },
+        ])
+        .when(AccountCommand::Withdraw { amount: 10 })
+        .then([AccountEvent::Withdrew { amount: 10 }]);
+        assert_eq!(state.balance, 0);
+        AggregateTest::<Account>::given([opened, AccountEvent::Deposited { amount: 10 }])
+            .when(AccountCommand::Withdraw { amount: 11 })
+            .then_error(AccountError::InsufficientFunds {
+                balance: 10,
+                requested: 11,
+            });
+    }
+
+    #[test]
+    fn needs_an_open_account_and_a_positive_amount() {
+        AggregateTest::<Account>::given_nothing()
+            .when(AccountCommand::Deposit { amount: 1 })
+            .then_error(AccountError::NotOpen);
+        AggregateTest::<Account>::given([AccountEvent::Opened {
+            owner: "ann".into(),
+        }])
+        .when(AccountCommand::Deposit { amount: 0 })
+        .then_error(AccountError::ZeroAmount);
     }
 }
