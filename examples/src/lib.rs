@@ -2,3 +2,4 @@
 //! use case; the domain code they share lives in modules here.
 
 pub mod bank;
+pub mod effects_service;

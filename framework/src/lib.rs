@@ -56,7 +56,10 @@
 
 pub mod aggregate;
 pub mod event;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod projection;
+pub mod reactor;
 pub mod store;
 pub mod subscription;
 pub mod testing;
@@ -78,6 +81,8 @@ pub mod __private {
 mod codec;
 
 pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use store::postgres::{Blocker, HeldBack, PostgresOptions, PostgresStore};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 pub use store::{AppendResult, Direction, EventStore, ExpectedVersion, Snapshot, StoreError};

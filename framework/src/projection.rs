@@ -22,6 +22,7 @@
 //! [`CheckpointStore`]: it is then at-least-once, and must be idempotent.
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,8 @@ use crate::store::{EventStore, StoreError};
 use crate::subscription::{
     CatchUp, CheckpointStore, Lease, StartFrom, SubscriptionOptions, stopped,
 };
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
+use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
+use futures::FutureExt;
 
 /// An error from a projection's handler. Anything that is a
 /// `std::error::Error` converts into it with `?`.
@@ -535,7 +537,16 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             match self.options.on_error {
                 OnError::Stop => return Err(self.event_error(failed, error)),
                 OnError::Skip => {
-                    self.skip(failed, &error, ctx.lease.clone()).await?;
+                    // Skipping the page's last event checkpoints through the
+                    // page's end (past events of other types up to the head),
+                    // as committing it would have.
+                    let through = if index + 1 == rest.len() {
+                        page.through.max(failed.position)
+                    } else {
+                        failed.position
+                    };
+                    self.skip(failed, &error, through, ctx.lease.clone())
+                        .await?;
                     ctx.report(|s| s.skipped += 1);
                     checkpoint_floor = failed.position;
                 }
@@ -569,8 +580,16 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             };
             let work: TxWork<P::Db, ()> = Box::new(move |tx| {
                 for (index, event) in batch.iter().enumerate() {
-                    projection
-                        .apply(tx, event)
+                    // A panicking handler fails on this event like an
+                    // erring one (retried, then the error policy), rather
+                    // than failing the whole write as if the store had.
+                    catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event)))
+                        .unwrap_or_else(|panic| {
+                            Err(HandlerError::msg(format!(
+                                "the handler panicked: {}",
+                                panic_message(panic.as_ref())
+                            )))
+                        })
                         .map_err(|error| HandlerFailure { index, error })?;
                 }
                 Ok(())
@@ -605,6 +624,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         &self,
         event: &StoredEvent,
         error: &str,
+        through: Position,
         lease: Option<Lease>,
     ) -> Result<(), SubscriberError> {
         tracing::warn!(
@@ -614,7 +634,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         let commit = Commit {
             projection: self.name(),
             version: self.projection.version(),
-            position: event.position,
+            position: through,
             lease,
             skipped: Some(SkippedEvent {
                 subscriber: self.name(),
@@ -754,7 +774,16 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
         };
         let mut delay = self.options.retry_delay;
         for attempt in 1..=self.options.attempts {
-            match self.projection.handle(&event).await {
+            let handled = AssertUnwindSafe(self.projection.handle(&event))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(HandlerError::msg(format!(
+                        "the handler panicked: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                });
+            match handled {
                 Ok(()) => return Ok(true),
                 Err(e) if attempt == self.options.attempts => {
                     return Err(event_error(e.to_string()));
@@ -790,11 +819,21 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
             .map_err(|e| self.store_error(e))?
         {
             Some(p) => p,
-            None => match self.options.subscription.start_from {
-                StartFrom::Origin => Position::ORIGIN,
-                StartFrom::After(p) => p,
-                StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
-            },
+            None => {
+                let start = match self.options.subscription.start_from {
+                    StartFrom::Origin => Position::ORIGIN,
+                    StartFrom::After(p) => p,
+                    StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
+                };
+                // Remember the start at once: with `Now`, a crash before the
+                // first checkpoint would otherwise restart at a later head
+                // and never deliver the events appended in between.
+                self.checkpoints
+                    .save(&name, start, ctx.lease.as_ref())
+                    .await
+                    .map_err(|e| self.store_error(e))?;
+                start
+            }
         };
         let mut reader = CatchUp::new(
             self.store.clone(),
@@ -805,6 +844,10 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
         let mut saved = start;
         let mut since_save = 0u64;
         let mut last_save = Instant::now();
+        let policy = self.policy;
+        let due = |since_save: u64, last_save: Instant| {
+            since_save >= policy.every_events || last_save.elapsed() >= policy.every
+        };
         let result = async {
             loop {
                 if ctx.stopping() {
@@ -828,11 +871,21 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
                     reader.advance(stored.position);
                     since_save += 1;
                     ctx.report(|s| s.handled += 1);
+                    // The policy counts handled events, not pages.
+                    if due(since_save, last_save) {
+                        self.checkpoints
+                            .save(&name, reader.position(), ctx.lease.as_ref())
+                            .await
+                            .map_err(|e| self.store_error(e))?;
+                        saved = reader.position();
+                        since_save = 0;
+                        last_save = Instant::now();
+                    }
                 }
                 reader.advance(page.through);
-                if since_save >= self.policy.every_events
-                    || last_save.elapsed() >= self.policy.every
-                {
+                let lag = reader.lag();
+                ctx.report(|s| s.lag = lag);
+                if reader.position() > saved && due(since_save, last_save) {
                     self.checkpoints
                         .save(&name, reader.position(), ctx.lease.as_ref())
                         .await

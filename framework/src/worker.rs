@@ -4,12 +4,13 @@
 //! A [`Worker`] runs each [`Subscriber`] in its own task until shutdown.
 //! Graceful shutdown lets the batch in flight finish and saves its
 //! checkpoint. A subscriber that fails with a transient error (the database
-//! is busy, the connection dropped) is restarted with exponential backoff; one
-//! that fails permanently (an event that still fails after its retries, or
-//! does not decode) stops with an error naming the event, and the others go
-//! on. With a [`LeaseStore`], only one process at a time runs a given
-//! subscriber on a database: the others stand by and take over when the
-//! owner's lease expires.
+//! is busy, the connection dropped) is restarted with exponential backoff
+//! (starting over after a run that made progress); one that fails
+//! permanently (an event that still fails after its retries, does not
+//! decode, or makes its handler panic) stops with an error naming the event,
+//! and the others go on. With a [`LeaseStore`], only one process at a time
+//! runs a given subscriber on a database: the others stand by and take over
+//! when the owner's lease expires.
 //!
 //! ```no_run
 //! # async fn demo(store: aftermath::SqliteStore, balances: aftermath::projection::ProjectionRunner<MyProjection, aftermath::SqliteStore>) {
@@ -37,17 +38,19 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::event::Position;
 use crate::store::StoreError;
-use crate::subscription::{Lag, Lease, LeaseStore, Shutdown, stopped};
+use crate::subscription::{Lag, Lease, LeaseStore, Shutdown, is_stopped, stopped};
 
 /// What a subscriber is doing.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,14 +135,32 @@ pub enum SubscriberError {
         #[source]
         source: StoreError,
     },
+    /// The subscriber's run panicked (outside a handler, where a panic is
+    /// an [`SubscriberError::Event`] failure): it is stopped, not restarted.
+    #[error("{message}")]
+    Panicked {
+        /// The subscriber.
+        subscriber: String,
+        /// What the panic said, naming the subscriber.
+        message: String,
+    },
 }
 
 impl SubscriberError {
     /// Whether restarting can help: store errors are transient, a failing
-    /// event is not.
+    /// event (or a panic) is not.
     pub fn is_transient(&self) -> bool {
         matches!(self, SubscriberError::Store { .. })
     }
+}
+
+/// The message of a panic payload (`&str` or `String`).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 /// Handed to a subscriber's run: when to stop, the lease it runs under, and
@@ -162,9 +183,9 @@ impl RunContext {
         }
     }
 
-    /// Whether shutdown was requested.
+    /// Whether shutdown was requested (or the sender of `shutdown` is gone).
     pub fn stopping(&self) -> bool {
-        *self.shutdown.borrow()
+        is_stopped(&self.shutdown)
     }
 
     /// Updates the reported status.
@@ -190,7 +211,9 @@ pub trait Subscriber: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// Runs until `ctx.shutdown` flips (then returns `Ok` after saving its
-    /// checkpoint) or an error. Called again after a transient error.
+    /// checkpoint) or an error. Called again after a transient error, and
+    /// after a lost lease once it is acquired again. Returning `Ok` without
+    /// being asked to stop means the subscriber is done: it is not restarted.
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError>;
 }
 
@@ -226,6 +249,10 @@ impl Backoff {
 }
 
 type DynLeases = Arc<dyn LeaseStore>;
+
+/// A run that lasted this long before failing counts as healthy: the next
+/// restart uses the first backoff delay again.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 /// Runs subscribers until shutdown. Build with [`Worker::new`], then
 /// [`Worker::start`].
@@ -376,7 +403,8 @@ impl Supervisor {
         let name = self.subscriber.name().to_owned();
         let mut attempt = 0u32;
         let final_state = loop {
-            if *stop.borrow() {
+            // A dropped `RunningWorker` (its sender gone) stops us too.
+            if is_stopped(&stop) {
                 break SubscriberState::Stopped(None);
             }
             let lease = match &self.leases {
@@ -395,11 +423,15 @@ impl Supervisor {
             };
             // The run stops on worker shutdown or when the lease is lost.
             let (run_stop_tx, run_stop_rx) = watch::channel(false);
+            let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // The renewer keeps the lease until the run has returned, also
+            // while a graceful shutdown finishes the batch in flight (a
+            // lease expiring then would fail its fenced commit).
             let renewer = lease.clone().map(|lease| {
                 let (leases, ttl) = self.leases.clone().expect("lease implies a lease store");
-                let stop = stop.clone();
                 let run_stop = run_stop_tx.clone();
-                tokio::spawn(renew(leases, lease, ttl, stop, run_stop))
+                let lost = lease_lost.clone();
+                tokio::spawn(renew(leases, lease, ttl, run_stop, lost))
             });
             let forward = {
                 let mut stop = stop.clone();
@@ -414,7 +446,27 @@ impl Supervisor {
                 lease: lease.clone(),
                 status: self.status.clone(),
             };
-            let result = self.subscriber.run(&mut ctx).await;
+            let handled_before = self.handled();
+            let started = tokio::time::Instant::now();
+            // A panicking subscriber is reported as stopped with the panic,
+            // rather than taking the task down with a stale status.
+            let result = match AssertUnwindSafe(self.subscriber.run(&mut ctx))
+                .catch_unwind()
+                .await
+            {
+                Ok(result) => result,
+                Err(panic) => {
+                    let message = format!(
+                        "subscriber `{name}` panicked: {}",
+                        panic_message(panic.as_ref())
+                    );
+                    tracing::error!(subscriber = %name, "{message}");
+                    Err(SubscriberError::Panicked {
+                        subscriber: name.clone(),
+                        message,
+                    })
+                }
+            };
             forward.abort();
             if let Some(renewer) = renewer {
                 renewer.abort();
@@ -424,12 +476,22 @@ impl Supervisor {
             {
                 tracing::warn!(subscriber = %name, error = %e, "releasing lease failed; it will expire");
             }
+            // A run that made progress (or stayed up for a minute) starts
+            // the backoff over: `attempt` counts consecutive failures.
+            if self.handled() > handled_before || started.elapsed() >= HEALTHY_RUN {
+                attempt = 0;
+            }
             match result {
-                Ok(()) if *stop.borrow() => break SubscriberState::Stopped(None),
+                Ok(()) if is_stopped(&stop) => break SubscriberState::Stopped(None),
                 // Lease lost without shutdown: go back to standby.
-                Ok(()) => {
+                Ok(()) if lease_lost.load(std::sync::atomic::Ordering::SeqCst) => {
                     tracing::warn!(subscriber = %name, "lease lost; standing by");
                     continue;
+                }
+                // Nobody asked it to stop: the subscriber is done.
+                Ok(()) => {
+                    tracing::info!(subscriber = %name, "subscriber finished");
+                    break SubscriberState::Stopped(None);
                 }
                 Err(e) if e.is_transient() => {
                     attempt += 1;
@@ -445,6 +507,13 @@ impl Supervisor {
             }
         };
         self.report(final_state);
+    }
+
+    fn handled(&self) -> u64 {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handled
     }
 
     /// Reports `Retrying` and sleeps the backoff; false on shutdown.
@@ -478,30 +547,32 @@ impl Supervisor {
     }
 }
 
-/// Renews `lease` every `ttl / 3`; on failure to renew before expiry, stops
-/// the run (its fenced writes would fail anyway).
+/// Renews `lease` every `ttl / 3` until aborted (after the run returned);
+/// when the lease is lost, or cannot be renewed before it expires, flags
+/// `lost` and stops the run (its fenced writes would fail anyway).
 async fn renew(
     leases: DynLeases,
     mut lease: Lease,
     ttl: Duration,
-    mut stop: Shutdown,
     run_stop: watch::Sender<bool>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    let lose = || {
+        lost.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = run_stop.send(true);
+    };
     loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => return,
-            _ = tokio::time::sleep(ttl / 3) => {}
-        }
+        tokio::time::sleep(ttl / 3).await;
         match leases.renew(&lease, ttl).await {
             Ok(renewed) => lease = renewed,
             Err(StoreError::LeaseLost { .. }) => {
                 tracing::warn!(lease = %lease.name, "lease lost to another owner");
-                let _ = run_stop.send(true);
+                lose();
                 return;
             }
             Err(e) if Utc::now() >= lease.expires_at => {
                 tracing::warn!(lease = %lease.name, error = %e, "could not renew lease before it expired");
-                let _ = run_stop.send(true);
+                lose();
                 return;
             }
             Err(e) => {

@@ -4,6 +4,8 @@
 
 pub mod conformance;
 pub mod domain;
+pub mod projections;
+pub mod reactors;
 
 use std::any::Any;
 

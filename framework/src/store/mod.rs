@@ -25,6 +25,8 @@ use uuid::Uuid;
 use crate::event::{DecodeError, EventData, Position, StoredEvent};
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

@@ -105,6 +105,12 @@ pub async fn stopped(shutdown: &mut Shutdown) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Whether `shutdown` is `true` or its sender is gone: the same condition
+/// [`stopped`] waits for, without waiting.
+pub fn is_stopped(shutdown: &Shutdown) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
+}
+
 /// One page of a catch-up read.
 #[derive(Debug)]
 pub struct Page {

@@ -37,6 +37,9 @@ use crate::event::{EventData, Position, StoredEvent};
 use crate::upcast::Upcasters;
 
 mod events;
+#[cfg(feature = "nats")]
+mod inbox;
+mod journal;
 mod pool;
 mod schema;
 mod subscriptions;

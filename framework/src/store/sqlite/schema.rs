@@ -18,6 +18,8 @@ pub(super) const APPLICATION_ID: i32 = 0x4146_544D;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_events.sql"),
     include_str!("migrations/0002_subscriptions.sql"),
+    include_str!("migrations/0003_reactors.sql"),
+    include_str!("migrations/0004_inbox.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -29,24 +29,24 @@ impl Deref for SqliteTx<'_> {
     }
 }
 
-fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+pub(super) fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |e| StoreError::database(operation, e)
 }
 
-fn micros(t: DateTime<Utc>) -> i64 {
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
-fn from_micros(m: i64) -> DateTime<Utc> {
+pub(super) fn from_micros(m: i64) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp_micros(m).unwrap_or_default()
 }
 
-fn position(p: Position) -> i64 {
+pub(super) fn position(p: Position) -> i64 {
     i64::try_from(p.0).unwrap_or(i64::MAX)
 }
 
 /// Fails with `LeaseLost` unless `lease` is the current lease of its name.
-fn fence(conn: &Connection, lease: &Lease) -> Result<(), StoreError> {
+pub(super) fn fence(conn: &Connection, lease: &Lease) -> Result<(), StoreError> {
     let current = conn
         .prepare_cached(
             "SELECT 1 FROM aftermath_leases WHERE name = ?1 AND owner = ?2 AND token = ?3",

@@ -1,0 +1,533 @@
+//! Runs a [`Reactor`]: reads its events, consults and writes the journal,
+//! runs effects with retries and parking, moves the checkpoint.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use uuid::Uuid;
+
+use super::{
+    Effect, EffectContext, EffectJournal, EffectState, ParkPolicy, ReactError, Reactor,
+    ReactorOptions, idempotency_key,
+};
+use crate::event::{Event, Position, StoredEvent};
+use crate::store::{EventStore, StoreError};
+use crate::subscription::{CatchUp, CheckpointStore, StartFrom, stopped};
+use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
+
+/// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
+/// `journal`, position in `checkpoints` (for SQLite, all three can be the
+/// same [`SqliteStore`](crate::SqliteStore)).
+pub struct ReactorRunner<R, S, J, C> {
+    reactor: R,
+    store: S,
+    journal: J,
+    checkpoints: C,
+    options: ReactorOptions,
+}
+
+/// How a lane (one stream's events of a page) ended.
+struct LaneOutcome {
+    /// Events the runner is finished with (the checkpoint may pass them).
+    settled: Vec<Uuid>,
+    /// Shutdown stopped the lane before its end.
+    interrupted: bool,
+}
+
+/// How one effect ended.
+enum Ran {
+    Done,
+    Parked,
+    Interrupted,
+}
+
+impl<R, S, J, C> ReactorRunner<R, S, J, C>
+where
+    R: Reactor,
+    S: EventStore + Clone,
+    J: EffectJournal,
+    C: CheckpointStore,
+{
+    /// A runner with default options (one effect at a time, 5 attempts).
+    pub fn new(reactor: R, store: S, journal: J, checkpoints: C) -> Self {
+        ReactorRunner {
+            reactor,
+            store,
+            journal,
+            checkpoints,
+            options: ReactorOptions::default(),
+        }
+    }
+
+    /// Sets the options.
+    pub fn options(mut self, options: ReactorOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The reactor.
+    pub fn reactor(&self) -> &R {
+        &self.reactor
+    }
+
+    /// The journal (for the dead-letter API).
+    pub fn journal(&self) -> &J {
+        &self.journal
+    }
+
+    fn name(&self) -> &str {
+        self.reactor.name()
+    }
+
+    fn store_error(&self, source: StoreError) -> SubscriberError {
+        SubscriberError::Store {
+            subscriber: self.name().to_owned(),
+            source,
+        }
+    }
+
+    /// Runs until caught up with the head as of now (including operator
+    /// retries), then returns the checkpoint. For tests, tools and examples.
+    pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let mut ctx = RunContext::standalone(self.name(), rx);
+        self.process(&mut ctx, true).await
+    }
+
+    async fn process(
+        &self,
+        ctx: &mut RunContext,
+        until_caught_up: bool,
+    ) -> Result<Position, SubscriberError> {
+        let name = self.name().to_owned();
+        let start = match self
+            .checkpoints
+            .load(&name)
+            .await
+            .map_err(|e| self.store_error(e))?
+        {
+            Some(p) => p,
+            None => {
+                let start = match self.options.subscription.start_from {
+                    StartFrom::Origin => Position::ORIGIN,
+                    StartFrom::After(p) => p,
+                    StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
+                };
+                // Remember where the first start began: a restart before the
+                // first event must not move `Now` past events appended meanwhile.
+                if start > Position::ORIGIN {
+                    self.checkpoints
+                        .save(&name, start, ctx.lease.as_ref())
+                        .await
+                        .map_err(|e| self.store_error(e))?;
+                }
+                start
+            }
+        };
+        let mut reader = CatchUp::new(
+            self.store.clone(),
+            Some(R::Event::event_types().to_vec()),
+            start,
+            self.options.subscription.clone(),
+        );
+        let mut saved = start;
+        loop {
+            if ctx.stopping() {
+                return Ok(saved);
+            }
+            if !self.release_held(ctx).await? {
+                return Ok(saved);
+            }
+            let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
+            let caught_up = page.caught_up;
+            let lag = reader.lag();
+            ctx.report(|s| {
+                s.lag = lag;
+                s.state = if caught_up {
+                    SubscriberState::Live
+                } else {
+                    SubscriberState::CatchingUp
+                };
+            });
+            let (through, interrupted) = if page.events.is_empty() {
+                (page.through, false)
+            } else {
+                let (prefix, interrupted) = self.process_page(ctx, &page.events).await?;
+                match prefix {
+                    _ if interrupted => (prefix.unwrap_or(reader.position()), true),
+                    _ => (page.through, false),
+                }
+            };
+            if through > saved {
+                self.checkpoints
+                    .save(&name, through, ctx.lease.as_ref())
+                    .await
+                    .map_err(|e| self.store_error(e))?;
+                saved = through;
+            }
+            if interrupted {
+                return Ok(saved);
+            }
+            reader.advance(through);
+            let lag = reader.lag();
+            ctx.report(|s| s.lag = lag);
+            if caught_up {
+                if until_caught_up {
+                    return Ok(saved);
+                }
+                if !reader.wait_for_more(&mut ctx.shutdown).await {
+                    return Ok(saved);
+                }
+            }
+        }
+    }
+
+    /// Runs a page: lanes per stream, in parallel up to the concurrency
+    /// limit. Returns the last position of the contiguous prefix of settled
+    /// events (if any) and whether shutdown interrupted it.
+    async fn process_page(
+        &self,
+        ctx: &RunContext,
+        events: &[StoredEvent],
+    ) -> Result<(Option<Position>, bool), SubscriberError> {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let journal = self
+            .journal
+            .load(self.name(), &ids)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let held: HashSet<String> = match self.options.park_policy {
+            ParkPolicy::Continue => HashSet::new(),
+            ParkPolicy::HoldStream => self
+                .journal
+                .held(self.name())
+                .await
+                .map_err(|e| self.store_error(e))?
+                .into_iter()
+                .map(|e| e.stream)
+                .collect(),
+        };
+        // One lane per stream, in order of first appearance.
+        let mut order: Vec<&str> = Vec::new();
+        let mut lanes: HashMap<&str, Vec<&StoredEvent>> = HashMap::new();
+        for event in events {
+            lanes
+                .entry(event.stream.as_str())
+                .or_insert_with(|| {
+                    order.push(event.stream.as_str());
+                    Vec::new()
+                })
+                .push(event);
+        }
+        let mut waiting = order.into_iter();
+        let mut running = FuturesUnordered::new();
+        let mut outcomes: Vec<Result<LaneOutcome, SubscriberError>> = Vec::new();
+        loop {
+            while running.len() < self.options.concurrency {
+                let Some(stream) = waiting.next() else { break };
+                let lane = lanes.remove(stream).unwrap_or_default();
+                running.push(self.run_lane(ctx, lane, &journal, held.contains(stream)));
+            }
+            match running.next().await {
+                Some(outcome) => outcomes.push(outcome),
+                None => break,
+            }
+        }
+        let mut settled = HashSet::new();
+        let mut interrupted = false;
+        let mut failure = None;
+        for outcome in outcomes {
+            match outcome {
+                Ok(o) => {
+                    settled.extend(o.settled);
+                    interrupted |= o.interrupted;
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let prefix = events
+            .iter()
+            .take_while(|e| settled.contains(&e.id))
+            .last()
+            .map(|e| e.position);
+        match failure {
+            // The journal holds what was done; the checkpoint may still move
+            // past the settled prefix before the error restarts the run.
+            Some(e) => {
+                if let Some(p) = prefix {
+                    let _ = self
+                        .checkpoints
+                        .save(self.name(), p, ctx.lease.as_ref())
+                        .await;
+                }
+                Err(e)
+            }
+            None => Ok((prefix, interrupted || settled.len() < events.len())),
+        }
+    }
+
+    async fn run_lane(
+        &self,
+        ctx: &RunContext,
+        events: Vec<&StoredEvent>,
+        journal: &HashMap<Uuid, Effect>,
+        mut blocked: bool,
+    ) -> Result<LaneOutcome, SubscriberError> {
+        let mut settled = Vec::with_capacity(events.len());
+        for stored in events {
+            let existing = journal.get(&stored.id);
+            if let Some(entry) = existing
+                && entry.state.is_settled()
+            {
+                if self.options.park_policy == ParkPolicy::HoldStream
+                    && matches!(
+                        entry.state,
+                        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
+                    )
+                {
+                    blocked = true;
+                }
+                settled.push(stored.id);
+                continue;
+            }
+            if ctx.stopping() {
+                return Ok(LaneOutcome {
+                    settled,
+                    interrupted: true,
+                });
+            }
+            let attempts = existing.map_or(0, |e| e.attempts);
+            if blocked {
+                let entry = self.entry(
+                    stored,
+                    EffectState::Blocked,
+                    attempts,
+                    Some("held behind a parked event of its stream".into()),
+                );
+                self.record(&entry, ctx).await?;
+                settled.push(stored.id);
+                continue;
+            }
+            match self.run_effect(ctx, stored, attempts).await? {
+                Ran::Done => settled.push(stored.id),
+                Ran::Parked => {
+                    settled.push(stored.id);
+                    blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                }
+                Ran::Interrupted => {
+                    return Ok(LaneOutcome {
+                        settled,
+                        interrupted: true,
+                    });
+                }
+            }
+        }
+        Ok(LaneOutcome {
+            settled,
+            interrupted: false,
+        })
+    }
+
+    fn entry(
+        &self,
+        stored: &StoredEvent,
+        state: EffectState,
+        attempts: u32,
+        last_error: Option<String>,
+    ) -> Effect {
+        let now = Utc::now();
+        Effect {
+            reactor: self.name().to_owned(),
+            event_id: stored.id,
+            position: stored.position,
+            stream: stored.stream.clone(),
+            event_type: stored.event_type.clone(),
+            state,
+            attempts,
+            last_error,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    async fn record(&self, effect: &Effect, ctx: &RunContext) -> Result<(), SubscriberError> {
+        self.journal
+            .record(effect, ctx.lease.as_ref())
+            .await
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// Runs one effect until done, parked, or interrupted by shutdown during
+    /// a backoff. `attempts` is how many were started before (across crashes).
+    async fn run_effect(
+        &self,
+        ctx: &RunContext,
+        stored: &StoredEvent,
+        mut attempts: u32,
+    ) -> Result<Ran, SubscriberError> {
+        let event = match stored.decode::<R::Event>() {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                let message = format!(
+                    "event type `{}` is not one of this reactor's",
+                    stored.event_type
+                );
+                self.record(
+                    &self.entry(stored, EffectState::Parked, attempts, Some(message)),
+                    ctx,
+                )
+                .await?;
+                return Ok(Ran::Parked);
+            }
+            Err(e) => {
+                let message = format!("does not decode: {}", e.message);
+                self.record(
+                    &self.entry(stored, EffectState::Parked, attempts, Some(message)),
+                    ctx,
+                )
+                .await?;
+                return Ok(Ran::Parked);
+            }
+        };
+        let key = idempotency_key(self.name(), stored.id);
+        let mut stop = ctx.shutdown.clone();
+        loop {
+            attempts += 1;
+            self.record(
+                &self.entry(stored, EffectState::Started, attempts, None),
+                ctx,
+            )
+            .await?;
+            let effect_ctx = EffectContext {
+                reactor: self.name().to_owned(),
+                event_id: stored.id,
+                correlation_id: stored.metadata.correlation_id,
+                causation_id: stored.metadata.causation_id,
+                attempt: attempts,
+                idempotency_key: key.clone(),
+            };
+            let span = tracing::info_span!("effect", reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, attempt = attempts);
+            let result =
+                tracing::Instrument::instrument(self.reactor.react(&event, &effect_ctx), span)
+                    .await;
+            match result {
+                Ok(()) => {
+                    self.record(&self.entry(stored, EffectState::Done, attempts, None), ctx)
+                        .await?;
+                    ctx.report(|s| s.handled += 1);
+                    return Ok(Ran::Done);
+                }
+                Err(ReactError::Retry(message)) if attempts < self.options.max_attempts => {
+                    tracing::warn!(reactor = %self.name(), event_id = %stored.id, attempts, error = %message, "effect failed; retrying");
+                    self.record(
+                        &self.entry(stored, EffectState::Failed, attempts, Some(message)),
+                        ctx,
+                    )
+                    .await?;
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return Ok(Ran::Interrupted),
+                        _ = tokio::time::sleep(self.options.delay(attempts)) => {}
+                    }
+                }
+                Err(error) => {
+                    let message = match &error {
+                        ReactError::Retry(m) => format!("gave up after {attempts} attempts: {m}"),
+                        ReactError::Fatal(m) => m.clone(),
+                    };
+                    tracing::error!(reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, error = %message, "effect parked");
+                    self.record(
+                        &self.entry(stored, EffectState::Parked, attempts, Some(message)),
+                        ctx,
+                    )
+                    .await?;
+                    ctx.report(|s| s.skipped += 1);
+                    return Ok(Ran::Parked);
+                }
+            }
+        }
+    }
+
+    /// Runs what operators released: retried parked effects, then the events
+    /// held behind them, per stream in order. Returns false on shutdown.
+    async fn release_held(&self, ctx: &RunContext) -> Result<bool, SubscriberError> {
+        let held = self
+            .journal
+            .held(self.name())
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut current_stream: Option<String> = None;
+        let mut stream_blocked = false;
+        for entry in held {
+            if current_stream.as_deref() != Some(entry.stream.as_str()) {
+                current_stream = Some(entry.stream.clone());
+                stream_blocked = false;
+            }
+            if stream_blocked {
+                continue;
+            }
+            let runnable = match entry.state {
+                EffectState::Parked => false,
+                EffectState::RetryRequested => true,
+                // Blocked entries run once nothing before them is parked
+                // (or when the policy no longer holds streams).
+                EffectState::Blocked => true,
+                _ => false,
+            };
+            if !runnable {
+                stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                continue;
+            }
+            if ctx.stopping() {
+                return Ok(false);
+            }
+            let Some(stored) = self
+                .store
+                .find_event(entry.event_id)
+                .await
+                .map_err(|e| self.store_error(e))?
+            else {
+                let gone = Effect {
+                    state: EffectState::Parked,
+                    last_error: Some("the event is no longer in the store".into()),
+                    updated_at: Utc::now(),
+                    ..entry
+                };
+                self.record(&gone, ctx).await?;
+                stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                continue;
+            };
+            // An operator retry starts a fresh round of attempts.
+            let attempts = if entry.state == EffectState::RetryRequested {
+                0
+            } else {
+                entry.attempts
+            };
+            match self.run_effect(ctx, &stored, attempts).await? {
+                Ran::Done => {}
+                Ran::Parked => stream_blocked = self.options.park_policy == ParkPolicy::HoldStream,
+                Ran::Interrupted => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl<R, S, J, C> Subscriber for ReactorRunner<R, S, J, C>
+where
+    R: Reactor,
+    S: EventStore + Clone,
+    J: EffectJournal,
+    C: CheckpointStore,
+{
+    fn name(&self) -> &str {
+        self.reactor.name()
+    }
+
+    async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
+        self.process(ctx, false).await.map(|_| ())
+    }
+}

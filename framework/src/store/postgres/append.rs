@@ -1,0 +1,319 @@
+//! Appending: one call of the schema's `append` function per batch, and
+//! explaining a refused append (an idempotent retry, a reused event id, or a
+//! version conflict) the way the in-memory store does.
+
+use std::collections::HashMap;
+
+use sqlx_core::error::ErrorKind;
+use sqlx_core::row::Row;
+use sqlx_postgres::PgPool;
+use uuid::Uuid;
+
+use super::events::{Sql, db, position_of, sql_int, stmt, stream_version, version_of};
+use super::order::MAX_EVENTS_PER_TRANSACTION;
+use super::types::Xid8;
+use crate::event::{EventData, Position};
+use crate::store::{AppendResult, ExpectedVersion, StoreError};
+
+/// A failure inside the store that has no driver error of its own.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The stored versions `[min, max]` an expectation accepts.
+fn version_range(expected: ExpectedVersion) -> (i64, i64) {
+    match expected {
+        ExpectedVersion::Any => (0, i64::MAX),
+        ExpectedVersion::NoStream => (0, 0),
+        ExpectedVersion::StreamExists => (1, i64::MAX),
+        ExpectedVersion::Exact(v) => match i64::try_from(v) {
+            Ok(v) => (v, v),
+            // No stored version is that large: an empty range.
+            Err(_) => (1, 0),
+        },
+    }
+}
+
+/// Where an existing event id is stored.
+struct Existing {
+    stream: String,
+    version: u64,
+    position: Position,
+}
+
+impl Existing {
+    fn duplicate(self, id: Uuid, stream: &str) -> StoreError {
+        StoreError::DuplicateEventId {
+            id,
+            stream: stream.to_owned(),
+            existing_stream: self.stream,
+            existing_version: self.version,
+        }
+    }
+}
+
+/// How many times an append is tried again after a transient failure
+/// (serialization failure, deadlock, a conflicting append that rolled back).
+const APPEND_ATTEMPTS: usize = 5;
+
+/// What one call of the append function did.
+pub(super) struct Appended {
+    /// The result to return.
+    pub(super) result: AppendResult,
+    /// The appending transaction, when events were written.
+    pub(super) transaction: Option<Xid8>,
+}
+
+/// Appends `events` to `stream` with one statement (the schema's `append`
+/// function, in its own transaction). Same rules as the in-memory store.
+pub(super) async fn append(
+    pool: &PgPool,
+    sql: &Sql,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+    strict: bool,
+    notify: bool,
+) -> Result<Appended, StoreError> {
+    if events.len() as u64 > MAX_EVENTS_PER_TRANSACTION {
+        return Err(StoreError::database(
+            "appending events",
+            Refused(format!(
+                "a batch of {} events is more than the {MAX_EVENTS_PER_TRANSACTION} one append can hold",
+                events.len()
+            )),
+        ));
+    }
+    let (min, max) = version_range(expected);
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    let metadata = events
+        .iter()
+        .map(|e| serde_json::to_string(&e.metadata))
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|e| StoreError::database("encoding event metadata", e))?;
+    let correlation: Vec<Uuid> = events.iter().map(|e| e.metadata.correlation_id).collect();
+    let causation: Vec<Uuid> = events.iter().map(|e| e.metadata.causation_id).collect();
+
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let outcome = stmt(&sql.append)
+            .bind(stream)
+            .bind(min)
+            .bind(max)
+            .bind(strict)
+            .bind(notify)
+            .bind(&ids[..])
+            .bind(&types[..])
+            .bind(&payloads[..])
+            .bind(&metadata[..])
+            .bind(&correlation[..])
+            .bind(&causation[..])
+            .fetch_one(pool)
+            .await;
+        let row = match outcome {
+            Ok(row) => row,
+            Err(e) => {
+                let (kind, code, constraint) = match e.as_database_error() {
+                    Some(d) => (
+                        Some(d.kind()),
+                        d.code().map(|c| c.into_owned()),
+                        d.constraint().map(str::to_owned),
+                    ),
+                    None => (None, None, None),
+                };
+                let transient = matches!(code.as_deref(), Some("40001" | "40P01"));
+                match (kind, constraint.as_deref()) {
+                    // An id of the batch is stored: a retry, or a reuse.
+                    (Some(ErrorKind::UniqueViolation), Some("events_id")) => {
+                        if let Some(done) = refused(pool, sql, stream, expected, events).await? {
+                            return Ok(Appended {
+                                result: done,
+                                transaction: None,
+                            });
+                        }
+                        // The conflicting append rolled back meanwhile.
+                        if attempt < APPEND_ATTEMPTS {
+                            continue;
+                        }
+                    }
+                    // Only possible when the session does not run READ
+                    // COMMITTED (the version was read from an older snapshot).
+                    (Some(ErrorKind::UniqueViolation), Some("events_stream_version")) => {
+                        if attempt < APPEND_ATTEMPTS {
+                            continue;
+                        }
+                        let actual = stream_version(pool, sql, stream).await?;
+                        return Err(StoreError::WrongExpectedVersion {
+                            stream: stream.to_owned(),
+                            expected,
+                            actual,
+                        });
+                    }
+                    _ if transient && attempt < APPEND_ATTEMPTS => continue,
+                    _ => {}
+                }
+                return Err(db("appending events")(e));
+            }
+        };
+        let current: i64 = row
+            .try_get(0)
+            .map_err(db("reading the result of an append"))?;
+        let transaction: Option<Xid8> = row
+            .try_get(1)
+            .map_err(db("reading the result of an append"))?;
+        let first_seq: Option<i32> = row
+            .try_get(2)
+            .map_err(db("reading the result of an append"))?;
+        let current = version_of(current);
+        return match (transaction, first_seq) {
+            (Some(transaction), Some(first_seq)) => {
+                let n = events.len() as i32;
+                Ok(Appended {
+                    result: AppendResult {
+                        first_version: current + 1,
+                        last_version: current + events.len() as u64,
+                        first_position: Some(position_of(transaction, first_seq, stream)?),
+                        last_position: Some(position_of(transaction, first_seq + n - 1, stream)?),
+                        duplicate: false,
+                    },
+                    transaction: Some(transaction),
+                })
+            }
+            _ if events.is_empty() && expected.matches(current) => Ok(Appended {
+                result: AppendResult {
+                    first_version: current + 1,
+                    last_version: current,
+                    first_position: None,
+                    last_position: None,
+                    duplicate: false,
+                },
+                transaction: None,
+            }),
+            // The version did not match: an idempotent retry, a reused id
+            // (reported first, as in memory), or a version conflict.
+            _ => match refused(pool, sql, stream, expected, events).await? {
+                Some(done) => Ok(Appended {
+                    result: done,
+                    transaction: None,
+                }),
+                None => Err(StoreError::WrongExpectedVersion {
+                    stream: stream.to_owned(),
+                    expected,
+                    actual: current,
+                }),
+            },
+        };
+    }
+}
+
+/// Explains a refused append: `Ok(Some(_))` for an idempotent retry (the
+/// first result), `Err(DuplicateEventId)` for a reused id, `Ok(None)` when no
+/// id of the batch is stored (then it was a version conflict, or a
+/// conflicting append that has rolled back since).
+async fn refused(
+    pool: &PgPool,
+    sql: &Sql,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+) -> Result<Option<AppendResult>, StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(None);
+    };
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let rows = stmt(&sql.locate)
+        .bind(&ids[..])
+        .fetch_all(pool)
+        .await
+        .map_err(db("looking up event ids"))?;
+    let mut stored: HashMap<Uuid, Existing> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let failed = db("looking up event ids");
+        let id: Uuid = row.try_get(0).map_err(failed)?;
+        let stream: String = row.try_get(1).map_err(db("looking up event ids"))?;
+        let version: i64 = row.try_get(2).map_err(db("looking up event ids"))?;
+        let transaction: Xid8 = row.try_get(3).map_err(db("looking up event ids"))?;
+        let seq: i32 = row.try_get(4).map_err(db("looking up event ids"))?;
+        let position = position_of(transaction, seq, &stream)?;
+        stored.insert(
+            id,
+            Existing {
+                stream,
+                version: version_of(version),
+                position,
+            },
+        );
+    }
+    if let Some(existing) = stored.remove(&first.id) {
+        if let Some(result) = retried(pool, sql, stream, expected, events, &existing).await? {
+            return Ok(Some(result));
+        }
+        return Err(existing.duplicate(first.id, stream));
+    }
+    for event in &events[1..] {
+        if let Some(existing) = stored.remove(&event.id) {
+            return Err(existing.duplicate(event.id, stream));
+        }
+    }
+    Ok(None)
+}
+
+/// The first result again when `events` were appended at this place
+/// before: the same stream, where `expected` points, all ids in order.
+async fn retried(
+    pool: &PgPool,
+    sql: &Sql,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+    existing: &Existing,
+) -> Result<Option<AppendResult>, StoreError> {
+    let same_place = existing.stream == stream
+        && match expected {
+            ExpectedVersion::Exact(v) => v.checked_add(1) == Some(existing.version),
+            ExpectedVersion::NoStream => existing.version == 1,
+            ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
+        };
+    if !same_place {
+        return Ok(None);
+    }
+    let rows = stmt(&sql.stored_ids)
+        .bind(stream)
+        .bind(sql_int(existing.version))
+        .bind(sql_int(events.len() as u64))
+        .fetch_all(pool)
+        .await
+        .map_err(db("checking an idempotent retry"))?;
+    if rows.len() != events.len() {
+        return Ok(None);
+    }
+    let mut last = (existing.version, existing.position);
+    for (row, event) in rows.iter().zip(events) {
+        let failed = || db("checking an idempotent retry");
+        let id: Uuid = row.try_get(0).map_err(failed())?;
+        if id != event.id {
+            return Ok(None);
+        }
+        let version: i64 = row.try_get(1).map_err(failed())?;
+        let transaction: Xid8 = row.try_get(2).map_err(failed())?;
+        let seq: i32 = row.try_get(3).map_err(failed())?;
+        last = (version_of(version), position_of(transaction, seq, stream)?);
+    }
+    Ok(Some(AppendResult {
+        first_version: existing.version,
+        last_version: last.0,
+        first_position: Some(existing.position),
+        last_position: Some(last.1),
+        duplicate: true,
+    }))
+}

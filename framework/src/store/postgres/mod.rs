@@ -1,0 +1,604 @@
+//! The production backend: PostgreSQL through sqlx.
+//!
+//! [`PostgresStore`] keeps the event log and snapshots in one schema
+//! (`aftermath` unless [`PostgresOptions::schema`] says otherwise):
+//!
+//! - **Appends** are one statement each: a call of the schema's `append`
+//!   function, which takes the stream's advisory lock, checks the expected
+//!   version, and inserts the whole batch with one `INSERT ... SELECT FROM
+//!   unnest(...)`. Appends to different streams never wait for each other;
+//!   appends to one stream are serialized by its lock, so a version check
+//!   can never lose a write. A reused event id is recognised by the
+//!   `events_id` constraint and reported as [`StoreError::DuplicateEventId`]
+//!   (or, for the same batch at the same place, as an idempotent retry).
+//! - **`$all` is ordered by the appending transaction's id** (`xid8`) and
+//!   readers only read below the snapshot horizon, so no reader can ever
+//!   skip an event, without serializing writers. The position of an event
+//!   is `transaction_id << 20 | index in the transaction`; the reasoning,
+//!   and the limits, are in `order.rs` (see [`PostgresStore`]).
+//! - **The schema is versioned**: a table `aftermath_schema` inside the
+//!   schema records the applied migrations (the `.sql` files beside this
+//!   module); connecting applies pending ones under an advisory lock, and
+//!   refuses a newer schema with [`StoreError::Incompatible`].
+//! - **`watch_head`** moves after appends through this handle, and on
+//!   `LISTEN/NOTIFY` (with a poll fallback) for appends of other processes.
+//!
+//! The pool is yours to share: [`PostgresStore::pool`] (or
+//! [`PostgresStore::from_pool`]) lets projections run their own SQL on the
+//! same connections. The driver crates are re-exported as
+//! [`sqlx_core`] and [`sqlx_postgres`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx_core::connection::Connection;
+use sqlx_postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use tokio::sync::{Notify, oneshot, watch};
+use uuid::Uuid;
+
+use super::{
+    AppendResult, Direction, EventStore, ExpectedVersion, Snapshot, StoreError, check_batch_ids,
+    validate_stream,
+};
+use crate::event::{EventData, Position, StoredEvent};
+use crate::upcast::Upcasters;
+
+mod append;
+mod events;
+mod horizon;
+mod order;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod types;
+
+/// The sqlx core crate this backend uses (queries, rows, executors), for
+/// SQL of your own on [`PostgresStore::pool`].
+pub use sqlx_core;
+/// The sqlx PostgreSQL driver this backend uses ([`PgPool`], options,
+/// listeners).
+pub use sqlx_postgres;
+
+use events::Sql;
+use horizon::{Background, Progress};
+
+/// Settings of a [`PostgresStore`], builder style.
+///
+/// ```
+/// use std::time::Duration;
+/// use aftermath::{PostgresOptions, Upcasters};
+///
+/// let options = PostgresOptions::default()
+///     .schema("shop_events")
+///     .max_connections(20)
+///     .strict_order(false)
+///     .upcasters(Upcasters::new());
+/// assert_eq!(options.get_schema(), "shop_events");
+/// assert_eq!(options.get_max_connections(), 20);
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    schema: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    upcasters: Arc<Upcasters>,
+    strict_order: bool,
+    notify: bool,
+    poll_interval: Duration,
+    own_writes_timeout: Duration,
+    held_back_warning: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            schema: "aftermath".to_owned(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(30),
+            upcasters: Arc::new(Upcasters::new()),
+            strict_order: false,
+            notify: true,
+            poll_interval: Duration::from_secs(1),
+            own_writes_timeout: Duration::from_secs(5),
+            held_back_warning: Duration::from_secs(2),
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// The schema holding the store's tables (created if missing). Lowercase
+    /// ASCII letters, digits and underscores, at most 56 characters; several
+    /// stores can live in one database under different schemas. Default
+    /// `aftermath`.
+    pub fn schema(mut self, name: impl Into<String>) -> Self {
+        self.schema = name.into();
+        self
+    }
+
+    /// The most connections of the pool that [`PostgresStore::connect_with`]
+    /// creates (at least one; ignored by [`PostgresStore::from_pool`]).
+    /// Default 10.
+    pub fn max_connections(mut self, count: u32) -> Self {
+        self.max_connections = count.max(1);
+        self
+    }
+
+    /// How long a query waits for a free connection of the pool that
+    /// [`PostgresStore::connect_with`] creates. Default 30 seconds.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// The upcasters every read applies. Default: none.
+    pub fn upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = Arc::new(upcasters);
+        self
+    }
+
+    /// Strict mode: every append of this handle first takes one advisory
+    /// lock shared by all strict appends to the schema, so appends commit one
+    /// at a time and positions follow commit order exactly (when every
+    /// handle appending to the schema is strict). Costs append throughput
+    /// (one commit at a time); readers are unaffected: they never skip in
+    /// either mode, and still read below the horizon. Default off.
+    pub fn strict_order(mut self, strict: bool) -> Self {
+        self.strict_order = strict;
+        self
+    }
+
+    /// Whether each append sends `NOTIFY <schema>_events` in its
+    /// transaction, waking the `watch_head` of store handles in other
+    /// processes at once. PostgreSQL serializes the commits of notifying
+    /// transactions (a lock held through the commit's WAL flush), which can
+    /// cap append throughput on slow disks; without it other processes see
+    /// appends at their next poll ([`PostgresOptions::poll_interval`]).
+    /// Default on.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+
+    /// How often the background task re-reads the head when no notification
+    /// arrives (the fallback when `LISTEN` is unavailable, e.g. behind a
+    /// transaction-pooling proxy), and checks whether readers are held back.
+    /// Default 1 second.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long `read_all` (on a short page) and `head` wait for this
+    /// handle's own last append to become readable in `$all`, i.e. for older
+    /// transactions of other sessions to finish. After that they return what
+    /// is safe to read (never more), and stop waiting for that append.
+    /// `Duration::ZERO` turns the wait off. Default 5 seconds.
+    pub fn own_writes_timeout(mut self, timeout: Duration) -> Self {
+        self.own_writes_timeout = timeout;
+        self
+    }
+
+    /// Log a warning when committed events have waited this long for an
+    /// older, unfinished transaction (at most one warning every 5 seconds).
+    /// Default 2 seconds.
+    pub fn held_back_warning(mut self, after: Duration) -> Self {
+        self.held_back_warning = after;
+        self
+    }
+
+    /// The schema name.
+    pub fn get_schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The pool size.
+    pub fn get_max_connections(&self) -> u32 {
+        self.max_connections
+    }
+
+    /// Whether strict mode is on.
+    pub fn get_strict_order(&self) -> bool {
+        self.strict_order
+    }
+
+    /// Whether appends notify listeners.
+    pub fn get_notify(&self) -> bool {
+        self.notify
+    }
+
+    /// The poll interval.
+    pub fn get_poll_interval(&self) -> Duration {
+        self.poll_interval
+    }
+
+    /// The own-writes wait.
+    pub fn get_own_writes_timeout(&self) -> Duration {
+        self.own_writes_timeout
+    }
+}
+
+/// Readers of `$all` waiting for an unfinished transaction: what
+/// [`PostgresStore::held_back`] reports.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct HeldBack {
+    /// The horizon: the id (`xid8`) of the oldest transaction still
+    /// running. Events of transactions at or above it are not read yet.
+    pub horizon: u64,
+    /// How long the oldest committed event that readers cannot read yet has
+    /// been waiting (since its append started).
+    pub waiting: Duration,
+    /// The transaction at the horizon, when this role can see it.
+    pub blocker: Option<Blocker>,
+}
+
+/// The transaction that holds the horizon back.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Blocker {
+    /// Its backend's process id (`None` for a prepared transaction).
+    pub pid: Option<i32>,
+    /// How long the transaction has been running (or prepared).
+    pub transaction_age: Option<Duration>,
+    /// Its database.
+    pub database: Option<String>,
+    /// Its role.
+    pub user: Option<String>,
+    /// Its session's `application_name`.
+    pub application_name: Option<String>,
+    /// Its session's state (`idle in transaction`, `active`, ..., or
+    /// `prepared`).
+    pub state: Option<String>,
+    /// The start of its session's current or last query.
+    pub query: Option<String>,
+    /// The global id of a prepared (two-phase) transaction.
+    pub prepared: Option<String>,
+}
+
+struct Shared {
+    pool: PgPool,
+    sql: Arc<Sql>,
+    head: Arc<watch::Sender<Position>>,
+    progress: Arc<Progress>,
+    wake: Arc<Notify>,
+    upcasters: Arc<Upcasters>,
+    schema: String,
+    location: String,
+    strict: bool,
+    notify: bool,
+    own_writes_timeout: Duration,
+    /// Dropping it (with the last handle) stops the background task.
+    _background: oneshot::Sender<()>,
+}
+
+/// An [`EventStore`] in a PostgreSQL schema. Clones share the pool and the
+/// background task, which stops when the last clone drops.
+///
+/// `$all` positions are `transaction_id << 20 | index in the transaction`,
+/// read only below the snapshot horizon: a reader never skips an event, and
+/// writers are not serialized. A long transaction anywhere on the server
+/// that holds a transaction id delays readers (never makes them skip) until
+/// it ends; [`PostgresStore::held_back`] says which one, and the store logs
+/// a warning. Limits: at most 2^20 events in one append, and transaction
+/// ids below 2^44.
+///
+/// A handle reads its own writes: after an append through it (or a clone),
+/// its `read_all` and `head` include that append, waiting for older
+/// transactions of other sessions to finish if needed (see
+/// [`PostgresOptions::own_writes_timeout`]).
+///
+/// ```no_run
+/// # async fn example() -> Result<(), aftermath::StoreError> {
+/// use aftermath::store::{Direction, EventStore, ExpectedVersion};
+/// use aftermath::{EventData, Metadata, Position, PostgresOptions, PostgresStore};
+/// use uuid::Uuid;
+///
+/// let store = PostgresStore::connect_with(
+///     "postgres://postgres@127.0.0.1:5432/test",
+///     PostgresOptions::default().schema("shop").max_connections(16),
+/// )
+/// .await?;
+///
+/// let id = Uuid::now_v7();
+/// let event = EventData {
+///     id,
+///     event_type: "Pinged".into(),
+///     payload: br#"{"n":1}"#.to_vec(),
+///     metadata: Metadata::caused_by(id),
+/// };
+/// let done = store.append("ping-1", ExpectedVersion::NoStream, vec![event]).await?;
+/// assert_eq!(done.last_version, 1);
+///
+/// let events = store.read_stream("ping-1", 1, Direction::Forward, 10).await?;
+/// assert_eq!(events[0].id, id);
+/// let all = store.read_all(Position::ORIGIN, Some(&["Pinged"]), 100).await?;
+/// assert!(all.iter().any(|e| e.id == id));
+///
+/// // Projections share the pool.
+/// let pool = store.pool().clone();
+/// # let _ = pool;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("location", &self.shared.location)
+            .field("schema", &self.shared.schema)
+            .field("strict", &self.shared.strict)
+            .finish_non_exhaustive()
+    }
+}
+
+/// [`check_batch_ids`] without its quadratic cost for large batches.
+fn check_ids(stream: &str, events: &[EventData]) -> Result<(), StoreError> {
+    if events.len() <= 16 {
+        return check_batch_ids(stream, events);
+    }
+    let mut ids: Vec<u128> = events.iter().map(|e| e.id.as_u128()).collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|pair| pair[0] == pair[1]) {
+        return check_batch_ids(stream, events);
+    }
+    Ok(())
+}
+
+/// Where a pool connects, without the password.
+fn location_of(options: &PgConnectOptions, schema: &str) -> String {
+    format!(
+        "postgres://{}@{}:{}/{} (schema {schema})",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or_default()
+    )
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/db`)
+    /// with default [`PostgresOptions`]: schema `aftermath`, 10 connections.
+    ///
+    /// Creates the schema if needed and applies pending migrations. Refuses,
+    /// with [`StoreError::Incompatible`], a schema that belongs to another
+    /// application or is newer than this build.
+    pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects to the database at `url` with `options`. See
+    /// [`PostgresStore::connect`].
+    pub async fn connect_with(
+        url: &str,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::database("parsing the PostgreSQL URL", e))?;
+        // One direct connection first: an unreachable server or a refused
+        // login fails at once with its own error, where the pool would retry
+        // until its acquire timeout and report only the timeout.
+        let probe = PgConnection::connect_with(&connect)
+            .await
+            .map_err(events::db("connecting to PostgreSQL"))?;
+        let _ = probe.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(events::db("connecting to PostgreSQL"))?;
+        Self::from_pool(pool, options).await
+    }
+
+    /// A store on an existing pool (the pool settings of `options` are
+    /// ignored), so that your own code shares its connections. Creates or
+    /// migrates the schema like [`PostgresStore::connect`].
+    pub async fn from_pool(
+        pool: PgPool,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        let name = options.schema.clone();
+        let location = location_of(&pool.connect_options(), &name);
+        schema::check_name(&name).map_err(|reason| StoreError::Incompatible {
+            location: location.clone(),
+            reason,
+        })?;
+        schema::migrate(&pool, &name, &location).await?;
+        let sql = Arc::new(Sql::new(&format!("\"{name}\"")));
+        let head = events::head(&pool, &sql).await?;
+        let progress = Arc::new(Progress::default());
+        progress.observe(head.horizon);
+        let head = Arc::new(watch::Sender::new(head.position));
+        let wake = Arc::new(Notify::new());
+        let background = Background {
+            pool: pool.clone(),
+            sql: sql.clone(),
+            head: head.clone(),
+            progress: progress.clone(),
+            wake: wake.clone(),
+            schema: name.clone(),
+            poll: options.poll_interval,
+            warn_after: options.held_back_warning,
+        }
+        .spawn();
+        Ok(PostgresStore {
+            shared: Arc::new(Shared {
+                pool,
+                sql,
+                head,
+                progress,
+                wake,
+                upcasters: options.upcasters,
+                schema: name,
+                location,
+                strict: options.strict_order,
+                notify: options.notify,
+                own_writes_timeout: options.own_writes_timeout,
+                _background: background,
+            }),
+        })
+    }
+
+    /// The connection pool, to run your own SQL (read models, checkpoints)
+    /// on the same connections.
+    pub fn pool(&self) -> &PgPool {
+        &self.shared.pool
+    }
+
+    /// The schema holding the store's tables.
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    /// Whether readers of `$all` are held back by an unfinished transaction:
+    /// `None` when every committed event is readable, else the horizon, how
+    /// long the oldest unreadable event has waited, and (when this role may
+    /// see it in `pg_stat_activity` or `pg_prepared_xacts`) the transaction
+    /// responsible. Cheap enough to export as a metric.
+    pub async fn held_back(&self) -> Result<Option<HeldBack>, StoreError> {
+        horizon::held_back(&self.shared.pool, &self.shared.sql).await
+    }
+
+    /// Waits (bounded) until this handle's last append is readable in `$all`.
+    async fn own_writes(&self) -> Result<bool, StoreError> {
+        if self.shared.own_writes_timeout.is_zero() || self.shared.progress.pending().is_none() {
+            return Ok(false);
+        }
+        horizon::wait_own_writes(
+            &self.shared.pool,
+            &self.shared.progress,
+            self.shared.own_writes_timeout,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_stream(stream)?;
+        check_ids(stream, &events)?;
+        let done = append::append(
+            &self.shared.pool,
+            &self.shared.sql,
+            stream,
+            expected,
+            &events,
+            self.shared.strict,
+            self.shared.notify,
+        )
+        .await?;
+        if let Some(transaction) = done.transaction {
+            self.shared.progress.appended(transaction);
+            self.shared.wake.notify_one();
+        }
+        Ok(done.result)
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        events::read_stream(
+            &self.shared.pool,
+            &self.shared.sql,
+            stream,
+            from,
+            direction,
+            limit,
+            &self.shared.upcasters,
+        )
+        .await
+    }
+
+    /// Reads below the snapshot horizon only (see [`PostgresStore`]); a
+    /// short page waits first for this handle's own last append.
+    async fn read_all(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let types = types.map(|t| {
+            let mut stored = self.shared.upcasters.stored_types(t);
+            let mut seen = std::collections::HashSet::with_capacity(stored.len());
+            stored.retain(|t| seen.insert(t.clone()));
+            stored
+        });
+        let read = || {
+            events::read_all(
+                &self.shared.pool,
+                &self.shared.sql,
+                after,
+                types.as_deref(),
+                limit,
+                &self.shared.upcasters,
+            )
+        };
+        let page = read().await?;
+        if page.len() < limit && self.own_writes().await? {
+            return read().await;
+        }
+        Ok(page)
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        events::stream_version(&self.shared.pool, &self.shared.sql, stream).await
+    }
+
+    /// The last position below the snapshot horizon: everything up to it is
+    /// final, so a subscriber may checkpoint there.
+    async fn head(&self) -> Result<Position, StoreError> {
+        let mut head = events::head(&self.shared.pool, &self.shared.sql).await?;
+        self.shared.progress.observe(head.horizon);
+        if self.own_writes().await? {
+            head = events::head(&self.shared.pool, &self.shared.sql).await?;
+            self.shared.progress.observe(head.horizon);
+        }
+        Ok(head.position)
+    }
+
+    async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        events::find_event(
+            &self.shared.pool,
+            &self.shared.sql,
+            id,
+            &self.shared.upcasters,
+        )
+        .await
+    }
+
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.shared.head.subscribe()
+    }
+
+    /// Saves the snapshot unless the stored one has a higher version.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        events::save_snapshot(&self.shared.pool, &self.shared.sql, &snapshot).await
+    }
+
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        events::load_snapshot(&self.shared.pool, &self.shared.sql, stream).await
+    }
+}
