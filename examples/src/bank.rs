@@ -136,7 +136,7 @@ impl Projection for Balances {
         "balances"
     }
 
-    fn setup(&self, tx: &mut SqliteTx<'_>) -> Result<(), HandlerError> {
+    async fn setup(&self, tx: &mut SqliteTx) -> Result<(), HandlerError> {
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS balances (
                  account   TEXT PRIMARY KEY,
@@ -148,14 +148,14 @@ impl Projection for Balances {
         Ok(())
     }
 
-    fn reset(&self, tx: &mut SqliteTx<'_>) -> Result<(), HandlerError> {
+    async fn reset(&self, tx: &mut SqliteTx) -> Result<(), HandlerError> {
         tx.execute_batch("DROP TABLE IF EXISTS balances")?;
         Ok(())
     }
 
-    fn apply(
+    async fn apply(
         &self,
-        tx: &mut SqliteTx<'_>,
+        tx: &mut SqliteTx,
         event: &Recorded<AccountEvent>,
     ) -> Result<(), HandlerError> {
         let account = event

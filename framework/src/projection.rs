@@ -22,7 +22,9 @@
 //! [`CheckpointStore`]: it is then at-least-once, and must be idempotent.
 
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,10 +120,35 @@ pub struct Commit {
     pub skipped: Option<SkippedEvent>,
 }
 
+/// The future of one transaction's work, borrowing the transaction.
+pub type TxFuture<'b, T> = Pin<Box<dyn Future<Output = Result<T, HandlerFailure>> + Send + 'b>>;
+
 /// The work of one transaction: the projection's writes through `Tx`.
-pub type TxWork<D, T> = Box<
-    dyn for<'a, 'b> FnOnce(&'b mut <D as ReadModelDb>::Tx<'a>) -> Result<T, HandlerFailure> + Send,
->;
+/// Build it with [`tx_work`].
+pub type TxWork<D, T> =
+    Box<dyn for<'b> FnOnce(&'b mut <D as ReadModelDb>::Tx) -> TxFuture<'b, T> + Send>;
+
+/// Boxes a closure as [`TxWork`] (and makes the compiler infer its
+/// higher-ranked signature).
+///
+/// ```
+/// use aftermath::projection::{tx_work, TxWork};
+/// use aftermath::SqliteStore;
+///
+/// let work: TxWork<SqliteStore, i64> = tx_work::<SqliteStore, _, _>(|tx| {
+///     Box::pin(async move {
+///         Ok(tx.query_row("SELECT 1", [], |r| r.get(0)).unwrap_or(0))
+///     })
+/// });
+/// # drop(work);
+/// ```
+pub fn tx_work<D, T, F>(f: F) -> TxWork<D, T>
+where
+    D: ReadModelDb,
+    F: for<'b> FnOnce(&'b mut D::Tx) -> TxFuture<'b, T> + Send + 'static,
+{
+    Box::new(f)
+}
 
 /// A read-model database: runs projection writes and the checkpoint in one
 /// transaction.
@@ -129,7 +156,7 @@ pub type TxWork<D, T> = Box<
 pub trait ReadModelDb: Clone + Send + Sync + 'static {
     /// What projections write through (for SQLite, a connection inside the
     /// open transaction).
-    type Tx<'a>;
+    type Tx: Send;
 
     /// The saved state of a projection, if it ever ran here.
     async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError>;
@@ -167,19 +194,25 @@ pub trait Projection: Send + Sync + 'static {
     }
 
     /// Creates the read model's tables if missing; runs at every start.
-    fn setup(&self, _tx: &mut <Self::Db as ReadModelDb>::Tx<'_>) -> Result<(), HandlerError> {
-        Ok(())
+    fn setup(
+        &self,
+        _tx: &mut <Self::Db as ReadModelDb>::Tx,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
     }
 
     /// Drops the read model's data (tables); `setup` runs right after.
-    fn reset(&self, tx: &mut <Self::Db as ReadModelDb>::Tx<'_>) -> Result<(), HandlerError>;
+    fn reset(
+        &self,
+        tx: &mut <Self::Db as ReadModelDb>::Tx,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// Applies one event.
+    /// Applies one event. Write it as `async fn apply(&self, tx, event)`.
     fn apply(
         &self,
-        tx: &mut <Self::Db as ReadModelDb>::Tx<'_>,
+        tx: &mut <Self::Db as ReadModelDb>::Tx,
         event: &Recorded<Self::Event>,
-    ) -> Result<(), HandlerError>;
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// What to do with an event that keeps failing.
@@ -313,11 +346,14 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             lease,
             skipped: None,
         };
-        let work: TxWork<P::Db, ()> = Box::new(move |tx| {
-            projection
-                .reset(tx)
-                .and_then(|_| projection.setup(tx))
-                .map_err(|error| HandlerFailure { index: 0, error })
+        let work = tx_work::<P::Db, (), _>(move |tx| {
+            Box::pin(
+                async move {
+                    projection.reset(tx).await?;
+                    projection.setup(tx).await
+                }
+                .map(|r| r.map_err(|error| HandlerFailure { index: 0, error })),
+            )
         });
         self.db
             .transact(commit, work)
@@ -363,10 +399,13 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             lease,
             skipped: None,
         };
-        let work: TxWork<P::Db, ()> = Box::new(move |tx| {
-            projection
-                .setup(tx)
-                .map_err(|error| HandlerFailure { index: 0, error })
+        let work = tx_work::<P::Db, (), _>(move |tx| {
+            Box::pin(async move {
+                projection
+                    .setup(tx)
+                    .await
+                    .map_err(|error| HandlerFailure { index: 0, error })
+            })
         });
         self.db
             .transact(commit, work)
@@ -452,7 +491,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             lease,
             skipped: None,
         };
-        let work: TxWork<P::Db, ()> = Box::new(|_| Ok(()));
+        let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
         self.db
             .transact(commit, work)
             .await
@@ -578,21 +617,25 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 lease: ctx.lease.clone(),
                 skipped: None,
             };
-            let work: TxWork<P::Db, ()> = Box::new(move |tx| {
-                for (index, event) in batch.iter().enumerate() {
-                    // A panicking handler fails on this event like an
-                    // erring one (retried, then the error policy), rather
-                    // than failing the whole write as if the store had.
-                    catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event)))
-                        .unwrap_or_else(|panic| {
-                            Err(HandlerError::msg(format!(
-                                "the handler panicked: {}",
-                                panic_message(panic.as_ref())
-                            )))
-                        })
-                        .map_err(|error| HandlerFailure { index, error })?;
-                }
-                Ok(())
+            let work = tx_work::<P::Db, (), _>(move |tx| {
+                Box::pin(async move {
+                    for (index, event) in batch.iter().enumerate() {
+                        // A panicking handler fails on this event like an
+                        // erring one (retried, then the error policy), rather
+                        // than failing the whole write as if the store had.
+                        AssertUnwindSafe(projection.apply(&mut *tx, event))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|panic| {
+                                Err(HandlerError::msg(format!(
+                                    "the handler panicked: {}",
+                                    panic_message(panic.as_ref())
+                                )))
+                            })
+                            .map_err(|error| HandlerFailure { index, error })?;
+                    }
+                    Ok(())
+                })
             });
             let started = Instant::now();
             match self.db.transact(commit, work).await {
@@ -646,7 +689,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 skipped_at: Utc::now(),
             }),
         };
-        let work: TxWork<P::Db, ()> = Box::new(|_| Ok(()));
+        let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
         self.db
             .transact(commit, work)
             .await

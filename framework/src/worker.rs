@@ -31,8 +31,8 @@
 //! # impl aftermath::projection::Projection for MyProjection {
 //! #     type Event = Ev; type Db = aftermath::SqliteStore;
 //! #     fn name(&self) -> &str { "x" }
-//! #     fn reset(&self, _: &mut aftermath::store::sqlite::SqliteTx<'_>) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
-//! #     fn apply(&self, _: &mut aftermath::store::sqlite::SqliteTx<'_>, _: &aftermath::Recorded<Ev>) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
+//! #     async fn reset(&self, _: &mut aftermath::store::sqlite::SqliteTx) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
+//! #     async fn apply(&self, _: &mut aftermath::store::sqlite::SqliteTx, _: &aftermath::Recorded<Ev>) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
 //! # }
 //! # #[derive(serde::Serialize, serde::Deserialize, aftermath::Event)] enum Ev { A }
 //! ```

@@ -134,20 +134,20 @@ impl Projection for Balances {
         self.version
     }
 
-    fn setup(&self, tx: &mut SqliteTx<'_>) -> Result<(), HandlerError> {
+    async fn setup(&self, tx: &mut SqliteTx) -> Result<(), HandlerError> {
         tx.execute_batch(&self.create)?;
         Ok(())
     }
 
-    fn reset(&self, tx: &mut SqliteTx<'_>) -> Result<(), HandlerError> {
+    async fn reset(&self, tx: &mut SqliteTx) -> Result<(), HandlerError> {
         self.resets.fetch_add(1, Ordering::SeqCst);
         tx.execute_batch(&self.drop)?;
         Ok(())
     }
 
-    fn apply(
+    async fn apply(
         &self,
-        tx: &mut SqliteTx<'_>,
+        tx: &mut SqliteTx,
         event: &Recorded<AccountEvent>,
     ) -> Result<(), HandlerError> {
         self.applies.fetch_add(1, Ordering::SeqCst);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use aftermath::projection::{
     CheckpointPolicy, Commit, ExternalProjection, ExternalRunner, HandlerError, OnError,
-    ProjectionOptions, ProjectionRunner, ProjectionState, ReadModelDb, TxWork,
+    ProjectionOptions, ProjectionRunner, ProjectionState, ReadModelDb, TxWork, tx_work,
 };
 use aftermath::store::read_all_pages;
 use aftermath::subscription::{
@@ -418,9 +418,11 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
         "held by a"
     );
     // a's fenced writes work while it holds the lease.
-    let work: TxWork<SqliteStore, ()> = Box::new(|tx| {
-        tx.execute_batch("CREATE TABLE marks (who TEXT)").unwrap();
-        Ok(())
+    let work: TxWork<SqliteStore, ()> = tx_work::<SqliteStore, _, _>(|tx| {
+        Box::pin(async move {
+            tx.execute_batch("CREATE TABLE marks (who TEXT)").unwrap();
+            Ok(())
+        })
     });
     store
         .transact(commit("bal", 5, Some(&a)), work)
@@ -439,9 +441,11 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
         .expect("expired");
     assert_eq!(b.token, 2, "a takeover bumps the token");
 
-    let work: TxWork<SqliteStore, ()> = Box::new(|tx| {
-        tx.execute("INSERT INTO marks VALUES ('a')", []).unwrap();
-        Ok(())
+    let work: TxWork<SqliteStore, ()> = tx_work::<SqliteStore, _, _>(|tx| {
+        Box::pin(async move {
+            tx.execute("INSERT INTO marks VALUES ('a')", []).unwrap();
+            Ok(())
+        })
     });
     match store.transact(commit("bal", 9, Some(&a)), work).await {
         Err(StoreError::LeaseLost { name, owner, token }) => {
@@ -483,7 +487,8 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
     store.release(&a).await.unwrap();
     assert!(store.acquire("bal", "c", ttl).await.unwrap().is_none());
     // b's writes go through.
-    let work: TxWork<SqliteStore, ()> = Box::new(|_| Ok(()));
+    let work: TxWork<SqliteStore, ()> =
+        tx_work::<SqliteStore, _, _>(|_| Box::pin(async { Ok(()) }));
     store
         .transact(commit("bal", 9, Some(&b)), work)
         .await

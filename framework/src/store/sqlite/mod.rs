@@ -338,6 +338,19 @@ impl SqliteStore {
             .await
     }
 
+    /// Like [`SqliteStore::write`], with exclusive access to the writer's
+    /// connection (projection transactions hand it to `SqliteTx`).
+    pub(crate) async fn write_exclusive<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.shared
+            .writer
+            .submit((), |_| None, move |conn, ()| f(conn))
+            .await
+    }
+
     /// Runs `f` on a read-only connection of the pool, on tokio's blocking
     /// threads. Sees everything committed before it starts.
     pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>

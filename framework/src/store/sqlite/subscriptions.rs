@@ -3,6 +3,7 @@
 //! committed together through the store's one writer).
 
 use std::ops::Deref;
+use std::ptr::NonNull;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,17 +16,42 @@ use crate::projection::{Commit, ProjectionState, ReadModelDb, SkippedEvent, TxWo
 use crate::store::StoreError;
 use crate::subscription::{CheckpointStore, Lease, LeaseStore};
 
-/// A projection's view of the open transaction: a connection whose writes
-/// commit together with the projection's checkpoint. Dereferences to
-/// [`rusqlite::Connection`]; do not `BEGIN`, `COMMIT` or `ROLLBACK` through it.
-pub struct SqliteTx<'a> {
-    conn: &'a Connection,
+/// A projection's view of the open transaction: the writer's connection,
+/// whose writes commit together with the projection's checkpoint.
+/// Dereferences to [`rusqlite::Connection`]; do not `BEGIN`, `COMMIT` or
+/// `ROLLBACK` through it.
+///
+/// SQLite projections run on the store's writer thread: their `apply` may
+/// only run SQL through this connection. Awaiting anything else (a timer,
+/// another store call) would block or deadlock the writer.
+pub struct SqliteTx {
+    /// The writer's connection, exclusively borrowed for the duration of one
+    /// job. Only `transact` creates a `SqliteTx`, and only lends it (`&mut`)
+    /// to the work, which completes before the borrow ends.
+    conn: NonNull<Connection>,
 }
 
-impl Deref for SqliteTx<'_> {
+// SAFETY: a `SqliteTx` stands for `&mut Connection` (exclusive access), and
+// `Connection` is `Send`; it is not `Sync`, so `&SqliteTx` never crosses
+// threads while another thread uses it.
+unsafe impl Send for SqliteTx {}
+
+impl SqliteTx {
+    /// Runs `f` with a handle on `conn` that lives only during the call.
+    fn lend<R>(conn: &mut Connection, f: impl FnOnce(&mut SqliteTx) -> R) -> R {
+        let mut tx = SqliteTx {
+            conn: NonNull::from(conn),
+        };
+        f(&mut tx)
+    }
+}
+
+impl Deref for SqliteTx {
     type Target = Connection;
     fn deref(&self) -> &Connection {
-        self.conn
+        // SAFETY: `conn` points to the writer's connection, exclusively
+        // borrowed for as long as this handle exists (see `lend`).
+        unsafe { self.conn.as_ref() }
     }
 }
 
@@ -105,7 +131,7 @@ fn record_skip(conn: &Connection, skip: &SkippedEvent) -> Result<(), StoreError>
 
 #[async_trait]
 impl ReadModelDb for SqliteStore {
-    type Tx<'a> = SqliteTx<'a>;
+    type Tx = SqliteTx;
 
     async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError> {
         let name = projection.to_owned();
@@ -132,14 +158,16 @@ impl ReadModelDb for SqliteStore {
         commit: Commit,
         work: TxWork<Self, T>,
     ) -> Result<Result<T, crate::projection::HandlerFailure>, StoreError> {
-        self.write(move |conn| {
+        self.write_exclusive(move |conn| {
             if let Some(lease) = &commit.lease {
                 fence(conn, lease)?;
             }
             conn.execute_batch("SAVEPOINT aftermath_projection")
                 .map_err(db("opening the projection's savepoint"))?;
-            let mut tx = SqliteTx { conn };
-            match work(&mut tx) {
+            // The work only runs SQL on this thread's connection, so its
+            // future completes without waiting on anything else.
+            let outcome = SqliteTx::lend(conn, |tx| futures::executor::block_on(work(tx)));
+            match outcome {
                 Err(failure) => {
                     conn.execute_batch(
                         "ROLLBACK TO aftermath_projection; RELEASE aftermath_projection",

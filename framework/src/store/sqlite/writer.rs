@@ -40,7 +40,7 @@ fn writer_error(operation: &'static str, message: String) -> StoreError {
 /// One request to the writer thread.
 trait Job: Send {
     /// Runs the work on the writer connection, inside the job's savepoint.
-    fn run(&mut self, conn: &Connection) -> Result<(), StoreError>;
+    fn run(&mut self, conn: &mut Connection) -> Result<(), StoreError>;
     /// The head of `$all` after this job, when it appended events.
     fn head(&self) -> Option<Position>;
     /// Replies once the group's `COMMIT` is done: the job's output, or the
@@ -65,9 +65,9 @@ impl<I, T, F> Job for Typed<I, T, F>
 where
     I: Send,
     T: Send,
-    F: FnOnce(&Connection, &I) -> Result<T, StoreError> + Send,
+    F: FnOnce(&mut Connection, &I) -> Result<T, StoreError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> Result<(), StoreError> {
+    fn run(&mut self, conn: &mut Connection) -> Result<(), StoreError> {
         let work = self
             .work
             .take()
@@ -161,7 +161,7 @@ impl Writer {
     where
         I: Send + 'static,
         T: Send + 'static,
-        F: FnOnce(&Connection, &I) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Connection, &I) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Typed {
@@ -188,7 +188,7 @@ impl Writer {
 
 /// The writer thread's loop: one group commit per wake-up.
 fn run(
-    conn: Connection,
+    mut conn: Connection,
     queue: mpsc::Receiver<Box<dyn Job>>,
     max_batch: usize,
     head: &watch::Sender<Position>,
@@ -206,7 +206,7 @@ fn run(
             }
         }
         groups.fetch_add(1, Ordering::Relaxed);
-        if let Some(new_head) = commit_group(&conn, &mut batch, &mut done) {
+        if let Some(new_head) = commit_group(&mut conn, &mut batch, &mut done) {
             head.send_if_modified(|current| {
                 let moved = new_head > *current;
                 if moved {
@@ -225,7 +225,7 @@ fn run(
 /// With several jobs each runs in a savepoint; a group of one needs none:
 /// its failure rolls back the whole (otherwise empty) transaction.
 fn commit_group(
-    conn: &Connection,
+    conn: &mut Connection,
     batch: &mut Vec<Box<dyn Job>>,
     done: &mut Vec<Box<dyn Job>>,
 ) -> Option<Position> {
