@@ -109,3 +109,41 @@ impl Aggregate for Account {
         }
     }
 }
+
+/// Decodes a stored payload the way a hand-written application would: by
+/// the stored type name, with plain serde structs of the variants' content
+/// (what `#[derive(Event)]` stores). `None` for a type it does not know.
+pub fn decode_raw(event_type: &str, payload: &[u8]) -> serde_json::Result<Option<AccountEvent>> {
+    #[derive(Deserialize)]
+    struct Owner {
+        owner: String,
+    }
+    #[derive(Deserialize)]
+    struct Amount {
+        amount: u64,
+    }
+    Ok(Some(match event_type {
+        "Opened" => AccountEvent::Opened {
+            owner: serde_json::from_slice::<Owner>(payload)?.owner,
+        },
+        "Deposited" => AccountEvent::Deposited {
+            amount: serde_json::from_slice::<Amount>(payload)?.amount,
+        },
+        "Withdrawn" => AccountEvent::Withdrew {
+            amount: serde_json::from_slice::<Amount>(payload)?.amount,
+        },
+        _ => return Ok(None),
+    }))
+}
+
+/// Folds raw `(event type, payload)` rows into an account, as a
+/// hand-written command handler would.
+pub fn fold_raw(history: &[(String, Vec<u8>)]) -> serde_json::Result<Account> {
+    let mut account = Account::default();
+    for (event_type, payload) in history {
+        if let Some(event) = decode_raw(event_type, payload)? {
+            account.apply(&event);
+        }
+    }
+    Ok(account)
+}

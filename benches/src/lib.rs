@@ -5,13 +5,20 @@
 //!   so snapshots work;
 //! - [`raw`]: the plain-`rusqlite` baseline the SQLite store is compared
 //!   with, on the same file, schema and pragmas;
-//! - helpers: temporary database files, event batches, seeding long streams,
-//!   paged `$all` reads and the process's peak memory.
+//! - [`raw_pg`]: the plain-sqlx baseline the PostgreSQL store is compared
+//!   with, on the same server, in a schema of its own;
+//! - [`projections`]: a no-op and an upsert projection for catch-up runs;
+//! - [`live`]: append-to-delivery latency of a caught-up reader;
+//! - helpers: temporary database files and schemas, event batches, seeding
+//!   long streams, paged `$all` reads and the process's peak memory.
 
 #![warn(missing_docs)]
 
 pub mod domain;
+pub mod live;
+pub mod projections;
 pub mod raw;
+pub mod raw_pg;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +90,49 @@ impl Drop for TempDb {
     fn drop(&mut self) {
         self.remove_files();
     }
+}
+
+/// The PostgreSQL URL from `AFTERMATH_PG_URL`, if set and not empty: the
+/// PostgreSQL benchmarks run only with it.
+pub fn pg_url() -> Option<String> {
+    std::env::var("AFTERMATH_PG_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+}
+
+/// A fresh schema name `bench_<label>_<12 random hex digits>` (`label`:
+/// lowercase letters, digits, underscores), so runs never share tables.
+pub fn bench_schema(label: &str) -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("bench_{label}_{}", &random[..12])
+}
+
+/// Drops the store's schema (`DROP SCHEMA ... CASCADE`) and closes its pool.
+/// Call it with the last handle: the store's background task stops with it.
+pub async fn drop_store_schema(store: aftermath::PostgresStore) -> Result<(), StoreError> {
+    use aftermath::store::postgres::sqlx_core::{
+        executor::Executor, raw_sql::raw_sql, sql_str::AssertSqlSafe,
+    };
+    let pool = store.pool().clone();
+    let ddl = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", store.schema());
+    drop(store);
+    pool.execute(raw_sql(AssertSqlSafe(ddl)))
+        .await
+        .map_err(|e| StoreError::database("dropping a bench schema", e))?;
+    pool.close().await;
+    Ok(())
+}
+
+/// How many events the store's schema holds (one `count(*)`).
+pub async fn store_event_count(store: &aftermath::PostgresStore) -> Result<u64, StoreError> {
+    use aftermath::store::postgres::sqlx_core::{query::query, row::Row, sql_str::AssertSqlSafe};
+    let sql = format!("SELECT count(*) FROM \"{}\".events", store.schema());
+    let n: i64 = query(AssertSqlSafe(sql))
+        .fetch_one(store.pool())
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| StoreError::database("counting events", e))?;
+    Ok(n as u64)
 }
 
 /// A `Deposited` event of the bench domain with a fresh (v7) id, encoded
@@ -179,9 +229,18 @@ pub async fn read_all_count<S: EventStore + ?Sized>(
 /// The process's peak resident set size in KiB (`VmHWM` from
 /// `/proc/self/status`), or `None` where that file does not exist.
 pub fn peak_rss_kib() -> Option<u64> {
+    proc_status_kib("VmHWM:")
+}
+
+/// The process's current resident set size in KiB (`VmRSS`).
+pub fn rss_kib() -> Option<u64> {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }

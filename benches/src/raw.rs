@@ -8,6 +8,10 @@
 //! `UNIQUE` constraint (the transaction rolls back). A read is one `SELECT`
 //! per page of `$all`, decoded into the same [`StoredEvent`] the store
 //! returns. Every statement is a cached prepared statement.
+//!
+//! [`RawStore::project_totals`] is the hand-written counterpart of a
+//! projection: read a page, then one transaction per page that upserts the
+//! read model and saves the checkpoint.
 
 use std::path::Path;
 use std::time::Duration;
@@ -180,6 +184,58 @@ impl RawStore {
             });
         }
         Ok(page)
+    }
+
+    /// A hand-written projection of `$all` into the upsert read model
+    /// `table` ([`crate::projections::totals_table_sql`]), from the start,
+    /// at most `max` events: read a page (as [`RawStore::read_all`]), then
+    /// one `BEGIN IMMEDIATE` transaction per page that decodes each payload
+    /// ([`crate::domain::decode_raw`]), upserts its account's row and saves
+    /// the checkpoint, `COMMIT`. Returns how many events it handled.
+    pub fn project_totals(&mut self, table: &str, page: usize, max: u64) -> Result<u64, RawError> {
+        self.conn
+            .execute_batch(&crate::projections::totals_table_sql(table))?;
+        self.conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS raw_checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL)",
+        )?;
+        let upsert = crate::projections::totals_upsert_sql(table);
+        let mut after = Position::ORIGIN;
+        let mut handled = 0u64;
+        while handled < max {
+            let limit = page.min((max - handled) as usize);
+            let events = self.read_all(after, limit)?;
+            let Some(last) = events.last() else { break };
+            let through = last.position;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut statement = tx.prepare_cached(&upsert)?;
+                for event in &events {
+                    let Some(decoded) =
+                        crate::domain::decode_raw(&event.event_type, &event.payload)?
+                    else {
+                        continue;
+                    };
+                    statement.execute(params![
+                        event.stream,
+                        crate::projections::balance_change(&decoded)
+                    ])?;
+                }
+            }
+            tx.prepare_cached(
+                "INSERT INTO raw_checkpoints (name, position) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            )?
+            .execute(params![table, through.0 as i64])?;
+            tx.commit()?;
+            handled += events.len() as u64;
+            if events.len() < limit {
+                break;
+            }
+            after = through;
+        }
+        Ok(handled)
     }
 
     /// Reads all of `$all` after `after` in pages of `page` events and

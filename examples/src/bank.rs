@@ -2,10 +2,17 @@
 //!
 //! The aggregate only decides; the rules (no overdraft, open once) live in
 //! `decide`, and `apply` folds facts without judging them. The [`Balances`]
-//! projection turns the events into a table that is cheap to query.
+//! projection (SQLite) and [`PgBalances`] (PostgreSQL) turn the events into
+//! a table that is cheap to query.
 
+use std::sync::Arc;
+
+use aftermath::PostgresStore;
 use aftermath::prelude::*;
 use aftermath::projection::{HandlerError, Projection};
+use aftermath::store::postgres::PgTx;
+use aftermath::store::postgres::sqlx_core::{self, query::query, row::Row, sql_str::AssertSqlSafe};
+use aftermath::store::postgres::sqlx_postgres::PgPool;
 use aftermath::store::sqlite::{SqliteTx, rusqlite};
 use serde::{Deserialize, Serialize};
 
@@ -158,10 +165,7 @@ impl Projection for Balances {
         tx: &mut SqliteTx,
         event: &Recorded<AccountEvent>,
     ) -> Result<(), HandlerError> {
-        let account = event
-            .stream
-            .strip_prefix("account-")
-            .unwrap_or(&event.stream);
+        let account = account_of(&event.stream);
         let (sql, amount): (&str, i64) = match &event.event {
             AccountEvent::Opened { owner } => {
                 tx.prepare_cached(
@@ -180,6 +184,116 @@ impl Projection for Balances {
             ),
         };
         tx.prepare_cached(sql)?.execute((account, amount))?;
+        Ok(())
+    }
+}
+
+/// The account of a stream `account-<id>`.
+fn account_of(stream: &str) -> &str {
+    stream.strip_prefix("account-").unwrap_or(stream)
+}
+
+/// The same `balances` read model in PostgreSQL, in a table of the event
+/// store's schema: rows and checkpoint commit in one transaction of the
+/// store's pool ([`PgTx`]), so each event is applied exactly once.
+pub struct PgBalances {
+    table: String,
+    create: Arc<str>,
+    drop: Arc<str>,
+    open: Arc<str>,
+    deposit: Arc<str>,
+    withdraw: Arc<str>,
+}
+
+impl PgBalances {
+    /// The read model as table `balances` in `schema` (a plain lowercase
+    /// identifier, like the store's schema name).
+    pub fn in_schema(schema: &str) -> Self {
+        let table = format!("\"{schema}\".balances");
+        let sql = |s: String| -> Arc<str> { s.into() };
+        PgBalances {
+            create: sql(format!(
+                "CREATE TABLE IF NOT EXISTS {table} (
+                     account   text   PRIMARY KEY,
+                     owner     text   NOT NULL,
+                     balance   bigint NOT NULL,
+                     movements bigint NOT NULL
+                 )"
+            )),
+            drop: sql(format!("DROP TABLE IF EXISTS {table}")),
+            open: sql(format!(
+                "INSERT INTO {table} (account, owner, balance, movements) VALUES ($1, $2, 0, 0)"
+            )),
+            deposit: sql(format!(
+                "UPDATE {table} SET balance = balance + $2, movements = movements + 1 WHERE account = $1"
+            )),
+            withdraw: sql(format!(
+                "UPDATE {table} SET balance = balance - $2, movements = movements + 1 WHERE account = $1"
+            )),
+            table,
+        }
+    }
+
+    /// Reads the read model: (account, owner, balance, movements), by account.
+    pub async fn rows(&self, pool: &PgPool) -> sqlx_core::Result<Vec<(String, String, i64, i64)>> {
+        let sql = format!(
+            "SELECT account, owner, balance, movements FROM {} ORDER BY account",
+            self.table
+        );
+        query(AssertSqlSafe(sql))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect()
+    }
+}
+
+impl Projection for PgBalances {
+    type Event = AccountEvent;
+    type Db = PostgresStore;
+
+    fn name(&self) -> &str {
+        "balances"
+    }
+
+    async fn setup(&self, tx: &mut PgTx) -> Result<(), HandlerError> {
+        query(AssertSqlSafe(self.create.clone()))
+            .execute(tx.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut PgTx) -> Result<(), HandlerError> {
+        query(AssertSqlSafe(self.drop.clone()))
+            .execute(tx.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgTx,
+        event: &Recorded<AccountEvent>,
+    ) -> Result<(), HandlerError> {
+        let account = account_of(&event.stream);
+        let (sql, amount) = match &event.event {
+            AccountEvent::Opened { owner } => {
+                query(AssertSqlSafe(self.open.clone()))
+                    .bind(account)
+                    .bind(owner)
+                    .execute(tx.conn())
+                    .await?;
+                return Ok(());
+            }
+            AccountEvent::Deposited { amount } => (&self.deposit, i64::try_from(*amount)?),
+            AccountEvent::Withdrew { amount } => (&self.withdraw, i64::try_from(*amount)?),
+        };
+        query(AssertSqlSafe(sql.clone()))
+            .bind(account)
+            .bind(amount)
+            .execute(tx.conn())
+            .await?;
         Ok(())
     }
 }

@@ -10,8 +10,9 @@
 //!
 //! Faults can be injected while it runs: fail the next N calls or a random
 //! fraction of them with `503 Service Unavailable` (transient, nothing
-//! applied), fail one key with `400 Bad Request` (permanent until healed),
-//! and add latency. The latency is spent *after* the effect is applied and
+//! applied), fail one key or every body containing some text (say, an
+//! address the provider refuses) with `400 Bad Request` (permanent until
+//! healed), and add latency. The latency is spent *after* the effect is applied and
 //! before the answer is written, so a caller that crashes or times out in
 //! that window has made the effect happen without hearing about it: exactly
 //! the case idempotency keys exist for.
@@ -75,6 +76,8 @@ pub struct Call {
     pub key: String,
     /// The status the service answered.
     pub status: u16,
+    /// The request body (lossy UTF-8).
+    pub body: String,
     /// When the request arrived (after its body was read).
     pub at: Instant,
 }
@@ -85,6 +88,7 @@ struct State {
     fail_next: u64,
     fail_fraction: f64,
     failing_keys: HashSet<String>,
+    failing_bodies: HashSet<String>,
     latency: Duration,
     rng: u64,
     // What happened.
@@ -184,6 +188,18 @@ impl EffectsService {
         lock(&self.state).failing_keys.remove(key);
     }
 
+    /// Answers every call whose body contains `text` with 400 (a permanent
+    /// failure: an address the mail provider refuses, a card the payment
+    /// provider declines) until [`EffectsService::heal_body`].
+    pub fn fail_body(&self, text: &str) {
+        lock(&self.state).failing_bodies.insert(text.to_owned());
+    }
+
+    /// Stops failing bodies containing `text`.
+    pub fn heal_body(&self, text: &str) {
+        lock(&self.state).failing_bodies.remove(text);
+    }
+
     /// Waits this long before answering each call (after applying it).
     pub fn latency(&self, latency: Duration) {
         lock(&self.state).latency = latency;
@@ -195,6 +211,7 @@ impl EffectsService {
         state.fail_next = 0;
         state.fail_fraction = 0.0;
         state.failing_keys.clear();
+        state.failing_bodies.clear();
         state.latency = Duration::ZERO;
     }
 
@@ -302,11 +319,16 @@ async fn serve(mut socket: TcpStream, state: Shared) {
         let guard = InFlight(state.clone());
         let effect = request.path.trim_start_matches('/').to_owned();
         let key = request.key.clone().unwrap_or_default();
+        let body = String::from_utf8_lossy(&request.body).into_owned();
         let status = if request.method != "POST" {
             405
         } else if key.is_empty() {
             400
-        } else if s.failing_keys.contains(&key) {
+        } else if s.failing_keys.contains(&key)
+            || s.failing_bodies
+                .iter()
+                .any(|text| body.contains(text.as_str()))
+        {
             s.faults += 1;
             400
         } else if s.fail_next > 0 {
@@ -326,7 +348,7 @@ async fn serve(mut socket: TcpStream, state: Shared) {
                 seq,
                 effect: effect.clone(),
                 key: key.clone(),
-                body: String::from_utf8_lossy(&request.body).into_owned(),
+                body: body.clone(),
                 at: Instant::now(),
             });
             201
@@ -335,6 +357,7 @@ async fn serve(mut socket: TcpStream, state: Shared) {
             effect,
             key,
             status,
+            body,
             at: Instant::now(),
         });
         (status, s.latency, guard)
@@ -349,7 +372,8 @@ async fn serve(mut socket: TcpStream, state: Shared) {
     let _ = respond(&mut socket, status, reason(status)).await;
 }
 
-fn reason(status: u16) -> &'static str {
+/// The reason phrase of a status the service answers.
+pub fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         201 => "Created",
@@ -540,16 +564,26 @@ mod tests {
         assert_eq!(post(addr, "/a", "k3", b"").await.unwrap(), 400);
         service.heal_key("k3");
         assert_eq!(post(addr, "/a", "k3", b"three").await.unwrap(), 201);
+        service.fail_body("mallory@");
+        assert_eq!(post(addr, "/m", "k4", b"to mallory@x").await.unwrap(), 400);
+        service.heal_body("mallory@");
+        assert_eq!(post(addr, "/m", "k4", b"to mallory@x").await.unwrap(), 201);
+        assert_eq!(service.call_log()[7].body, "to mallory@x");
         assert_eq!(service.applied("k1"), 1);
         assert_eq!(service.duplicates(), 1);
-        assert_eq!(service.faults(), 3);
-        assert_eq!(service.calls(), 7);
+        assert_eq!(service.faults(), 4);
+        assert_eq!(service.calls(), 9);
         let log = service.applied_log();
         assert_eq!(
             log.iter()
                 .map(|a| (a.key.as_str(), a.body.as_str()))
                 .collect::<Vec<_>>(),
-            [("k1", "one"), ("k2", ""), ("k3", "three")]
+            [
+                ("k1", "one"),
+                ("k2", ""),
+                ("k3", "three"),
+                ("k4", "to mallory@x")
+            ]
         );
         assert_eq!(log[0].effect, "a");
 

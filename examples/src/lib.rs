@@ -3,3 +3,4 @@
 
 pub mod bank;
 pub mod effects_service;
+pub mod shop;

@@ -80,6 +80,8 @@ pub mod __private {
 }
 mod codec;
 
+#[cfg(feature = "kurrentdb")]
+pub use store::kurrentdb::{KurrentOptions, KurrentStore};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{Blocker, HeldBack, PostgresOptions, PostgresStore};

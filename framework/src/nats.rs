@@ -15,8 +15,10 @@
 //! the message id, so a redelivered or duplicated message is absorbed by the
 //! repository's command inbox. It acknowledges only after the append
 //! committed (or the aggregate rejected the command, which is recorded). A
-//! message that cannot be mapped to a command is parked with its raw bytes in
+//! message that cannot be mapped to a command, or whose command is rejected
+//! or can never be executed, is parked with its raw bytes and the reason in
 //! an [`InboxStore`], then acknowledged: never lost, never retried forever.
+//! A parked message delivered again is acknowledged without running again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,6 +157,18 @@ pub struct ParkedMessage {
 pub trait InboxStore: Send + Sync + 'static {
     /// Parks a message (idempotent per inbox and message id).
     async fn park(&self, message: &ParkedMessage) -> Result<(), StoreError>;
+    /// Whether a message is parked: a redelivered or re-published message
+    /// that was parked before is acknowledged again, not executed again (a
+    /// rejected command must not succeed on its second delivery).
+    /// The default scans [`InboxStore::parked_messages`]; backends override
+    /// it with a keyed lookup.
+    async fn is_parked(&self, inbox: &str, message_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .parked_messages(Some(inbox))
+            .await?
+            .iter()
+            .any(|m| m.message_id == message_id))
+    }
     /// Parked messages of one inbox or all, oldest first.
     async fn parked_messages(&self, inbox: Option<&str>) -> Result<Vec<ParkedMessage>, StoreError>;
     /// Deletes parked messages older than `before`; returns how many.
@@ -242,16 +256,26 @@ where
             error,
             parked_at: Utc::now(),
         };
+        let store_error = |source| SubscriberError::Store {
+            subscriber: self.name.clone(),
+            source,
+        };
+        // Parked before (its ack was lost, or it was published again after
+        // the duplicate window): the outcome stands; acknowledge it again.
+        if self
+            .parking
+            .is_parked(&self.name, &message_id)
+            .await
+            .map_err(store_error)?
+        {
+            tracing::debug!(inbox = %self.name, message_id, "message was parked before; acknowledged again");
+            return Ok(());
+        }
         let (id, command) = match (self.map)(&message.message) {
             Ok(mapped) => mapped,
             Err(error) => {
                 tracing::warn!(inbox = %self.name, message_id, error, "message does not map to a command; parked");
-                return self.parking.park(&park(error)).await.map_err(|source| {
-                    SubscriberError::Store {
-                        subscriber: self.name.clone(),
-                        source,
-                    }
-                });
+                return self.parking.park(&park(error)).await.map_err(store_error);
             }
         };
         let meta = CommandMeta::with_id(command_id(&self.name, &message_id))
@@ -263,13 +287,20 @@ where
             }
             Err(ExecuteError::Rejected(reason)) => {
                 let error = format!("rejected by {} `{id}`: {reason}", A::CATEGORY);
-                self.parking
-                    .park(&park(error))
-                    .await
-                    .map_err(|source| SubscriberError::Store {
-                        subscriber: self.name.clone(),
-                        source,
-                    })
+                tracing::warn!(inbox = %self.name, message_id, error, "command rejected; parked");
+                self.parking.park(&park(error)).await.map_err(store_error)
+            }
+            // Failures that every redelivery would repeat: the message id
+            // was used before for another aggregate (its derived command id
+            // is taken), or a decided event does not serialize. Parked, so
+            // the message is not redelivered forever.
+            Err(
+                e @ (ExecuteError::Encode(_)
+                | ExecuteError::Store(StoreError::DuplicateEventId { .. })),
+            ) => {
+                let error = format!("cannot execute on {} `{id}`: {e}", A::CATEGORY);
+                tracing::warn!(inbox = %self.name, message_id, error, "message cannot be executed; parked");
+                self.parking.park(&park(error)).await.map_err(store_error)
             }
             Err(e) => Err(self.error(format!("executing message {message_id}: {e}"))),
         }

@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 use crate::event::{Event, Position, Recorded, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::subscription::{
-    CatchUp, CheckpointStore, Lease, StartFrom, SubscriptionOptions, stopped,
+    CatchUp, CheckpointStore, Lease, Partition, StartFrom, SubscriptionOptions, stopped,
 };
 use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
 use futures::FutureExt;
@@ -283,12 +283,21 @@ impl ProjectionOptions {
 
 /// Runs a [`Projection`]: a [`Subscriber`] for a [`Worker`](crate::worker::Worker),
 /// or driven directly with [`ProjectionRunner::catch_up`].
+///
+/// Split into partitions with [`ProjectionRunner::partition`], several
+/// runners (in one worker or many) share one projection's load.
 pub struct ProjectionRunner<P: Projection, S> {
     projection: Arc<P>,
     store: S,
     db: P::Db,
     options: ProjectionOptions,
+    partition: Option<Partition>,
+    /// The checkpoint and lease key: the name, or `<name>#<i>of<n>`.
+    key: String,
 }
+
+/// The layout row's position while a rebuild is under way: no count.
+const REBUILDING: Position = Position(u64::MAX);
 
 enum Step {
     /// The page is done; checkpoint through here.
@@ -300,12 +309,53 @@ enum Step {
 impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     /// A runner reading `store` and writing to `db`, with default options.
     pub fn new(projection: P, store: S, db: P::Db) -> Self {
+        let key = projection.name().to_owned();
         ProjectionRunner {
             projection: Arc::new(projection),
             store,
             db,
             options: ProjectionOptions::default(),
+            partition: None,
+            key,
         }
+    }
+
+    /// Runs only partition `index` of `count` of the projection: the events
+    /// of the streams [`Partition::of`] puts there, in order per stream,
+    /// with its own checkpoint and lease under `<name>#<index>of<count>`
+    /// (also its name as a [`Subscriber`]). Run one runner per partition,
+    /// in one worker or spread over several processes. With leases each
+    /// process can run all of them: a partition then runs in one process at
+    /// a time and fails over when that process dies. Leases are not
+    /// balanced (a process takes every free one it asks for), so to spread
+    /// the load, start each process's share first and the rest later, as
+    /// standbys.
+    ///
+    /// The partitions share one read model, so:
+    /// - `apply` must only touch rows of the event's stream (or commute), as
+    ///   partitions commit concurrently;
+    /// - a partitioned read model is never reset automatically. The layout
+    ///   (version and partition count) is recorded under
+    ///   `<name>#partitions`; a runner whose version or count differs from
+    ///   it (or that finds the read model built unpartitioned) fails with a
+    ///   [`StoreError::Incompatible`] naming the difference, and keeps
+    ///   failing (retried with backoff in a worker) until an operator stops
+    ///   the old runners and calls [`ProjectionRunner::rebuild`] on a runner
+    ///   of the new layout.
+    ///
+    /// # Panics
+    ///
+    /// When `count` is 0 or `index >= count`.
+    pub fn partition(mut self, index: u32, count: u32) -> Self {
+        let partition = Partition::new(index, count);
+        self.key = partition.key(self.projection.name());
+        self.partition = Some(partition);
+        self
+    }
+
+    /// The partition this runner runs, if any.
+    pub fn get_partition(&self) -> Option<Partition> {
+        self.partition
     }
 
     /// Sets the options.
@@ -325,7 +375,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     }
 
     fn name(&self) -> String {
-        self.projection.name().to_owned()
+        self.key.clone()
     }
 
     fn store_error(&self, source: StoreError) -> SubscriberError {
@@ -335,9 +385,137 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         }
     }
 
+    /// The row that records how the read model is split: its version is the
+    /// read model's, its position the partition count (0: unpartitioned,
+    /// [`REBUILDING`] while a rebuild is under way). Written only by runners
+    /// that were partitioned once; a projection that never was has none.
+    fn layout_key(&self) -> String {
+        format!("{}#partitions", self.projection.name())
+    }
+
+    /// The partition count this runner records in the layout row.
+    fn layout_count(&self) -> Position {
+        Position(self.partition.map_or(0, |p| u64::from(p.count)))
+    }
+
+    fn layout_error(&self, reason: String) -> SubscriberError {
+        self.store_error(StoreError::Incompatible {
+            location: format!("the read model of projection `{}`", self.projection.name()),
+            reason,
+        })
+    }
+
+    /// Commits `position` for checkpoint `key` (no read-model writes).
+    async fn commit_only(
+        &self,
+        key: String,
+        position: Position,
+        lease: Option<Lease>,
+    ) -> Result<(), SubscriberError> {
+        let commit = Commit {
+            projection: key,
+            version: self.projection.version(),
+            position,
+            lease,
+            skipped: None,
+        };
+        let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
+        self.db
+            .transact(commit, work)
+            .await
+            .map_err(|e| self.store_error(e))?
+            .map_err(|f| self.store_error(StoreError::Closed(f.error.to_string())))
+    }
+
+    /// Checks that the read model is laid out the way this runner runs it
+    /// (see [`ProjectionRunner::partition`]); records the layout of a new
+    /// partitioned projection.
+    async fn check_layout(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
+        let layout = self
+            .db
+            .load_state(&self.layout_key())
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let version = self.projection.version();
+        let count = self.layout_count();
+        let describe = |l: &ProjectionState| match l.position {
+            REBUILDING => "a rebuild that has not finished".to_owned(),
+            Position(0) => format!("version {} unpartitioned", l.version),
+            Position(n) => format!("version {} split into {n} partitions", l.version),
+        };
+        let fix = "stop the runners of the old layout, then call ProjectionRunner::rebuild on a runner of the new one";
+        match (layout, self.partition) {
+            (None, None) => Ok(()),
+            // Unpartitioned: a version change is rebuilt as always.
+            (Some(l), None) if l.position == count => Ok(()),
+            // An unpartitioned runner holds the only lease: it finishes an
+            // interrupted rebuild of its own layout itself.
+            (Some(l), None) if l.position == REBUILDING => self.rebuild(lease).await,
+            (Some(l), Some(_)) if l.position == count && l.version == version => Ok(()),
+            (None, Some(p)) => {
+                let unpartitioned = self
+                    .db
+                    .load_state(self.projection.name())
+                    .await
+                    .map_err(|e| self.store_error(e))?;
+                if let Some(s) = unpartitioned {
+                    return Err(self.layout_error(format!(
+                        "it was built unpartitioned (version {}, checkpoint {}), this runner is partition {p} at version {version}; {fix}",
+                        s.version, s.position
+                    )));
+                }
+                // A new partitioned projection.
+                self.commit_only(self.layout_key(), count, lease).await
+            }
+            (Some(l), _) => Err(self.layout_error(format!(
+                "it holds {}, this runner is {} at version {version}; {fix}",
+                describe(&l),
+                match self.partition {
+                    Some(p) => format!("partition {p}"),
+                    None => "unpartitioned".to_owned(),
+                }
+            ))),
+        }
+    }
+
     /// Resets the read model (`reset`, then `setup`) and moves the
     /// checkpoint to the origin; the next run replays the whole log.
+    ///
+    /// For a partitioned runner, moves the checkpoints of every partition of
+    /// its layout to the origin and records the layout (see
+    /// [`ProjectionRunner::partition`]); stop every runner of the projection
+    /// first. Interrupted, it leaves the layout marked as rebuilding (no
+    /// runner starts) until it is called again.
     pub async fn rebuild(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
+        let gated = self.partition.is_some()
+            || self
+                .db
+                .load_state(&self.layout_key())
+                .await
+                .map_err(|e| self.store_error(e))?
+                .is_some();
+        if gated {
+            self.commit_only(self.layout_key(), REBUILDING, lease.clone())
+                .await?;
+            if let Some(p) = self.partition {
+                for index in 0..p.count {
+                    let key = Partition::new(index, p.count).key(self.projection.name());
+                    self.commit_only(key, Position::ORIGIN, lease.clone())
+                        .await?;
+                }
+            }
+        }
+        self.reset_model(lease.clone()).await?;
+        if gated {
+            self.commit_only(self.layout_key(), self.layout_count(), lease)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `reset` and `setup` in one transaction that moves this runner's
+    /// checkpoint to the origin.
+    async fn reset_model(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
         let projection = self.projection.clone();
         let commit = Commit {
             projection: self.name(),
@@ -372,14 +550,24 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     /// runs `setup`, rebuilds on a version change, starts a new projection
     /// at its configured start.
     async fn prepare(&self, lease: Option<Lease>) -> Result<Position, SubscriberError> {
+        self.check_layout(lease.clone()).await?;
         let state = self
             .db
-            .load_state(self.projection.name())
+            .load_state(&self.key)
             .await
             .map_err(|e| self.store_error(e))?;
         let version = self.projection.version();
         let position = match state {
             Some(s) if s.version == version => s.position,
+            // The layout matched: only a partition that was never rebuilt
+            // to this version can be here; its rows are in the read model.
+            Some(s) if self.partition.is_some() => {
+                return Err(self.layout_error(format!(
+                    "partition `{}` was applied with version {}, this runner is version {version}; \
+                     stop the runners of the old version, then call ProjectionRunner::rebuild",
+                    self.key, s.version
+                )));
+            }
             Some(s) => {
                 tracing::info!(projection = %self.name(), from = s.version, to = version, "projection version changed; rebuilding");
                 self.rebuild(lease.clone()).await?;
@@ -425,7 +613,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     /// position reached. For tests, tools and examples; workers use `run`.
     pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let mut ctx = RunContext::standalone(self.projection.name(), rx);
+        let mut ctx = RunContext::standalone(&self.key, rx);
         self.process(&mut ctx, true).await
     }
 
@@ -441,6 +629,9 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             start,
             self.options.subscription.clone(),
         );
+        if let Some(p) = self.partition {
+            reader = reader.partition(p.index, p.count);
+        }
         loop {
             if ctx.stopping() {
                 return Ok(reader.position());
@@ -712,7 +903,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
 #[async_trait]
 impl<P: Projection, S: EventStore + Clone> Subscriber for ProjectionRunner<P, S> {
     fn name(&self) -> &str {
-        self.projection.name()
+        &self.key
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
@@ -761,18 +952,41 @@ pub struct ExternalRunner<P, S, C> {
     checkpoints: C,
     options: ProjectionOptions,
     policy: CheckpointPolicy,
+    partition: Option<Partition>,
+    /// The checkpoint and lease key: the name, or `<name>#<i>of<n>`.
+    key: String,
 }
 
 impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalRunner<P, S, C> {
     /// A runner reading `store`, saving positions in `checkpoints`.
     pub fn new(projection: P, store: S, checkpoints: C) -> Self {
+        let key = projection.name().to_owned();
         ExternalRunner {
             projection,
             store,
             checkpoints,
             options: ProjectionOptions::default(),
             policy: CheckpointPolicy::default(),
+            partition: None,
+            key,
         }
+    }
+
+    /// Runs only partition `index` of `count`: the events of the streams
+    /// [`Partition::of`] puts there, in order per stream, with its own
+    /// checkpoint and lease under `<name>#<index>of<count>` (also its name
+    /// as a [`Subscriber`]). Changing `count` starts the new partitions at
+    /// [`StartFrom`] (fresh keys): with the default `Origin`, the log is
+    /// delivered again, which an idempotent handler absorbs.
+    ///
+    /// # Panics
+    ///
+    /// When `count` is 0 or `index >= count`.
+    pub fn partition(mut self, index: u32, count: u32) -> Self {
+        let partition = Partition::new(index, count);
+        self.key = partition.key(self.projection.name());
+        self.partition = Some(partition);
+        self
     }
 
     /// Sets the options (`on_error: Skip` is not offered here: without a
@@ -791,7 +1005,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
 
     fn store_error(&self, source: StoreError) -> SubscriberError {
         SubscriberError::Store {
-            subscriber: self.projection.name().to_owned(),
+            subscriber: self.key.clone(),
             source,
         }
     }
@@ -801,7 +1015,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
         ctx: &mut RunContext,
         stored: &StoredEvent,
     ) -> Result<bool, SubscriberError> {
-        let name = self.projection.name().to_owned();
+        let name = self.key.clone();
         let event_error = |message: String| SubscriberError::Event {
             subscriber: name.clone(),
             position: stored.position,
@@ -850,11 +1064,11 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
     for ExternalRunner<P, S, C>
 {
     fn name(&self) -> &str {
-        self.projection.name()
+        &self.key
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
-        let name = self.projection.name().to_owned();
+        let name = self.key.clone();
         let start = match self
             .checkpoints
             .load(&name)
@@ -884,6 +1098,9 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
             start,
             self.options.subscription.clone(),
         );
+        if let Some(p) = self.partition {
+            reader = reader.partition(p.index, p.count);
+        }
         let mut saved = start;
         let mut since_save = 0u64;
         let mut last_save = Instant::now();

@@ -978,3 +978,142 @@ pub async fn stale_snapshot_is_ignored<B: Backend>() {
         (4, 2, None)
     );
 }
+
+/// `read_all_partition`: for several partition counts, the partitions of
+/// `$all` (with and without a type filter) are disjoint, together are all of
+/// it, hold each stream whole in the partition `Partition::of` names, in
+/// `$all` order, paged like `read_all` (a short page is the end). A catch-up
+/// reader of one partition checkpoints past other partitions' events up to
+/// the head.
+pub async fn partitioned_reads<B: Backend>() {
+    use aftermath::subscription::{CatchUp, Partition, SubscriptionOptions};
+
+    let f = fresh!(B, "partitioned_reads");
+    let s = &f.store;
+    let streams: Vec<String> = (0..24)
+        .map(|i| match i % 4 {
+            0 => format!("order-{i}"),
+            1 => format!("customer-{i}"),
+            2 => format!("ü-stream-{i}"),
+            _ => format!("日本-{i}"),
+        })
+        .collect();
+    for round in 0..4 {
+        for (i, stream) in streams.iter().enumerate() {
+            let events = if (i + round) % 3 == 0 {
+                vec![raw("Pinged", "{}")]
+            } else {
+                deposits(0, 1 + (i % 2) as u64)
+            };
+            s.append(stream, ExpectedVersion::Any, events)
+                .await
+                .unwrap();
+        }
+    }
+    let all = all_events(s).await;
+    assert!(all.len() > 100);
+    let deposited: Vec<&StoredEvent> = all.iter().filter(|e| e.event_type == "Deposited").collect();
+    assert!(
+        s.read_all_partition(Position::ORIGIN, None, Partition::new(0, 2), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    for count in [1u32, 2, 3, 4, 7] {
+        for types in [None, Some(&["Deposited"][..])] {
+            let mut seen: Vec<StoredEvent> = Vec::new();
+            for index in 0..count {
+                let partition = Partition::new(index, count);
+                let mut after = Position::ORIGIN;
+                let mut mine = Vec::new();
+                loop {
+                    let page = s
+                        .read_all_partition(after, types, partition, 5)
+                        .await
+                        .unwrap();
+                    assert!(page.len() <= 5);
+                    for e in &page {
+                        assert!(e.position > after, "in order, after the cursor");
+                        after = e.position;
+                        assert_eq!(
+                            Partition::of(&e.stream, count),
+                            index,
+                            "{} read in partition {partition}",
+                            e.stream
+                        );
+                        if types.is_some() {
+                            assert_eq!(e.event_type, "Deposited");
+                        }
+                    }
+                    let short = page.len() < 5;
+                    mine.extend(page);
+                    if short {
+                        break;
+                    }
+                }
+                // Per stream: every version of the stream (of these types),
+                // ascending.
+                let mut versions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+                for e in &mine {
+                    versions.entry(&e.stream).or_default().push(e.version);
+                }
+                for (stream, got) in versions {
+                    let want: Vec<u64> = all
+                        .iter()
+                        .filter(|e| e.stream == stream)
+                        .filter(|e| types.is_none() || e.event_type == "Deposited")
+                        .map(|e| e.version)
+                        .collect();
+                    assert_eq!(got, want, "stream {stream} in partition {partition}");
+                }
+                seen.extend(mine);
+            }
+            seen.sort_by_key(|e| e.position);
+            let want: Vec<Uuid> = match types {
+                None => all.iter().map(|e| e.id).collect(),
+                Some(_) => deposited.iter().map(|e| e.id).collect(),
+            };
+            let got: Vec<Uuid> = seen.iter().map(|e| e.id).collect();
+            assert_eq!(
+                got, want,
+                "{count} partitions, types {types:?}: each event once"
+            );
+        }
+    }
+
+    // A reader of the first stream's partition, after that stream's last
+    // event: the log's tail is other partitions' only, and it still
+    // checkpoints through the head.
+    let count = 4;
+    let index = Partition::of(&streams[0], count);
+    let others: Vec<&String> = streams
+        .iter()
+        .filter(|st| Partition::of(st, count) != index)
+        .collect();
+    assert!(!others.is_empty());
+    let tail = s
+        .append(others[0], ExpectedVersion::Any, deposits(0, 3))
+        .await
+        .unwrap()
+        .last_position
+        .unwrap();
+    let last_mine = all
+        .iter()
+        .filter(|e| Partition::of(&e.stream, count) == index)
+        .map(|e| e.position)
+        .max()
+        .unwrap();
+    let mut reader = CatchUp::new(
+        s.clone(),
+        Some(vec!["Deposited", "Pinged"]),
+        last_mine,
+        SubscriptionOptions::default().batch_size(2),
+    )
+    .partition(index, count);
+    let page = reader.next_page().await.unwrap();
+    assert!(page.events.is_empty() && page.caught_up);
+    assert_eq!(page.through, tail, "checkpoints past other partitions");
+    reader.advance(page.through);
+    assert_eq!(reader.position(), tail);
+}

@@ -4,6 +4,8 @@
 
 pub mod conformance;
 pub mod domain;
+pub mod nats;
+pub mod postgres;
 pub mod projections;
 pub mod reactors;
 
@@ -86,6 +88,7 @@ macro_rules! conformance_tests {
             repository_command_id_is_idempotent,
             snapshots_give_same_state,
             stale_snapshot_is_ignored,
+            partitioned_reads,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {

@@ -41,6 +41,17 @@ async fn sqlite() -> (TempDir, SqliteStore) {
     (dir, store)
 }
 
+/// A store in a fresh PostgreSQL schema (journal, checkpoints and log in
+/// one), or `None` after printing SKIPPED when `AFTERMATH_PG_URL` is unset.
+macro_rules! postgres_or_skip {
+    ($test:literal) => {
+        match aftermath_tests::postgres::fresh($test).await {
+            Some(fresh) => fresh,
+            None => return,
+        }
+    };
+}
+
 async fn service() -> EffectsService {
     EffectsService::start()
         .await
@@ -272,6 +283,12 @@ async fn crashes_at_every_step_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_at_every_step_postgres() {
+    let (_guard, store) = postgres_or_skip!("crashes_at_every_step");
+    crashes_at_every_step(store.clone(), store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_at_every_step_memory() {
     crashes_at_every_step(
         MemoryStore::new(),
@@ -486,6 +503,19 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_event_holds_its_stream_only_until_retried() {
     let (_dir, store) = sqlite().await;
+    parked_event_holds_its_stream(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_event_holds_its_stream_only_until_retried_postgres() {
+    let (_guard, store) = postgres_or_skip!("parked_event_holds_its_stream_only_until_retried");
+    parked_event_holds_its_stream(store).await;
+}
+
+async fn parked_event_holds_its_stream<S>(store: S)
+where
+    S: EventStore + EffectJournal + CheckpointStore + Clone,
+{
     let service = service().await;
     append_accounts(&store, 0, 15, 1, 3).await;
     let events = account_events(&store).await;
@@ -580,6 +610,19 @@ async fn parked_event_holds_its_stream_only_until_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_releases_held_events() {
     let (_dir, store) = sqlite().await;
+    skip_releases_held(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_releases_held_events_postgres() {
+    let (_guard, store) = postgres_or_skip!("skip_releases_held_events");
+    skip_releases_held(store).await;
+}
+
+async fn skip_releases_held<S>(store: S)
+where
+    S: EventStore + EffectJournal + CheckpointStore + Clone,
+{
     let service = service().await;
     append_accounts(&store, 0, 15, 1, 3).await;
     let events = account_events(&store).await;
@@ -806,6 +849,12 @@ async fn checkpoint_reset_never_reruns_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_reset_never_reruns_postgres() {
+    let (_guard, store) = postgres_or_skip!("checkpoint_reset_never_reruns");
+    checkpoint_reset_never_reruns(store.clone(), store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_reset_never_reruns_memory() {
     checkpoint_reset_never_reruns(
         MemoryStore::new(),
@@ -921,6 +970,12 @@ async fn cleanup_removes_old_finished_only<J: EffectJournal>(journal: J) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_removes_old_finished_only_sqlite() {
     let (_dir, store) = sqlite().await;
+    cleanup_removes_old_finished_only(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_old_finished_only_postgres() {
+    let (_guard, store) = postgres_or_skip!("cleanup_removes_old_finished_only");
     cleanup_removes_old_finished_only(store).await;
 }
 
@@ -1174,6 +1229,12 @@ async fn entries_keep_created_at<J: EffectJournal>(journal: J) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_keep_created_at_sqlite() {
     let (_dir, store) = sqlite().await;
+    entries_keep_created_at(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_keep_created_at_postgres() {
+    let (_guard, store) = postgres_or_skip!("entries_keep_created_at");
     entries_keep_created_at(store).await;
 }
 

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
-use crate::subscription::{CatchUp, CheckpointStore, StartFrom, stopped};
+use crate::subscription::{CatchUp, CheckpointStore, Partition, StartFrom, stopped};
 use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
@@ -27,6 +27,9 @@ pub struct ReactorRunner<R, S, J, C> {
     journal: J,
     checkpoints: C,
     options: ReactorOptions,
+    partition: Option<Partition>,
+    /// The checkpoint and lease key: the name, or `<name>#<i>of<n>`.
+    key: String,
 }
 
 /// How a lane (one stream's events of a page) ended.
@@ -53,13 +56,36 @@ where
 {
     /// A runner with default options (one effect at a time, 5 attempts).
     pub fn new(reactor: R, store: S, journal: J, checkpoints: C) -> Self {
+        let key = reactor.name().to_owned();
         ReactorRunner {
             reactor,
             store,
             journal,
             checkpoints,
             options: ReactorOptions::default(),
+            partition: None,
+            key,
         }
+    }
+
+    /// Runs only partition `index` of `count`: the events of the streams
+    /// [`Partition::of`] puts there (per-stream order, parking and held
+    /// streams work as unpartitioned), with its own checkpoint and lease
+    /// under `<name>#<index>of<count>` (also its name as a [`Subscriber`]).
+    /// Journal entries and idempotency keys stay keyed by the reactor's
+    /// name, so an effect recorded done never runs again, whatever the
+    /// partitioning; changing `count` only makes the new partitions read
+    /// the log again from [`StartFrom`], finding their effects in the
+    /// journal.
+    ///
+    /// # Panics
+    ///
+    /// When `count` is 0 or `index >= count`.
+    pub fn partition(mut self, index: u32, count: u32) -> Self {
+        let partition = Partition::new(index, count);
+        self.key = partition.key(self.reactor.name());
+        self.partition = Some(partition);
+        self
     }
 
     /// Sets the options.
@@ -78,22 +104,37 @@ where
         &self.journal
     }
 
+    /// The reactor's name: the key of its journal entries and idempotency
+    /// keys (shared by its partitions).
     fn name(&self) -> &str {
         self.reactor.name()
     }
 
     fn store_error(&self, source: StoreError) -> SubscriberError {
         SubscriberError::Store {
-            subscriber: self.name().to_owned(),
+            subscriber: self.key.clone(),
             source,
         }
+    }
+
+    /// The entries holding streams of this runner's partition.
+    async fn held(&self) -> Result<Vec<Effect>, SubscriberError> {
+        let mut held = self
+            .journal
+            .held(self.name())
+            .await
+            .map_err(|e| self.store_error(e))?;
+        if let Some(p) = self.partition {
+            held.retain(|e| p.contains(&e.stream));
+        }
+        Ok(held)
     }
 
     /// Runs until caught up with the head as of now (including operator
     /// retries), then returns the checkpoint. For tests, tools and examples.
     pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let mut ctx = RunContext::standalone(self.name(), rx);
+        let mut ctx = RunContext::standalone(&self.key, rx);
         self.process(&mut ctx, true).await
     }
 
@@ -102,7 +143,7 @@ where
         ctx: &mut RunContext,
         until_caught_up: bool,
     ) -> Result<Position, SubscriberError> {
-        let name = self.name().to_owned();
+        let name = self.key.clone();
         let start = match self
             .checkpoints
             .load(&name)
@@ -133,6 +174,9 @@ where
             start,
             self.options.subscription.clone(),
         );
+        if let Some(p) = self.partition {
+            reader = reader.partition(p.index, p.count);
+        }
         let mut saved = start;
         loop {
             if ctx.stopping() {
@@ -201,14 +245,7 @@ where
             .map_err(|e| self.store_error(e))?;
         let held: HashSet<String> = match self.options.park_policy {
             ParkPolicy::Continue => HashSet::new(),
-            ParkPolicy::HoldStream => self
-                .journal
-                .held(self.name())
-                .await
-                .map_err(|e| self.store_error(e))?
-                .into_iter()
-                .map(|e| e.stream)
-                .collect(),
+            ParkPolicy::HoldStream => self.held().await?.into_iter().map(|e| e.stream).collect(),
         };
         // One lane per stream, in order of first appearance.
         let mut order: Vec<&str> = Vec::new();
@@ -260,7 +297,7 @@ where
                 if let Some(p) = prefix {
                     let _ = self
                         .checkpoints
-                        .save(self.name(), p, ctx.lease.as_ref())
+                        .save(&self.key, p, ctx.lease.as_ref())
                         .await;
                 }
                 Err(e)
@@ -453,11 +490,7 @@ where
     /// Runs what operators released: retried parked effects, then the events
     /// held behind them, per stream in order. Returns false on shutdown.
     async fn release_held(&self, ctx: &RunContext) -> Result<bool, SubscriberError> {
-        let held = self
-            .journal
-            .held(self.name())
-            .await
-            .map_err(|e| self.store_error(e))?;
+        let held = self.held().await?;
         let mut current_stream: Option<String> = None;
         let mut stream_blocked = false;
         for entry in held {
@@ -524,7 +557,7 @@ where
     C: CheckpointStore,
 {
     fn name(&self) -> &str {
-        self.reactor.name()
+        &self.key
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {

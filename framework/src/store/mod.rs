@@ -23,7 +23,11 @@ use futures::Stream;
 use uuid::Uuid;
 
 use crate::event::{DecodeError, EventData, Position, StoredEvent};
+// The one upward reference: `subscription::partition` depends on nothing.
+use crate::subscription::Partition;
 
+#[cfg(feature = "kurrentdb")]
+pub mod kurrentdb;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -270,6 +274,49 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// Like [`read_all`](EventStore::read_all), but only events of the
+    /// streams in `partition` (see [`Partition`]): up to `limit` of them
+    /// after `after`, in position order. A page shorter than `limit` means
+    /// the partition has nothing more up to the head as of the read, exactly
+    /// as a short `read_all` page does.
+    ///
+    /// The default implementation filters pages of `read_all` (of `limit`
+    /// events each) until it has `limit` events or reaches the end, so it
+    /// reads every partition's events; memory stays bounded by `limit`.
+    /// Backends that can filter in their query (PostgreSQL, on a stored hash
+    /// column) override it.
+    async fn read_all_partition(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        partition: Partition,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if partition.count <= 1 || limit == 0 {
+            return self.read_all(after, types, limit).await;
+        }
+        let mut found = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = self.read_all(cursor, types, limit).await?;
+            let short = page.len() < limit;
+            if let Some(last) = page.last() {
+                cursor = last.position;
+            }
+            for event in page {
+                if partition.contains(&event.stream) {
+                    found.push(event);
+                    if found.len() == limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if short {
+                return Ok(found);
+            }
+        }
+    }
+
     /// The current version of `stream` (0 when it has no events).
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
 
@@ -318,6 +365,17 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         (**self).read_all(after, types, limit).await
+    }
+    async fn read_all_partition(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        partition: Partition,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        (**self)
+            .read_all_partition(after, types, partition, limit)
+            .await
     }
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         (**self).stream_version(stream).await

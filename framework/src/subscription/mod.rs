@@ -26,9 +26,11 @@ use crate::store::{EventStore, StoreError};
 
 pub mod checkpoint;
 pub mod lease;
+pub mod partition;
 
 pub use checkpoint::{CheckpointStore, MemoryCheckpoints};
 pub use lease::{Lease, LeaseStore, MemoryLeases};
+pub use partition::{Partition, stream_hash};
 
 /// Where a subscriber without a saved checkpoint starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -146,6 +148,7 @@ pub struct Page {
 pub struct CatchUp<S> {
     store: S,
     types: Option<Vec<&'static str>>,
+    partition: Option<Partition>,
     position: Position,
     options: SubscriptionOptions,
     head: tokio::sync::watch::Receiver<Position>,
@@ -166,12 +169,33 @@ impl<S: EventStore> CatchUp<S> {
         CatchUp {
             store,
             types,
+            partition: None,
             position,
             options,
             head,
             last_head: position,
             oldest_pending: None,
         }
+    }
+
+    /// Reads only partition `index` of `count` (the streams
+    /// [`Partition::of`] puts there), through
+    /// [`EventStore::read_all_partition`]. A short page then means that
+    /// nothing of this partition (and these types) exists up to the head
+    /// read before the page, so `through` may pass other partitions' events
+    /// up to that head, as it passes other types' events.
+    ///
+    /// # Panics
+    ///
+    /// When `count` is 0 or `index >= count`.
+    pub fn partition(mut self, index: u32, count: u32) -> Self {
+        self.partition = Some(Partition::new(index, count));
+        self
+    }
+
+    /// The partition this reader reads, if any.
+    pub fn get_partition(&self) -> Option<Partition> {
+        self.partition
     }
 
     /// The position after which the next page is read.
@@ -190,14 +214,28 @@ impl<S: EventStore> CatchUp<S> {
     /// Reads the next page after the current position, without waiting.
     pub async fn next_page(&mut self) -> Result<Page, StoreError> {
         // The head is read before the page: if the page comes back short,
-        // nothing of our types exists up to that head, so the subscriber may
-        // record it and not scan those events again after a restart.
+        // nothing of our types (and partition) exists up to that head, so
+        // the subscriber may record it and not scan those events again after
+        // a restart.
         let head = self.store.head().await?;
         let types: Option<Vec<&str>> = self.types.clone();
-        let events = self
-            .store
-            .read_all(self.position, types.as_deref(), self.options.batch_size)
-            .await?;
+        let events = match self.partition {
+            None => {
+                self.store
+                    .read_all(self.position, types.as_deref(), self.options.batch_size)
+                    .await?
+            }
+            Some(partition) => {
+                self.store
+                    .read_all_partition(
+                        self.position,
+                        types.as_deref(),
+                        partition,
+                        self.options.batch_size,
+                    )
+                    .await?
+            }
+        };
         self.last_head = head.max(events.last().map_or(head, |e| e.position));
         let caught_up = events.len() < self.options.batch_size;
         let through = match events.last() {

@@ -12,14 +12,22 @@
 //! sub_helper project <db> <name> <batch> <pause_every> <pause_us>
 //!     catches the balances projection up once, sleeping `pause_us` in the
 //!     apply of every `pause_every`-th position -> "CAUGHT_UP <position>"
+//! sub_helper pgworker <url> <schema> <name> <owner> <ttl_ms> <batch> <apply_delay_us> <count> <first>
+//!     PostgreSQL: runs the partitions of the PgBalances projection split in
+//!     `count`, with leases in the store (owner `owner`): at once the ones in
+//!     `first` (comma-separated indices), the others after a line "others"
+//!     on stdin; until a line "stop" (or EOF) -> "STATE <key> <kind>" on
+//!     every change, "LIVE <key> <position>" when caught up, "STOPPED"
+//!     after shutdown
 //! ```
 
 use std::io::BufRead;
 use std::time::Duration;
 
 use aftermath::projection::{ProjectionOptions, ProjectionRunner, ReadModelDb};
-use aftermath::worker::{Backoff, SubscriberState, Worker};
+use aftermath::worker::{Backoff, RunningWorker, SubscriberState, Worker};
 use aftermath::{SqliteStore, StoreError};
+use aftermath_tests::postgres::PgBalances;
 use aftermath_tests::projections::{Balances, append_accounts};
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
@@ -40,6 +48,102 @@ fn kind(state: &SubscriberState) -> &'static str {
     }
 }
 
+/// The `pgworker` mode (see the module docs).
+async fn pg_worker(args: &[String]) -> Result<(), StoreError> {
+    let url: String = arg(args, 1, "url");
+    let schema: String = arg(args, 2, "schema");
+    let name: String = arg(args, 3, "name");
+    let owner: String = arg(args, 4, "owner");
+    let ttl = Duration::from_millis(arg(args, 5, "ttl_ms"));
+    let batch: usize = arg(args, 6, "batch");
+    let delay = Duration::from_micros(arg(args, 7, "apply_delay_us"));
+    let count: u32 = arg(args, 8, "count");
+    let first: String = arg(args, 9, "first");
+    let first: Vec<u32> = first
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("a partition index"))
+        .collect();
+    let store = aftermath_tests::postgres::connect(&url, &schema).await;
+    let worker = |indices: Vec<u32>| {
+        let mut worker = Worker::new()
+            .owner(owner.clone())
+            .with_leases(store.clone(), ttl)
+            .backoff(Backoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(500),
+            });
+        for index in indices {
+            let projection = PgBalances::new(&schema, &name, &owner).delay(delay);
+            worker = worker.add_subscriber(
+                ProjectionRunner::new(projection, store.clone(), store.clone())
+                    .options(
+                        ProjectionOptions::default()
+                            .batch_size(batch)
+                            .poll_interval(Duration::from_millis(50)),
+                    )
+                    .partition(index, count),
+            );
+        }
+        worker.start()
+    };
+    let others: Vec<u32> = (0..count).filter(|i| !first.contains(i)).collect();
+    let mut workers: Vec<RunningWorker> = vec![worker(first)];
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line.trim().to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut others = Some(others);
+    let mut last: std::collections::HashMap<String, (&'static str, Option<aftermath::Position>)> =
+        Default::default();
+    loop {
+        for worker in &workers {
+            for status in worker.status() {
+                let now = kind(&status.state);
+                let seen = last.entry(status.name.clone()).or_insert(("", None));
+                if seen.0 != now {
+                    println!("STATE {} {now}", status.name);
+                    if let SubscriberState::Retrying { error, .. }
+                    | SubscriberState::Stopped(Some(error)) = &status.state
+                    {
+                        eprintln!("{} {now}: {error}", status.name);
+                    }
+                    seen.0 = now;
+                }
+                if status.state == SubscriberState::Live
+                    && status.lag.events == 0
+                    && seen.1 != Some(status.lag.position)
+                {
+                    println!("LIVE {} {}", status.name, status.lag.position);
+                    seen.1 = Some(status.lag.position);
+                }
+            }
+        }
+        tokio::select! {
+            line = lines.recv() => match line.as_deref() {
+                Some("others") => {
+                    if let Some(others) = others.take() {
+                        workers.push(worker(others));
+                    }
+                }
+                Some("stop") | None => break,
+                Some(_) => {}
+            },
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    for worker in workers {
+        worker.shutdown().await;
+    }
+    println!("STOPPED");
+    Ok(())
+}
+
 fn main() -> Result<(), StoreError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -48,6 +152,9 @@ fn main() -> Result<(), StoreError> {
         .build()
         .expect("tokio runtime");
     let mode: String = arg(&args, 0, "mode");
+    if mode == "pgworker" {
+        return runtime.block_on(pg_worker(&args));
+    }
     let db: String = arg(&args, 1, "database path");
     runtime.block_on(async move {
         let store = SqliteStore::open(&db).await?;

@@ -9,11 +9,12 @@ use sqlx_core::row::Row;
 use sqlx_postgres::PgPool;
 use uuid::Uuid;
 
-use super::events::{Sql, db, position_of, sql_int, stmt, stream_version, version_of};
+use super::events::{Sql, db, position_of, sql_int, stmt, stored_hash, stream_version, version_of};
 use super::order::MAX_EVENTS_PER_TRANSACTION;
 use super::types::Xid8;
 use crate::event::{EventData, Position};
 use crate::store::{AppendResult, ExpectedVersion, StoreError};
+use crate::subscription::stream_hash;
 
 /// A failure inside the store that has no driver error of its own.
 #[derive(Debug)]
@@ -101,6 +102,7 @@ pub(super) async fn append(
         .collect::<Result<Vec<String>, _>>()
         .map_err(|e| StoreError::database("encoding event metadata", e))?;
     let correlation: Vec<Uuid> = events.iter().map(|e| e.metadata.correlation_id).collect();
+    let hash = stored_hash(stream_hash(stream));
     let causation: Vec<Uuid> = events.iter().map(|e| e.metadata.causation_id).collect();
 
     let mut attempt = 0;
@@ -118,6 +120,7 @@ pub(super) async fn append(
             .bind(&metadata[..])
             .bind(&correlation[..])
             .bind(&causation[..])
+            .bind(hash)
             .fetch_one(pool)
             .await;
         let row = match outcome {

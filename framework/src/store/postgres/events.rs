@@ -13,6 +13,7 @@ use super::order;
 use super::types::{Timestamp, Xid8};
 use crate::event::{Metadata, Position, StoredEvent};
 use crate::store::{Direction, Snapshot, StoreError};
+use crate::subscription::Partition;
 use crate::upcast::Upcasters;
 
 /// The columns [`event_from_row`] reads, in its order.
@@ -29,6 +30,8 @@ pub(super) struct Sql {
     read_backward: Arc<str>,
     read_all: Arc<str>,
     read_all_typed: Arc<str>,
+    read_partition: Arc<str>,
+    read_partition_typed: Arc<str>,
     find_event: Arc<str>,
     head: Arc<str>,
     pub(super) held_back: Arc<str>,
@@ -43,7 +46,7 @@ impl Sql {
         Sql {
             append: s(format!(
                 "SELECT out_version, out_transaction, out_first_seq \
-                 FROM {schema}.append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                 FROM {schema}.append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
             )),
             stream_version: s(format!(
                 "SELECT coalesce(max(version), 0) FROM {schema}.events WHERE stream = $1"
@@ -85,6 +88,32 @@ impl Sql {
                      WHERE e.event_type = wanted.event_type \
                        AND (e.transaction_id, e.seq) > ($1, $2) \
                        AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                     ORDER BY e.transaction_id, e.seq LIMIT $3) k \
+                   ORDER BY k.transaction_id, k.seq LIMIT $3 \
+                 ) keys ON transaction_id = keys.t AND seq = keys.s \
+                 ORDER BY transaction_id, seq"
+            )),
+            // One partition: the streams whose `stream_hash` is in [$4, $5]
+            // (see `subscription/partition.rs`), otherwise as `read_all`.
+            read_partition: s(format!(
+                "SELECT {COLUMNS} FROM {schema}.events \
+                 WHERE (transaction_id, seq) > ($1, $2) \
+                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND stream_hash BETWEEN $4 AND $5 \
+                 ORDER BY transaction_id, seq LIMIT $3"
+            )),
+            // As `read_all_typed`; `events_by_type` includes `stream_hash`,
+            // so the per-type scans stay in the index.
+            read_partition_typed: s(format!(
+                "SELECT {COLUMNS} FROM {schema}.events JOIN ( \
+                   SELECT k.transaction_id AS t, k.seq AS s \
+                   FROM unnest($4::text[]) AS wanted(event_type) \
+                   CROSS JOIN LATERAL ( \
+                     SELECT e.transaction_id, e.seq FROM {schema}.events e \
+                     WHERE e.event_type = wanted.event_type \
+                       AND (e.transaction_id, e.seq) > ($1, $2) \
+                       AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                       AND e.stream_hash BETWEEN $5 AND $6 \
                      ORDER BY e.transaction_id, e.seq LIMIT $3) k \
                    ORDER BY k.transaction_id, k.seq LIMIT $3 \
                  ) keys ON transaction_id = keys.t AND seq = keys.s \
@@ -264,6 +293,49 @@ pub(super) async fn read_all(
             .bind(types),
     };
     let rows = query.fetch_all(pool).await.map_err(db("reading $all"))?;
+    collect(rows, upcasters)
+}
+
+/// The stored form of a stream hash (`stream_hash` column): the unsigned
+/// hash minus 2^63, which keeps its order in a signed `bigint`.
+pub(super) fn stored_hash(hash: u64) -> i64 {
+    (hash ^ (1 << 63)) as i64
+}
+
+/// Reads a page of one partition of `$all` (see [`read_all`]).
+pub(super) async fn read_partition(
+    pool: &PgPool,
+    sql: &Sql,
+    after: Position,
+    types: Option<&[String]>,
+    partition: Partition,
+    limit: usize,
+    upcasters: &Upcasters,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let (transaction, seq) = order::decode(after);
+    let limit = sql_int(limit as u64);
+    let (first, last) = partition.hash_range();
+    let (first, last) = (stored_hash(first), stored_hash(last));
+    let query = match types {
+        None => stmt(&sql.read_partition)
+            .bind(transaction)
+            .bind(seq)
+            .bind(limit)
+            .bind(first)
+            .bind(last),
+        Some([]) => return Ok(Vec::new()),
+        Some(types) => stmt(&sql.read_partition_typed)
+            .bind(transaction)
+            .bind(seq)
+            .bind(limit)
+            .bind(types)
+            .bind(first)
+            .bind(last),
+    };
+    let rows = query
+        .fetch_all(pool)
+        .await
+        .map_err(db("reading a partition of $all"))?;
     collect(rows, upcasters)
 }
 

@@ -22,6 +22,16 @@
 //!   refuses a newer schema with [`StoreError::Incompatible`].
 //! - **`watch_head`** moves after appends through this handle, and on
 //!   `LISTEN/NOTIFY` (with a poll fallback) for appends of other processes.
+//! - **Subscribers persist here too**: the store is a
+//!   [`ReadModelDb`](crate::projection::ReadModelDb) (projections write
+//!   through [`PgTx`], the open transaction that also commits their
+//!   checkpoint), a [`CheckpointStore`](crate::subscription::CheckpointStore),
+//!   a [`LeaseStore`](crate::subscription::LeaseStore) whose fenced writes
+//!   are atomic with the lease check (`subscriptions.rs` says why), and an
+//!   [`EffectJournal`](crate::reactor::EffectJournal).
+//! - **Partitioned reads** filter in SQL: every event row stores its
+//!   stream's [`stream_hash`](crate::subscription::stream_hash), and
+//!   [`EventStore::read_all_partition`] reads one range of it.
 //!
 //! The pool is yours to share: [`PostgresStore::pool`] (or
 //! [`PostgresStore::from_pool`]) lets projections run their own SQL on the
@@ -44,16 +54,23 @@ use super::{
     validate_stream,
 };
 use crate::event::{EventData, Position, StoredEvent};
+use crate::subscription::Partition;
 use crate::upcast::Upcasters;
 
 mod append;
 mod events;
 mod horizon;
+#[cfg(feature = "nats")]
+mod inbox;
+mod journal;
 mod order;
 mod schema;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod types;
+
+pub use subscriptions::PgTx;
 
 /// The sqlx core crate this backend uses (queries, rows, executors), for
 /// SQL of your own on [`PostgresStore::pool`].
@@ -261,6 +278,7 @@ pub struct Blocker {
 struct Shared {
     pool: PgPool,
     sql: Arc<Sql>,
+    statements: subscriptions::Statements,
     head: Arc<watch::Sender<Position>>,
     progress: Arc<Progress>,
     wake: Arc<Notify>,
@@ -432,6 +450,7 @@ impl PostgresStore {
             shared: Arc::new(Shared {
                 pool,
                 sql,
+                statements: subscriptions::Statements::new(&format!("\"{name}\"")),
                 head,
                 progress,
                 wake,
@@ -464,6 +483,15 @@ impl PostgresStore {
     /// responsible. Cheap enough to export as a metric.
     pub async fn held_back(&self) -> Result<Option<HeldBack>, StoreError> {
         horizon::held_back(&self.shared.pool, &self.shared.sql).await
+    }
+
+    /// The stored event types that read as `types` (with the upcasters' old
+    /// names), without duplicates.
+    fn stored_types(&self, types: &[&str]) -> Vec<String> {
+        let mut stored = self.shared.upcasters.stored_types(types);
+        let mut seen = std::collections::HashSet::with_capacity(stored.len());
+        stored.retain(|t| seen.insert(t.clone()));
+        stored
     }
 
     /// Waits (bounded) until this handle's last append is readable in `$all`.
@@ -540,18 +568,44 @@ impl EventStore for PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let types = types.map(|t| {
-            let mut stored = self.shared.upcasters.stored_types(t);
-            let mut seen = std::collections::HashSet::with_capacity(stored.len());
-            stored.retain(|t| seen.insert(t.clone()));
-            stored
-        });
+        let types = types.map(|t| self.stored_types(t));
         let read = || {
             events::read_all(
                 &self.shared.pool,
                 &self.shared.sql,
                 after,
                 types.as_deref(),
+                limit,
+                &self.shared.upcasters,
+            )
+        };
+        let page = read().await?;
+        if page.len() < limit && self.own_writes().await? {
+            return read().await;
+        }
+        Ok(page)
+    }
+
+    /// Filters in SQL on the `stream_hash` column (one range of hashes per
+    /// partition), below the horizon like `read_all`.
+    async fn read_all_partition(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        partition: Partition,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let types = types.map(|t| self.stored_types(t));
+        let read = || {
+            events::read_partition(
+                &self.shared.pool,
+                &self.shared.sql,
+                after,
+                types.as_deref(),
+                partition,
                 limit,
                 &self.shared.upcasters,
             )

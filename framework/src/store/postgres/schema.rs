@@ -15,7 +15,11 @@ use crate::store::StoreError;
 
 /// The migrations, in order: migration `i` (0-based) brings the schema to
 /// version `i + 1`. Never edit a released migration; append a new one.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_events.sql")];
+pub(super) const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_events.sql"),
+    include_str!("migrations/0002_subscriptions.sql"),
+    include_str!("migrations/0003_stream_hash.sql"),
+];
 
 /// The schema version this build creates and understands.
 pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -46,7 +50,7 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// The SQL of a migration for schema `name`.
-fn substitute(sql: &str, name: &str) -> String {
+pub(super) fn substitute(sql: &str, name: &str) -> String {
     sql.replace("{schema}", &format!("\"{name}\""))
         .replace("{name}", name)
 }
@@ -190,5 +194,10 @@ mod tests {
         assert!(!sql.contains("{schema}") && !sql.contains("{name}"));
         assert!(sql.contains("CREATE TABLE \"shop\".events"));
         assert!(sql.contains("pg_notify('shop_events', '')"));
+        for migration in &MIGRATIONS[1..] {
+            let sql = substitute(migration, "shop");
+            assert!(!sql.contains("{schema}") && !sql.contains("{name}"));
+        }
+        assert!(substitute(MIGRATIONS[2], "shop").contains("pg_notify('shop_events', '')"));
     }
 }

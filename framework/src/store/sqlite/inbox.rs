@@ -25,6 +25,18 @@ impl InboxStore for SqliteStore {
         .await
     }
 
+    async fn is_parked(&self, inbox: &str, message_id: &str) -> Result<bool, StoreError> {
+        let (inbox, message_id) = (inbox.to_owned(), message_id.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM aftermath_inbox_parked WHERE inbox = ?1 AND message_id = ?2)",
+            )
+            .and_then(|mut s| s.query_row((&inbox, &message_id), |row| row.get(0)))
+            .map_err(db("looking up a parked inbox message"))
+        })
+        .await
+    }
+
     async fn parked_messages(&self, inbox: Option<&str>) -> Result<Vec<ParkedMessage>, StoreError> {
         let inbox = inbox.map(str::to_owned);
         self.read(move |conn| {
