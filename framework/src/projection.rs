@@ -573,11 +573,13 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 self.rebuild(lease.clone()).await?;
                 return Ok(Position::ORIGIN);
             }
-            None => match self.options.subscription.start_from {
-                StartFrom::Origin => Position::ORIGIN,
-                StartFrom::After(p) => p,
-                StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
-            },
+            None => self
+                .options
+                .subscription
+                .start_from
+                .resolve(&self.store)
+                .await
+                .map_err(|e| self.store_error(e))?,
         };
         let projection = self.projection.clone();
         let commit = Commit {
@@ -1077,11 +1079,13 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
         {
             Some(p) => p,
             None => {
-                let start = match self.options.subscription.start_from {
-                    StartFrom::Origin => Position::ORIGIN,
-                    StartFrom::After(p) => p,
-                    StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
-                };
+                let start = self
+                    .options
+                    .subscription
+                    .start_from
+                    .resolve(&self.store)
+                    .await
+                    .map_err(|e| self.store_error(e))?;
                 // Remember the start at once: with `Now`, a crash before the
                 // first checkpoint would otherwise restart at a later head
                 // and never deliver the events appended in between.

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
-use crate::subscription::{CatchUp, CheckpointStore, Partition, StartFrom, stopped};
+use crate::subscription::{CatchUp, CheckpointStore, Partition, stopped};
 use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
@@ -75,7 +75,7 @@ where
     /// Journal entries and idempotency keys stay keyed by the reactor's
     /// name, so an effect recorded done never runs again, whatever the
     /// partitioning; changing `count` only makes the new partitions read
-    /// the log again from [`StartFrom`], finding their effects in the
+    /// the log again from [`StartFrom`](crate::subscription::StartFrom), finding their effects in the
     /// journal.
     ///
     /// # Panics
@@ -152,11 +152,13 @@ where
         {
             Some(p) => p,
             None => {
-                let start = match self.options.subscription.start_from {
-                    StartFrom::Origin => Position::ORIGIN,
-                    StartFrom::After(p) => p,
-                    StartFrom::Now => self.store.head().await.map_err(|e| self.store_error(e))?,
-                };
+                let start = self
+                    .options
+                    .subscription
+                    .start_from
+                    .resolve(&self.store)
+                    .await
+                    .map_err(|e| self.store_error(e))?;
                 // Remember where the first start began: a restart before the
                 // first event must not move `Now` past events appended meanwhile.
                 if start > Position::ORIGIN {

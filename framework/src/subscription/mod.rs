@@ -44,6 +44,18 @@ pub enum StartFrom {
     After(Position),
 }
 
+impl StartFrom {
+    /// The position a subscriber without a checkpoint continues after:
+    /// the origin, the given position, or `store`'s head now.
+    pub async fn resolve<S: EventStore + ?Sized>(self, store: &S) -> Result<Position, StoreError> {
+        match self {
+            StartFrom::Origin => Ok(Position::ORIGIN),
+            StartFrom::After(p) => Ok(p),
+            StartFrom::Now => store.head().await,
+        }
+    }
+}
+
 /// Tuning of a catch-up subscription.
 #[derive(Debug, Clone)]
 pub struct SubscriptionOptions {

@@ -661,9 +661,22 @@ pub(crate) fn wrong_version(
     }
 }
 
-/// True for the client's error values after which retrying may succeed
-/// (the node is unavailable, the connection dropped, a deadline passed).
-pub(crate) fn is_unavailable(error: &::kurrentdb::Error) -> bool {
+/// Whether a store error is the server being unreachable or unavailable
+/// (no node answers, the leader changed, the connection dropped, a deadline
+/// passed): a [`StoreError::Database`] (or [`StoreError::Closed`]) holding
+/// such a client error, after which retrying later may succeed.
+pub fn is_unavailable(error: &StoreError) -> bool {
+    match error {
+        StoreError::Closed(_) => true,
+        StoreError::Database { source, .. } => source
+            .downcast_ref::<::kurrentdb::Error>()
+            .is_some_and(client_unavailable),
+        _ => false,
+    }
+}
+
+/// True for the client's error values after which retrying may succeed.
+fn client_unavailable(error: &::kurrentdb::Error) -> bool {
     use ::kurrentdb::Error;
     matches!(
         error,
@@ -711,12 +724,18 @@ mod tests {
         assert_eq!(stream_read(1, Direction::Forward, 10), from(At(0), false));
         assert_eq!(stream_read(0, Direction::Forward, 10), from(At(0), false));
         assert_eq!(stream_read(5, Direction::Forward, 10), from(At(4), false));
-        assert_eq!(stream_read(u64::MAX, Direction::Forward, 10), StreamRead::Empty);
+        assert_eq!(
+            stream_read(u64::MAX, Direction::Forward, 10),
+            StreamRead::Empty
+        );
         assert_eq!(stream_read(5, Direction::Forward, 0), StreamRead::Empty);
         assert_eq!(stream_read(0, Direction::Backward, 10), StreamRead::Empty);
         assert_eq!(stream_read(1, Direction::Backward, 10), from(At(0), true));
         assert_eq!(stream_read(4, Direction::Backward, 10), from(At(3), true));
-        assert_eq!(stream_read(u64::MAX, Direction::Backward, 3), from(End, true));
+        assert_eq!(
+            stream_read(u64::MAX, Direction::Backward, 3),
+            from(End, true)
+        );
         assert_eq!(
             stream_read(MAX_SERVER_NUMBER + 1, Direction::Backward, 3),
             from(End, true)
@@ -804,7 +823,10 @@ mod tests {
         assert_eq!(value["$correlationId"], correlation.to_string());
         assert_eq!(value["$causationId"], causation.to_string());
         assert_eq!(value["user"], "ann");
-        assert_eq!(value["$$weird"], "dollar", "a `$` extra key gets one more `$`");
+        assert_eq!(
+            value["$$weird"], "dollar",
+            "a `$` extra key gets one more `$`"
+        );
         assert_eq!(value["$$$double"], "two");
         assert!(
             value.as_object().unwrap().values().all(Value::is_string),
@@ -816,7 +838,10 @@ mod tests {
         let plain = Metadata::caused_by(correlation);
         let value = json(&encode_metadata(&plain));
         assert_eq!(value.as_object().unwrap().len(), 2);
-        assert_eq!(decode_metadata(&encode_metadata(&plain), causation).unwrap(), plain);
+        assert_eq!(
+            decode_metadata(&encode_metadata(&plain), causation).unwrap(),
+            plain
+        );
     }
 
     #[test]
@@ -845,10 +870,21 @@ mod tests {
             vec![("n", "3"), ("o", r#"{"a":1}"#), ("ok", "true"), ("s", "t")]
         );
         // Present but broken is an error.
-        assert!(decode_metadata(b"not json", id).unwrap_err().contains("not JSON"));
-        assert!(decode_metadata(b"[1]", id).unwrap_err().contains("not a JSON object"));
+        assert!(
+            decode_metadata(b"not json", id)
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(
+            decode_metadata(b"[1]", id)
+                .unwrap_err()
+                .contains("not a JSON object")
+        );
         let bad = decode_metadata(br#"{"$causationId":"nope"}"#, id).unwrap_err();
-        assert!(bad.contains("$causationId") && bad.contains("UUID"), "{bad}");
+        assert!(
+            bad.contains("$causationId") && bad.contains("UUID"),
+            "{bad}"
+        );
         let bad = decode_metadata(br#"{"$correlationId":5}"#, id).unwrap_err();
         assert!(bad.contains("not a string"), "{bad}");
     }
@@ -919,7 +955,9 @@ mod tests {
         let f = AllFilter::new(&plain, Some(types.clone()));
         assert_eq!(
             f.server(),
-            ServerFilter::TypeRegex(r"^(?:Deposited|Money\.Withdrawn|a\+b\ \(v2\)\|x|ü\^\$)$".into())
+            ServerFilter::TypeRegex(
+                r"^(?:Deposited|Money\.Withdrawn|a\+b\ \(v2\)\|x|ü\^\$)$".into()
+            )
         );
         let g = AllFilter::new(&ns, Some(types.clone()));
         assert_eq!(
@@ -968,7 +1006,10 @@ mod tests {
         let all_ns = AllFilter::new(&ns, None);
         assert_eq!(all_ns.server(), ServerFilter::TypePrefix("t1.".into()));
         assert!(all_ns.matches("t1.s-1", "t1.Deposited"));
-        assert!(!all_ns.matches("t2.s-1", "t1.Deposited"), "another namespace's stream");
+        assert!(
+            !all_ns.matches("t2.s-1", "t1.Deposited"),
+            "another namespace's stream"
+        );
         assert!(!all_ns.matches("t1.s-1", "t2.Deposited"));
         assert!(!all_ns.matches("t1.s", "$aftermath-reserved"));
         assert!(!server_matches(&all_ns.server(), "$aftermath-reserved"));
@@ -1119,7 +1160,10 @@ mod tests {
         match store_error("appending", loc, "s-1", Error::AccessDenied) {
             StoreError::Incompatible { location, reason } => {
                 assert_eq!(location, loc);
-                assert!(reason.contains("access denied during appending"), "{reason}");
+                assert!(
+                    reason.contains("access denied during appending"),
+                    "{reason}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1137,17 +1181,39 @@ mod tests {
             Error::DeadlineExceeded,
         ];
         for e in unavailable {
-            assert!(is_unavailable(&e), "{e}");
-            match store_error("reading", loc, "s", e.clone()) {
+            assert!(client_unavailable(&e), "{e}");
+            let mapped = store_error("reading", loc, "s", e.clone());
+            assert!(is_unavailable(&mapped), "{mapped}");
+            match mapped {
                 StoreError::Database { operation, source } => {
                     assert_eq!(operation, "reading");
-                    let inner = source.downcast_ref::<Error>().expect("the client's error kept");
+                    let inner = source
+                        .downcast_ref::<Error>()
+                        .expect("the client's error kept");
                     assert_eq!(inner.to_string(), e.to_string());
                 }
                 other => panic!("{other:?}"),
             }
         }
-        assert!(!is_unavailable(&Error::ResourceNotFound));
+        assert!(!client_unavailable(&Error::ResourceNotFound));
+        assert!(is_unavailable(&store_error(
+            "r",
+            loc,
+            "s",
+            Error::ConnectionClosed
+        )));
+        assert!(!is_unavailable(&store_error(
+            "r",
+            loc,
+            "s",
+            Error::AccessDenied
+        )));
+        assert!(!is_unavailable(&store_error(
+            "r",
+            loc,
+            "s",
+            Error::ResourceDeleted
+        )));
         // Internal version conflicts are not the caller's.
         let internal = store_error(
             "claiming",
@@ -1159,7 +1225,11 @@ mod tests {
             },
         );
         assert!(matches!(internal, StoreError::Database { .. }));
-        match wrong_version("s-1", ExpectedVersion::Exact(2), CurrentRevision::Current(4)) {
+        match wrong_version(
+            "s-1",
+            ExpectedVersion::Exact(2),
+            CurrentRevision::Current(4),
+        ) {
             StoreError::WrongExpectedVersion {
                 stream,
                 expected,
@@ -1171,7 +1241,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            wrong_version("s", ExpectedVersion::StreamExists, CurrentRevision::NoStream),
+            wrong_version(
+                "s",
+                ExpectedVersion::StreamExists,
+                CurrentRevision::NoStream
+            ),
             StoreError::WrongExpectedVersion { actual: 0, .. }
         ));
     }

@@ -120,7 +120,11 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use mapping::KurrentError;
+pub use mapping::{KurrentError, is_unavailable};
+
+/// The `kurrentdb` client crate this backend uses, for calls of your own
+/// (persistent subscriptions, projections, raw reads).
+pub use ::kurrentdb as client;
 
 use mapping::{
     AllFilter, Claim, Decision, IdRecord, Names, Observed, RELEASED_TYPE, RESERVED_TYPE,
@@ -488,8 +492,8 @@ impl KurrentStore {
         else {
             return Ok(None);
         };
-        let record =
-            mapping::decode_id_record(&rec.event_type, &rec.data).map_err(|m| Self::corrupt(&rec, m))?;
+        let record = mapping::decode_id_record(&rec.event_type, &rec.data)
+            .map_err(|m| Self::corrupt(&rec, m))?;
         Ok(Some((rec.revision, record)))
     }
 
@@ -500,7 +504,10 @@ impl KurrentStore {
         reservation: &Reservation,
         id: Uuid,
     ) -> Result<(Claim, Option<Rec>), StoreError> {
-        let observed = match self.rec_at(&reservation.stream, reservation.version()).await? {
+        let observed = match self
+            .rec_at(&reservation.stream, reservation.version())
+            .await?
+        {
             Some(rec) => {
                 let found = rec.id;
                 let claim = mapping::classify(reservation, id, Observed::Event(found));
@@ -617,20 +624,23 @@ impl KurrentStore {
     /// Gives back reservations of an append that was not sent (best effort:
     /// one taken over since is left alone).
     async fn release(&self, claimed: &[(Uuid, u64)]) {
-        let releases = claimed.iter().map(|&(id, rev)| async move {
-            let stream = self.names().id_stream(id);
-            if let Err(e) = self
-                .server()
-                .append(
-                    &stream,
-                    ::kurrentdb::StreamState::StreamRevision(rev),
-                    Self::id_event(RELEASED_TYPE, b"{}".to_vec()),
-                )
-                .await
-            {
-                tracing::debug!(%id, error = %e, "could not release an event id reservation");
-            }
-        });
+        let releases: Vec<_> = claimed
+            .iter()
+            .map(|&(id, rev)| async move {
+                let stream = self.names().id_stream(id);
+                if let Err(e) = self
+                    .server()
+                    .append(
+                        &stream,
+                        ::kurrentdb::StreamState::StreamRevision(rev),
+                        Self::id_event(RELEASED_TYPE, b"{}".to_vec()),
+                    )
+                    .await
+                {
+                    tracing::debug!(%id, error = %e, "could not release an event id reservation");
+                }
+            })
+            .collect();
         futures::stream::iter(releases)
             .buffer_unordered(CLAIM_CONCURRENCY)
             .collect::<Vec<()>>()
@@ -654,15 +664,17 @@ impl KurrentStore {
                 index,
             })
             .collect();
-        let outcomes: Vec<Result<Claimed, StoreError>> = futures::stream::iter(
-            events
-                .iter()
-                .zip(&wanted)
-                .map(|(event, wanted)| self.claim(event.id, wanted)),
-        )
-        .buffered(CLAIM_CONCURRENCY)
-        .collect()
-        .await;
+        // Futures collected first: a closure inside the stream would not be
+        // `Send` for every lifetime (the trait's futures must be).
+        let claims: Vec<_> = events
+            .iter()
+            .zip(&wanted)
+            .map(|(event, wanted)| self.claim(event.id, wanted))
+            .collect();
+        let outcomes: Vec<Result<Claimed, StoreError>> = futures::stream::iter(claims)
+            .buffered(CLAIM_CONCURRENCY)
+            .collect()
+            .await;
         let mut releasable = Vec::new();
         let mut conflict = None;
         let mut failure = None;
@@ -766,11 +778,17 @@ impl KurrentStore {
         self.batch_at(stream, version, events).await
     }
 
-    fn result_of(&self, head: &Rec, tail: &Rec, duplicate: bool) -> Result<AppendResult, StoreError> {
+    fn result_of(
+        &self,
+        head: &Rec,
+        tail: &Rec,
+        duplicate: bool,
+    ) -> Result<AppendResult, StoreError> {
         let position = |rec: &Rec| {
             mapping::position_of(rec.commit, rec.prepare).map_err(|m| Self::corrupt(rec, m))
         };
-        let version = |rec: &Rec| mapping::version_of(rec.revision).map_err(|m| Self::corrupt(rec, m));
+        let version =
+            |rec: &Rec| mapping::version_of(rec.revision).map_err(|m| Self::corrupt(rec, m));
         Ok(AppendResult {
             first_version: version(head)?,
             last_version: version(tail)?,
@@ -825,9 +843,8 @@ impl EventStore for KurrentStore {
         mapping::check_user_stream(stream)?;
         check_ids(stream, &events)?;
         for event in &events {
-            mapping::check_event_type(&event.event_type).map_err(|m| {
-                StoreError::database("append", KurrentError::ReservedEventType(m))
-            })?;
+            mapping::check_event_type(&event.event_type)
+                .map_err(|m| StoreError::database("append", KurrentError::ReservedEventType(m)))?;
         }
         let names = self.names();
         let server_stream = names.stream(stream);
@@ -912,7 +929,16 @@ impl EventStore for KurrentStore {
             return Ok(Vec::new());
         };
         let server_stream = self.names().stream(stream);
-        let read = |start| self.read_recs("reading a stream", &server_stream, stream, start, backwards, limit);
+        let read = |start| {
+            self.read_recs(
+                "reading a stream",
+                &server_stream,
+                stream,
+                start,
+                backwards,
+                limit,
+            )
+        };
         let mut recs = read(start).await?;
         // A backward read from beyond the end returns only the existing part
         // of the range: read again from the end.
@@ -947,7 +973,7 @@ impl EventStore for KurrentStore {
         let mut out = Vec::new();
         loop {
             // The start event itself comes back (forward reads include it).
-            let want = limit - out.len() + 1;
+            let want = (limit - out.len()).saturating_add(1);
             let recs = self
                 .server()
                 .read_all(start, false, &server_filter, want)
@@ -1033,8 +1059,9 @@ impl EventStore for KurrentStore {
                     StreamState::NoStream
                 }
                 Some(rec) => {
-                    let newer = mapping::decode_snapshot(&snapshot.stream, &rec.metadata, &rec.data)
-                        .is_ok_and(|stored| stored.version > snapshot.version);
+                    let newer =
+                        mapping::decode_snapshot(&snapshot.stream, &rec.metadata, &rec.data)
+                            .is_ok_and(|stored| stored.version > snapshot.version);
                     if newer {
                         return Ok(());
                     }

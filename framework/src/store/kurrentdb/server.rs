@@ -4,7 +4,7 @@
 
 use ::kurrentdb::{
     AppendToStreamOptions, Client, ReadAllOptions, ReadStreamOptions, ResolvedEvent,
-    StreamMetadata, StreamPosition, StreamState, SubscribeToAllOptions,
+    StreamMetadata, StreamPosition, StreamState, SubscribeToAllOptions, Subscription,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -116,9 +116,9 @@ fn client_event(event: Proposed) -> ::kurrentdb::EventData {
         metadata,
     } = event;
     // `RawValue` keeps the text as it is, except surrounding whitespace.
-    let json = std::str::from_utf8(&data).ok().is_some_and(|text| {
-        text.trim() == text && serde_json::from_str::<&RawValue>(text).is_ok()
-    });
+    let json = std::str::from_utf8(&data)
+        .ok()
+        .is_some_and(|text| text.trim() == text && serde_json::from_str::<&RawValue>(text).is_ok());
     let out = if json {
         let text = String::from_utf8(data).expect("checked to be UTF-8");
         let raw = RawValue::from_string(text).expect("checked to be JSON");
@@ -236,16 +236,24 @@ impl Server for ClientServer {
         let options = SubscribeToAllOptions::default()
             .position(start)
             .filter(filter.to_client());
-        let subscription = self.client.subscribe_to_all(&options);
-        Box::pin(futures::stream::unfold(
-            Some(subscription),
-            |subscription| async move {
-                let mut subscription = subscription?;
-                match subscription.next().await {
-                    Ok(event) => Some((rec(event), Some(subscription))),
-                    Err(e) => Some((Err(e), None)),
+        enum State {
+            Fresh(Box<(Client, SubscribeToAllOptions)>),
+            Live(Box<Subscription>),
+        }
+        let state = State::Fresh(Box::new((self.client.clone(), options)));
+        Box::pin(futures::stream::unfold(Some(state), |state| async move {
+            let mut subscription = match state? {
+                State::Fresh(fresh) => {
+                    let (client, options) = *fresh;
+                    client.subscribe_to_all(&options).await
                 }
-            },
-        ))
+                State::Live(subscription) => *subscription,
+            };
+            match subscription.next().await {
+                Ok(event) => Some((rec(event), Some(State::Live(Box::new(subscription))))),
+                // The subscription is over: one error, then the end.
+                Err(e) => Some((Err(e), None)),
+            }
+        }))
     }
 }

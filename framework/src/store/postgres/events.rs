@@ -126,7 +126,9 @@ impl Sql {
             // whether committed events wait above it.
             head: s(format!(
                 "SELECT h.horizon, e.transaction_id, e.seq, \
-                   EXISTS (SELECT 1 FROM {schema}.events w WHERE w.transaction_id >= h.horizon) \
+                   (SELECT w.transaction_id FROM {schema}.events w \
+                     WHERE w.transaction_id >= h.horizon \
+                     ORDER BY w.transaction_id LIMIT 1) IS NOT NULL \
                  FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h \
                  LEFT JOIN LATERAL ( \
                    SELECT transaction_id, seq FROM {schema}.events \

@@ -350,3 +350,39 @@ async fn listen_on(pool: &PgPool, channel: &str, wake: &Notify) -> sqlx_core::Er
         wake.notify_one();
     }
 }
+
+/// Sends the store's NOTIFY after appends have committed, outside their
+/// transactions: PostgreSQL serializes the commits of notifying
+/// transactions, so a NOTIFY inside every append would cap concurrent
+/// writers at about one commit at a time. Wake-ups that arrive while a
+/// NOTIFY is under way coalesce into the next one. Listeners only use it to
+/// wake up; nothing depends on it arriving.
+pub(super) struct Notifier {
+    pub(super) pool: PgPool,
+    pub(super) channel: String,
+    pub(super) wake: Arc<Notify>,
+}
+
+impl Notifier {
+    /// Starts the task; it stops when the returned sender is dropped.
+    pub(super) fn spawn(self) -> oneshot::Sender<()> {
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = self.wake.notified() => {}
+                }
+                let sent =
+                    sqlx_core::query::query::<sqlx_postgres::Postgres>("SELECT pg_notify($1, '')")
+                        .bind(&self.channel)
+                        .execute(&self.pool)
+                        .await;
+                if let Err(e) = sent {
+                    tracing::debug!(channel = %self.channel, error = %e, "NOTIFY failed; listeners fall back to polling");
+                }
+            }
+        });
+        stop
+    }
+}

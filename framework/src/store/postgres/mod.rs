@@ -167,13 +167,13 @@ impl PostgresOptions {
         self
     }
 
-    /// Whether each append sends `NOTIFY <schema>_events` in its
-    /// transaction, waking the `watch_head` of store handles in other
-    /// processes at once. PostgreSQL serializes the commits of notifying
-    /// transactions (a lock held through the commit's WAL flush), which can
-    /// cap append throughput on slow disks; without it other processes see
-    /// appends at their next poll ([`PostgresOptions::poll_interval`]).
-    /// Default on.
+    /// Whether appends are followed by `NOTIFY <schema>_events`, waking the
+    /// `watch_head` of store handles in other processes at once. The NOTIFY
+    /// is sent after the append committed, from a background task that
+    /// coalesces bursts, never inside the append's transaction (PostgreSQL
+    /// serializes the commits of notifying transactions, which would cap
+    /// concurrent writers). Without it other processes see appends at their
+    /// next poll ([`PostgresOptions::poll_interval`]). Default on.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = notify;
         self
@@ -288,8 +288,12 @@ struct Shared {
     strict: bool,
     notify: bool,
     own_writes_timeout: Duration,
+    /// Wakes the after-commit notifier (when `notify` is on).
+    notifier: Arc<Notify>,
     /// Dropping it (with the last handle) stops the background task.
     _background: oneshot::Sender<()>,
+    /// Dropping it (with the last handle) stops the notifier.
+    _notifier: oneshot::Sender<()>,
 }
 
 /// An [`EventStore`] in a PostgreSQL schema. Clones share the pool and the
@@ -446,6 +450,13 @@ impl PostgresStore {
             warn_after: options.held_back_warning,
         }
         .spawn();
+        let notifier = Arc::new(Notify::new());
+        let notifier_task = horizon::Notifier {
+            pool: pool.clone(),
+            channel: format!("{name}_events"),
+            wake: notifier.clone(),
+        }
+        .spawn();
         Ok(PostgresStore {
             shared: Arc::new(Shared {
                 pool,
@@ -460,7 +471,9 @@ impl PostgresStore {
                 strict: options.strict_order,
                 notify: options.notify,
                 own_writes_timeout: options.own_writes_timeout,
+                notifier,
                 _background: background,
+                _notifier: notifier_task,
             }),
         })
     }
@@ -525,12 +538,16 @@ impl EventStore for PostgresStore {
             expected,
             &events,
             self.shared.strict,
-            self.shared.notify,
+            // Never inside the append's transaction: see `horizon::Notifier`.
+            false,
         )
         .await?;
         if let Some(transaction) = done.transaction {
             self.shared.progress.appended(transaction);
             self.shared.wake.notify_one();
+            if self.shared.notify {
+                self.shared.notifier.notify_one();
+            }
         }
         Ok(done.result)
     }
