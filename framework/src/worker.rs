@@ -189,10 +189,22 @@ impl RunContext {
     }
 
     /// Updates the reported status.
+    ///
+    /// Every update is also a `tracing` event (target `aftermath::lag`, level
+    /// debug; a state change at info) carrying the subscriber, its state and
+    /// its lag in positions and seconds, so lag can be followed in logs and
+    /// exported from a tracing layer.
     pub fn report(&self, f: impl FnOnce(&mut SubscriberStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let before = status.state.clone();
         f(&mut status);
         status.updated_at = Utc::now();
+        let (name, state, lag) = (&status.name, &status.state, status.lag);
+        if *state != before {
+            tracing::info!(target: "aftermath::lag", subscriber = %name, state = ?state, position = %lag.position, head = %lag.head, lag_events = lag.events, lag_seconds = lag.seconds, "subscriber state changed");
+        } else {
+            tracing::debug!(target: "aftermath::lag", subscriber = %name, state = ?state, position = %lag.position, head = %lag.head, lag_events = lag.events, lag_seconds = lag.seconds, "subscriber progress");
+        }
     }
 
     /// The current status.
