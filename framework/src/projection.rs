@@ -1032,7 +1032,9 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
             Err(e) => return Err(event_error(e.message)),
         };
         let mut delay = self.options.retry_delay;
-        for attempt in 1..=self.options.attempts {
+        // At least one attempt, whatever the options say.
+        let attempts = self.options.attempts.max(1);
+        for attempt in 1..=attempts {
             let handled = AssertUnwindSafe(self.projection.handle(&event))
                 .catch_unwind()
                 .await
@@ -1044,7 +1046,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
                 });
             match handled {
                 Ok(()) => return Ok(true),
-                Err(e) if attempt == self.options.attempts => {
+                Err(e) if attempt == attempts => {
                     return Err(event_error(e.to_string()));
                 }
                 Err(e) => {

@@ -111,8 +111,10 @@ pub trait EffectJournal: Send + Sync + 'static {
     /// Inserts or replaces an entry, fenced by `lease` when given.
     async fn record(&self, effect: &Effect, lease: Option<&Lease>) -> Result<(), StoreError>;
 
-    /// Entries that hold their stream: parked, retry-requested and blocked,
-    /// by stream then position.
+    /// Entries that are not finished: parked, retry-requested and blocked
+    /// (they hold their stream), and started or failed (an effect that was
+    /// under way when its run stopped; the runner runs it again, even when
+    /// the checkpoint is already past it), by stream then position.
     async fn held(&self, reactor: &str) -> Result<Vec<Effect>, StoreError>;
 
     /// Dead letters (parked and retry-requested) of one reactor or all, oldest first.
@@ -173,10 +175,7 @@ impl MemoryJournal {
 }
 
 fn is_held(state: EffectState) -> bool {
-    matches!(
-        state,
-        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
-    )
+    !matches!(state, EffectState::Done | EffectState::Skipped)
 }
 
 #[async_trait]

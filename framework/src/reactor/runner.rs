@@ -247,7 +247,20 @@ where
             .map_err(|e| self.store_error(e))?;
         let held: HashSet<String> = match self.options.park_policy {
             ParkPolicy::Continue => HashSet::new(),
-            ParkPolicy::HoldStream => self.held().await?.into_iter().map(|e| e.stream).collect(),
+            // Only entries that hold their stream; started or failed ones
+            // are being (or will be) run again, they do not hold it.
+            ParkPolicy::HoldStream => self
+                .held()
+                .await?
+                .into_iter()
+                .filter(|e| {
+                    matches!(
+                        e.state,
+                        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
+                    )
+                })
+                .map(|e| e.stream)
+                .collect(),
         };
         // One lane per stream, in order of first appearance.
         let mut order: Vec<&str> = Vec::new();
@@ -265,7 +278,7 @@ where
         let mut running = FuturesUnordered::new();
         let mut outcomes: Vec<Result<LaneOutcome, SubscriberError>> = Vec::new();
         loop {
-            while running.len() < self.options.concurrency {
+            while running.len() < self.options.concurrency.max(1) {
                 let Some(stream) = waiting.next() else { break };
                 let lane = lanes.remove(stream).unwrap_or_default();
                 running.push(self.run_lane(ctx, lane, &journal, held.contains(stream)));
@@ -489,8 +502,9 @@ where
         }
     }
 
-    /// Runs what operators released: retried parked effects, then the events
-    /// held behind them, per stream in order. Returns false on shutdown.
+    /// Runs what operators released (retried parked effects, then the events
+    /// held behind them) and effects left started or failed by a stopped run,
+    /// per stream in order. Returns false on shutdown.
     async fn release_held(&self, ctx: &RunContext) -> Result<bool, SubscriberError> {
         let held = self.held().await?;
         let mut current_stream: Option<String> = None;
@@ -509,7 +523,11 @@ where
                 // Blocked entries run once nothing before them is parked
                 // (or when the policy no longer holds streams).
                 EffectState::Blocked => true,
-                _ => false,
+                // Under way when a run stopped (crash, failed journal write,
+                // shutdown during a backoff): run again with the same key,
+                // even if the checkpoint is already past it.
+                EffectState::Started | EffectState::Failed => true,
+                EffectState::Done | EffectState::Skipped => continue,
             };
             if !runnable {
                 stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;

@@ -231,25 +231,22 @@ impl<S: EventStore> CatchUp<S> {
         // a restart.
         let head = self.store.head().await?;
         let types: Option<Vec<&str>> = self.types.clone();
+        // A page of 0 would read nothing and look caught up: never skip.
+        let limit = self.options.batch_size.max(1);
         let events = match self.partition {
             None => {
                 self.store
-                    .read_all(self.position, types.as_deref(), self.options.batch_size)
+                    .read_all(self.position, types.as_deref(), limit)
                     .await?
             }
             Some(partition) => {
                 self.store
-                    .read_all_partition(
-                        self.position,
-                        types.as_deref(),
-                        partition,
-                        self.options.batch_size,
-                    )
+                    .read_all_partition(self.position, types.as_deref(), partition, limit)
                     .await?
             }
         };
         self.last_head = head.max(events.last().map_or(head, |e| e.position));
-        let caught_up = events.len() < self.options.batch_size;
+        let caught_up = events.len() < limit;
         let through = match events.last() {
             Some(last) if !caught_up => last.position,
             Some(last) => last.position.max(head),

@@ -19,6 +19,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_events.sql"),
     include_str!("migrations/0002_subscriptions.sql"),
     include_str!("migrations/0003_stream_hash.sql"),
+    include_str!("migrations/0004_unsettled_effects.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -256,7 +256,7 @@ impl Statements {
             // are together, by position.
             effects_held: s(format!(
                 "SELECT {EFFECT_COLUMNS} FROM {schema}.effects \
-                 WHERE reactor = $1 AND state IN ('parked', 'retry_requested', 'blocked') \
+                 WHERE reactor = $1 AND state IN ('parked', 'retry_requested', 'blocked', 'started', 'failed') \
                  ORDER BY stream COLLATE \"C\", position"
             )),
             effects_parked: s(format!(

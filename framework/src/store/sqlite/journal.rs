@@ -154,7 +154,7 @@ impl EffectJournal for SqliteStore {
                 conn,
                 &format!(
                     "SELECT {COLUMNS} FROM aftermath_effects
-                     WHERE reactor = ?1 AND state IN ('parked', 'retry_requested', 'blocked')
+                     WHERE reactor = ?1 AND state IN ('parked', 'retry_requested', 'blocked', 'started', 'failed')
                      ORDER BY stream, position"
                 ),
                 [&reactor],

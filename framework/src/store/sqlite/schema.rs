@@ -20,6 +20,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_subscriptions.sql"),
     include_str!("migrations/0003_reactors.sql"),
     include_str!("migrations/0004_inbox.sql"),
+    include_str!("migrations/0005_unsettled_effects.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -1,0 +1,6 @@
+-- aftermath schema version 5: `held` also lists effects that were started or
+-- failed and not yet done, so an effect released by an operator that crashed
+-- before `done` runs again (the checkpoint is already past it).
+CREATE INDEX aftermath_effects_unsettled ON aftermath_effects (reactor, stream, position)
+    WHERE state IN ('parked', 'retry_requested', 'blocked', 'started', 'failed');
+DROP INDEX aftermath_effects_held;
