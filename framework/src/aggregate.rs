@@ -327,9 +327,21 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             attempt += 1;
             let loaded = self.load(id).await?;
             let mut state = loaded.state;
-            let events = state
-                .decide(command.clone())
-                .map_err(ExecuteError::Rejected)?;
+            let events = match state.decide(command.clone()) {
+                Ok(events) => events,
+                Err(reason) => {
+                    // A copy of the same command may have been executed
+                    // between our inbox check and our load: then the
+                    // rejection is against its outcome, and the caller gets
+                    // the first result, as for any resent command.
+                    if let Some(command_id) = meta.command_id
+                        && let Some(done) = self.already_executed(id, &stream, command_id).await?
+                    {
+                        return Ok(done);
+                    }
+                    return Err(ExecuteError::Rejected(reason));
+                }
+            };
             if events.is_empty() {
                 return Ok(Executed {
                     state,
@@ -376,6 +388,16 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                         stream,
                         attempts: attempt,
                     });
+                }
+                // The same race, seen by the store: our derived ids were
+                // appended by the concurrent copy.
+                Err(e @ StoreError::DuplicateEventId { .. }) => {
+                    if let Some(command_id) = meta.command_id
+                        && let Some(done) = self.already_executed(id, &stream, command_id).await?
+                    {
+                        return Ok(done);
+                    }
+                    return Err(e.into());
                 }
                 Err(e) => return Err(e.into()),
             }

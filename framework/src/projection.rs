@@ -537,12 +537,9 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             .transact(commit, work)
             .await
             .map_err(|e| self.store_error(e))?
-            .map_err(|f| {
-                self.store_error(StoreError::Closed(format!(
-                    "projection `{}` reset failed: {}",
-                    self.name(),
-                    f.error
-                )))
+            .map_err(|f| SubscriberError::ReadModel {
+                subscriber: self.name(),
+                message: format!("the `reset` hook failed: {}", f.error),
             })
     }
 
@@ -601,12 +598,9 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             .transact(commit, work)
             .await
             .map_err(|e| self.store_error(e))?
-            .map_err(|f| {
-                self.store_error(StoreError::Closed(format!(
-                    "projection `{}` setup failed: {}",
-                    self.name(),
-                    f.error
-                )))
+            .map_err(|f| SubscriberError::ReadModel {
+                subscriber: self.name(),
+                message: format!("the `setup` hook failed: {}", f.error),
             })?;
         Ok(position)
     }

@@ -135,6 +135,15 @@ pub enum SubscriberError {
         #[source]
         source: StoreError,
     },
+    /// The projection's `setup` or `reset` hook failed (bad SQL, a missing
+    /// permission): retrying cannot help, so the subscriber stops.
+    #[error("subscriber `{subscriber}`: {message}")]
+    ReadModel {
+        /// The subscriber.
+        subscriber: String,
+        /// Which hook failed and why.
+        message: String,
+    },
     /// The subscriber's run panicked (outside a handler, where a panic is
     /// an [`SubscriberError::Event`] failure): it is stopped, not restarted.
     #[error("{message}")]

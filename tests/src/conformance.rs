@@ -1117,3 +1117,44 @@ pub async fn partitioned_reads<B: Backend>() {
     reader.advance(page.through);
     assert_eq!(reader.position(), tail);
 }
+
+/// Copies of one command (same command id) racing each other: every caller
+/// gets the first result, none an error, and the command is decided once.
+pub async fn repository_concurrent_copies_of_a_command<B: Backend>() {
+    let f = fresh!(B, "repository_concurrent_copies_of_a_command");
+    let repo = Repository::<Account, _>::new(f.store.clone()).max_attempts(100);
+    for round in 0..5u64 {
+        let account = format!("race{round}");
+        // `Open` is rejected once executed: a copy that decides after the
+        // first one landed must still get the first result.
+        for command in [
+            AccountCommand::Open {
+                owner: "ann".into(),
+            },
+            AccountCommand::Deposit { amount: 7 },
+        ] {
+            let meta = CommandMeta::with_id(Uuid::now_v7());
+            let copies: Vec<_> = (0..6)
+                .map(|_| {
+                    let (repo, account, command, meta) =
+                        (repo.clone(), account.clone(), command.clone(), meta.clone());
+                    tokio::spawn(async move { repo.execute_with(&account, command, meta).await })
+                })
+                .collect();
+            let mut first = 0;
+            for copy in copies {
+                match copy.await.unwrap() {
+                    Ok(done) => first += usize::from(!done.duplicate),
+                    Err(e) => panic!("a copy of {command:?} failed: {e}"),
+                }
+            }
+            assert_eq!(first, 1, "exactly one copy decided {command:?}");
+        }
+        let stream = format!("account-{account}");
+        assert_eq!(
+            f.store.stream_version(&stream).await.unwrap(),
+            2,
+            "each command stored once"
+        );
+    }
+}

@@ -86,6 +86,7 @@ macro_rules! conformance_tests {
             repository_execute_and_reject,
             repository_conflicts_are_retried,
             repository_command_id_is_idempotent,
+            repository_concurrent_copies_of_a_command,
             snapshots_give_same_state,
             stale_snapshot_is_ignored,
             partitioned_reads,

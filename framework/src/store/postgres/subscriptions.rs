@@ -458,11 +458,20 @@ impl ReadModelDb for PostgresStore {
         match work(&mut tx).await {
             Err(failure) => {
                 // Dropping the transaction would roll back too; this returns
-                // the connection to the pool clean at once.
-                if let Err(e) = tx.tx.rollback().await {
-                    tracing::debug!(projection = %commit.projection, error = %e, "rolling back a failed batch");
+                // the connection to the pool clean at once. If the rollback
+                // itself fails, the connection is broken: that is a store
+                // failure (retried by the worker), not the handler's, so it
+                // must not count against the event or get it skipped.
+                match tx.tx.rollback().await {
+                    Ok(()) => Ok(Err(failure)),
+                    Err(e) => {
+                        tracing::warn!(projection = %commit.projection, handler_error = %failure.error, error = %e, "rolling back a failed batch failed");
+                        Err(StoreError::database(
+                            "rolling back a failed projection batch",
+                            e,
+                        ))
+                    }
                 }
-                Ok(Err(failure))
             }
             Ok(value) => {
                 // On an error the transaction drops and rolls back.
