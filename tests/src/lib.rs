@@ -34,12 +34,28 @@ pub trait Backend: Send + Sync + 'static {
     async fn open(upcasters: Upcasters) -> Result<Fresh<Self::Store>, String>;
 }
 
+/// Prints a skip notice on the process's real stderr. The test harness
+/// captures `eprintln!` of passing tests, so a notice printed that way would
+/// never reach the person running `cargo test`.
+pub fn report_skip(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+/// `skip_notice!("SKIPPED suite::test: reason")`: see [`report_skip`].
+#[macro_export]
+macro_rules! skip_notice {
+    ($($arg:tt)*) => {
+        $crate::report_skip(format_args!($($arg)*))
+    };
+}
+
 /// Opens a fresh store or prints why the test is skipped.
 pub async fn open_or_skip<B: Backend>(test: &str, upcasters: Upcasters) -> Option<Fresh<B::Store>> {
     match B::open(upcasters).await {
         Ok(fresh) => Some(fresh),
         Err(reason) => {
-            eprintln!("SKIPPED {}::{test}: {reason}", B::NAME);
+            report_skip(format_args!("SKIPPED {}::{test}: {reason}", B::NAME));
             None
         }
     }

@@ -35,7 +35,7 @@ pub fn url_or_skip(test: &str) -> Option<String> {
     match url() {
         Ok(url) => Some(url),
         Err(reason) => {
-            eprintln!("SKIPPED nats::{test}: {reason}");
+            crate::report_skip(format_args!("SKIPPED nats::{test}: {reason}"));
             None
         }
     }

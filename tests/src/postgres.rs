@@ -94,7 +94,9 @@ pub async fn connect(url: &str, schema: &str) -> PostgresStore {
 /// a server. Keep the guard for the test's duration.
 pub async fn fresh(test: &str) -> Option<(SchemaGuard, PostgresStore)> {
     let Some(url) = url() else {
-        eprintln!("SKIPPED postgres::{test}: AFTERMATH_PG_URL not set");
+        crate::report_skip(format_args!(
+            "SKIPPED postgres::{test}: AFTERMATH_PG_URL not set"
+        ));
         return None;
     };
     let guard = SchemaGuard::new(&url);

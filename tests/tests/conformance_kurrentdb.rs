@@ -65,7 +65,7 @@ macro_rules! url_or_skip {
         match url() {
             Ok(url) => url,
             Err(reason) => {
-                eprintln!("SKIPPED kurrentdb::{}: {reason}", $test);
+                aftermath_tests::skip_notice!("SKIPPED kurrentdb::{}: {reason}", $test);
                 return;
             }
         }

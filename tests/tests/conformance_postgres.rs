@@ -109,7 +109,7 @@ macro_rules! url_or_skip {
         match url() {
             Ok(url) => url,
             Err(reason) => {
-                eprintln!("SKIPPED postgres::{}: {reason}", $test);
+                aftermath_tests::skip_notice!("SKIPPED postgres::{}: {reason}", $test);
                 return;
             }
         }

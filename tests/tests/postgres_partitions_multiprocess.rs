@@ -152,7 +152,7 @@ async fn checkpoint(store: &PostgresStore, index: u32) -> Position {
 #[test]
 fn partitions_shared_by_two_processes_survive_a_sigkill() {
     let Some(url) = url() else {
-        eprintln!(
+        aftermath_tests::skip_notice!(
             "SKIPPED postgres::partitions_shared_by_two_processes_survive_a_sigkill: AFTERMATH_PG_URL not set"
         );
         return;

@@ -43,7 +43,7 @@ macro_rules! url_or_skip {
         match url() {
             Some(url) => url,
             None => {
-                eprintln!(
+                aftermath_tests::skip_notice!(
                     "SKIPPED postgres_stress::{}: AFTERMATH_PG_URL not set",
                     $test
                 );

@@ -56,7 +56,10 @@ fn held_back_readers_are_warned_about_with_the_blocking_pid() {
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        eprintln!("SKIPPED postgres::held_back_warning: AFTERMATH_PG_URL not set");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED postgres::held_back_warning: AFTERMATH_PG_URL not set\n",
+        );
         return;
     };
     let capture = Capture::default();
@@ -149,7 +152,10 @@ fn stream_hash_migration_backfills_and_agrees_with_rust() {
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        eprintln!("SKIPPED postgres::stream_hash_migration: AFTERMATH_PG_URL not set");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED postgres::stream_hash_migration: AFTERMATH_PG_URL not set\n",
+        );
         return;
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
