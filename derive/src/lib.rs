@@ -1,12 +1,15 @@
-//! `#[derive(Event)]` for [aftermath](https://docs.rs/aftermath) event enums.
+//! `#[derive(Event)]` for [aftermath](https://docs.rs/aftermath) event enums,
+//! and `#[derive(EventUnion)]` for enums that join several of them.
 //!
-//! Use it through the re-export, `aftermath::Event`; see [`macro@Event`] for
-//! the attribute syntax.
+//! Use them through the re-exports, `aftermath::Event` and
+//! `aftermath::EventUnion`; see [`macro@Event`] for the attribute syntax and
+//! [`macro@EventUnion`] for what a union generates.
 
 #![warn(missing_docs)]
 
 mod attrs;
 mod expand;
+mod union;
 
 use proc_macro::TokenStream;
 
@@ -98,6 +101,65 @@ use proc_macro::TokenStream;
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
     expand::derive(&input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Derives `aftermath::Event` for an enum that joins the events of several
+/// aggregates, such as the inputs of a process manager.
+///
+/// Each variant is a one-field tuple variant wrapping a type that implements
+/// `aftermath::Event` (an enum with `#[derive(Event)]`, or another union).
+/// Nothing is stored for the union itself: an event keeps the type name and
+/// payload its member gives it.
+///
+/// ```ignore
+/// use aftermath::{Event, EventUnion};
+///
+/// #[derive(Debug, Clone, PartialEq, EventUnion)]
+/// enum FulfillmentInput {
+///     Order(OrderEvent),
+///     Payment(PaymentEvent),
+///     Inventory(InventoryEvent),
+/// }
+///
+/// // `From` for each member: the union takes any of its members' events.
+/// let input = FulfillmentInput::from(OrderEvent::Placed { items: 2 });
+/// assert_eq!(input.event_type(), "Placed");
+/// ```
+///
+/// The generated impl:
+///
+/// - `event_type` and `encode` delegate to the wrapped event, so its stored
+///   type name and payload are exactly the member's.
+/// - `event_types()` is every member's `event_types()` joined, in variant
+///   order, built on first use and kept in a static. A name that two members
+///   share appears twice: the list is not deduplicated, so a consumer can
+///   spot the ambiguity.
+/// - `decode` asks each member in variant order and returns the first
+///   answer that is not `Ok(None)`: the first member that decodes the event
+///   wins, and a member that knows the type name but cannot read the payload
+///   returns its `PayloadError` unchanged, without trying later members. A
+///   name no member knows decodes to `Ok(None)`.
+///
+/// It also implements `From<Member>` for the union, for every member type.
+///
+/// # Errors
+///
+/// The derive refuses, with a message saying what to do: structs and
+/// unions, enums without variants, variants that are not a tuple variant
+/// with exactly one field (unit variants, named fields, several fields),
+/// generic parameters (type, const and lifetime; the joined `event_types()`
+/// list lives in a static, which a generic type's instantiations would
+/// share), and a member type that appears in two variants (the second could
+/// never be decoded, and `From` could not choose; types are compared as
+/// written, so the same type spelled differently is caught by the compiler
+/// instead, as conflicting `From` impls). A member type that does not
+/// implement `Event` is reported at that type.
+#[proc_macro_derive(EventUnion)]
+pub fn derive_event_union(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as syn::DeriveInput);
+    union::derive(&input)
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
 }

@@ -209,6 +209,56 @@ pub struct Recorded<E> {
 /// assert_eq!(AccountEvent::decode("SomethingElse", &bytes).unwrap(), None);
 /// assert!(AccountEvent::event_types().contains(&"MoneyWithdrawn"));
 /// ```
+///
+/// # Unions of events
+///
+/// A reader of several aggregates' events (a process manager) takes an enum
+/// that joins their event enums, one tuple variant each, with
+/// `#[derive(EventUnion)]`. Every event keeps its member's type name and
+/// payload; `event_types()` is the members' lists joined in variant order
+/// (a name two members share is listed twice, not deduplicated); `decode`
+/// asks the members in variant order and returns the first answer that is
+/// not `Ok(None)`, so a member's `PayloadError` comes back unchanged. Each
+/// member type also gets a `From` impl into the union, and may appear in
+/// one variant only.
+///
+/// ```
+/// use aftermath::{Event, EventUnion};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// enum OrderEvent {
+///     Placed { items: u32 },
+///     Cancelled,
+/// }
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// enum PaymentEvent {
+///     Captured { cents: u64 },
+/// }
+///
+/// #[derive(Debug, Clone, PartialEq, EventUnion)]
+/// enum FulfillmentInput {
+///     Order(OrderEvent),
+///     Payment(PaymentEvent),
+/// }
+///
+/// let input = FulfillmentInput::from(PaymentEvent::Captured { cents: 500 });
+/// assert_eq!(input.event_type(), "Captured");
+/// let bytes = input.encode().unwrap();
+/// assert_eq!(bytes, br#"{"cents":500}"#);
+/// assert_eq!(FulfillmentInput::decode("Captured", &bytes).unwrap(), Some(input));
+/// assert_eq!(
+///     FulfillmentInput::decode("Placed", br#"{"items":2}"#).unwrap(),
+///     Some(FulfillmentInput::Order(OrderEvent::Placed { items: 2 }))
+/// );
+/// assert_eq!(FulfillmentInput::decode("Refunded", b"{}").unwrap(), None);
+/// assert!(FulfillmentInput::decode("Placed", b"{}").is_err());
+/// assert_eq!(
+///     FulfillmentInput::event_types(),
+///     ["Placed", "Cancelled", "Captured"]
+/// );
+/// ```
 pub trait Event: Sized + Send + Sync + 'static {
     /// The stable type name of this value's variant.
     fn event_type(&self) -> &'static str;

@@ -1158,3 +1158,267 @@ pub async fn repository_concurrent_copies_of_a_command<B: Backend>() {
         );
     }
 }
+
+/// A raw event of `event_type` with `payload`, a fresh id, and
+/// `correlation` as its correlation id.
+fn correlated(event_type: &str, payload: &str, correlation: Uuid) -> aftermath::EventData {
+    let mut event = raw(event_type, payload);
+    event.metadata.correlation_id = correlation;
+    event
+}
+
+/// The store, with `read_correlation` left to the trait's default (a scan
+/// of `read_all` pages): the default is checked on every backend too.
+#[derive(Clone)]
+struct FullScan<S>(S);
+
+#[async_trait::async_trait]
+impl<S: EventStore> EventStore for FullScan<S> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<aftermath::EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        self.0.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.0.read_stream(stream, from, direction, limit).await
+    }
+    async fn read_all(
+        &self,
+        after: Position,
+        types: Option<&[&str]>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.0.read_all(after, types, limit).await
+    }
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        self.0.stream_version(stream).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.0.head().await
+    }
+    async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        self.0.find_event(id).await
+    }
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
+        self.0.watch_head()
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        self.0.save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.0.load_snapshot(stream).await
+    }
+}
+
+/// Every event of `correlation` after `after`, read `page` at a time; each
+/// page is checked to be at most `page` events, after its cursor, in order.
+async fn correlation_pages<S: EventStore>(
+    store: &S,
+    correlation: Uuid,
+    after: Position,
+    page: usize,
+) -> Vec<StoredEvent> {
+    let mut cursor = after;
+    let mut found = Vec::new();
+    loop {
+        let events = store
+            .read_correlation(correlation, cursor, page)
+            .await
+            .expect("read a correlation");
+        assert!(events.len() <= page, "a page holds at most `limit` events");
+        for e in &events {
+            assert!(e.position > cursor, "in $all order, after the cursor");
+            assert_eq!(e.metadata.correlation_id, correlation);
+            cursor = e.position;
+        }
+        let short = events.len() < page;
+        found.extend(events);
+        if short {
+            return found;
+        }
+    }
+}
+
+/// `read_correlation` reads one conversation's events across streams, in
+/// `$all` order, exclusive of `after`, at most `limit`, upcasted; events of
+/// other correlations (also in the same streams) never appear. Checked on
+/// the backend's own implementation and on the trait's default scan.
+pub async fn read_correlation_across_streams<B: Backend>() {
+    let upcasters = Upcasters::new()
+        .register("Deposited", |mut v| {
+            if let Some(cents) = v.get("cents").and_then(|c| c.as_str()).map(str::to_owned) {
+                let amount: u64 = cents.parse().map_err(|e| format!("cents `{cents}`: {e}"))?;
+                v = serde_json::json!({ "amount": amount });
+            }
+            Ok(v)
+        })
+        .register_renamed("Credited", "Deposited", Ok);
+    let f = fresh!(B, "read_correlation_across_streams", upcasters);
+    let s = &f.store;
+    let order = Uuid::now_v7();
+    let other = Uuid::now_v7();
+    let mut want_ids = Vec::new();
+    for round in 0..4u64 {
+        for (i, stream) in ["order-7", "payment-7", "shipping-7"].iter().enumerate() {
+            let mine = if (round + i as u64).is_multiple_of(2) {
+                correlated("Credited", r#"{"cents":"7"}"#, order)
+            } else {
+                correlated("Deposited", &format!(r#"{{"amount":{round}}}"#), order)
+            };
+            want_ids.push(mine.id);
+            let theirs = correlated("Deposited", r#"{"amount":1}"#, other);
+            // Another conversation in the same stream, and one of its own.
+            s.append(stream, ExpectedVersion::Any, vec![theirs, mine])
+                .await
+                .unwrap();
+            s.append(
+                &format!("noise-{round}-{i}"),
+                ExpectedVersion::Any,
+                deposits(0, 2),
+            )
+            .await
+            .unwrap();
+        }
+        if round == 1 {
+            // More unrelated events than one page of the default scan
+            // between two of the conversation's events.
+            s.append(
+                "noise-bulk",
+                ExpectedVersion::NoStream,
+                deposits(0, aftermath::store::CORRELATION_SCAN_PAGE as u64 + 40),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    // Two events of the conversation in one batch.
+    let batch = vec![
+        correlated("Opened", r#"{"owner":"ann"}"#, order),
+        correlated("Deposited", r#"{"cents":"9"}"#, order),
+    ];
+    want_ids.extend(batch.iter().map(|e| e.id));
+    s.append("account-7", ExpectedVersion::NoStream, batch)
+        .await
+        .unwrap();
+
+    let all = all_events(s).await;
+    let want: Vec<StoredEvent> = all
+        .iter()
+        .filter(|e| e.metadata.correlation_id == order)
+        .cloned()
+        .collect();
+    assert_eq!(
+        want.iter().map(|e| e.id).collect::<Vec<_>>(),
+        want_ids,
+        "$all holds the conversation in append order"
+    );
+    let scan = FullScan(s.clone());
+    for (how, store) in [
+        ("backend", s as &dyn DynCorrelation),
+        ("default scan", &scan as &dyn DynCorrelation),
+    ] {
+        let got = store
+            .read(order, Position::ORIGIN, 100)
+            .await
+            .expect("read a correlation");
+        assert_eq!(
+            got, want,
+            "{how}: every event of the conversation, as read_all reads it"
+        );
+        assert!(
+            got.iter().all(|e| e.event_type != "Credited"),
+            "{how}: upcasters apply"
+        );
+        let credited = got
+            .iter()
+            .find(|e| e.id == want_ids[0])
+            .expect("the first event");
+        assert_eq!(credited.event_type, "Deposited", "{how}: renamed");
+        assert_eq!(
+            credited.payload,
+            br#"{"amount":7}"#.to_vec(),
+            "{how}: upcast"
+        );
+        assert_eq!(got.last().unwrap().payload, br#"{"amount":9}"#.to_vec());
+        // Exclusive of `after`, at most `limit`.
+        let page = store.read(order, want[3].position, 4).await.unwrap();
+        assert_eq!(page, want[4..8].to_vec(), "{how}: from the middle");
+        let tail = store
+            .read(order, want[want.len() - 2].position, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            tail,
+            want[want.len() - 1..].to_vec(),
+            "{how}: a short last page"
+        );
+        let end = store
+            .read(order, want.last().unwrap().position, 10)
+            .await
+            .unwrap();
+        assert!(end.is_empty(), "{how}: nothing after the last");
+        assert!(
+            store
+                .read(order, Position::ORIGIN, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .read(Uuid::now_v7(), Position::ORIGIN, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{how}: an unknown correlation reads as empty"
+        );
+        let theirs = store.read(other, Position::ORIGIN, 100).await.unwrap();
+        assert_eq!(theirs.len(), 12, "{how}: the other conversation");
+        assert!(theirs.iter().all(|e| e.metadata.correlation_id == other));
+    }
+    for page in [1, 2, 3, 5, 14, 15] {
+        assert_eq!(
+            correlation_pages(s, order, Position::ORIGIN, page).await,
+            want,
+            "backend, pages of {page}"
+        );
+        assert_eq!(
+            correlation_pages(&scan, order, Position::ORIGIN, page).await,
+            want,
+            "default scan, pages of {page}"
+        );
+    }
+}
+
+/// `read_correlation` behind a `dyn` (the backend and the default side by
+/// side in one loop).
+#[async_trait::async_trait]
+trait DynCorrelation: Send + Sync {
+    async fn read(
+        &self,
+        correlation: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<S: EventStore> DynCorrelation for S {
+    async fn read(
+        &self,
+        correlation: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_correlation(correlation, after, limit).await
+    }
+}

@@ -190,7 +190,11 @@ async fn concurrent_connects_migrate_once() {
     .iter()
     .map(|row| row.get(0))
     .collect();
-    assert_eq!(versions, vec![1, 2, 3, 4], "every migration applied once");
+    assert_eq!(
+        versions,
+        vec![1, 2, 3, 4, 5],
+        "every migration applied once"
+    );
     stores[0]
         .append("m-1", ExpectedVersion::NoStream, deposits(0, 1))
         .await
@@ -310,6 +314,73 @@ async fn long_transaction_delays_readers_and_is_reported() {
     assert_eq!(page.len(), 3, "the whole transaction at once");
     assert_eq!(page[2].position, done.last_position.unwrap());
     assert_eq!(reader.head().await.unwrap(), done.last_position.unwrap());
+}
+
+/// `read_correlation` reads below the horizon like `read_all`: an event of
+/// the conversation appended while an older transaction runs is not read
+/// (it would be read before events ordered earlier) until that one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_reads_stay_below_the_horizon() {
+    let url = url_or_skip!("correlation_reads_stay_below_the_horizon");
+    let guard = fresh_schema(&url);
+    let options = PostgresOptions::default().schema(&guard.schema);
+    let writer = connect(&url, options.clone()).await;
+    let reader = connect(&url, options).await;
+    let correlation = Uuid::now_v7();
+    let mut first = aftermath_tests::raw("Opened", "{}");
+    first.metadata.correlation_id = correlation;
+    writer
+        .append("c-1", ExpectedVersion::NoStream, vec![first.clone()])
+        .await
+        .unwrap();
+    let read = || reader.read_correlation(correlation, Position::ORIGIN, 10);
+    // Other tests' appends may hold the horizon for a moment; once readable,
+    // an event stays readable.
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = read().await.unwrap().len();
+        if seen == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, 1);
+
+    let mut blocker = raw(&url).await;
+    blocker.execute("BEGIN").await.unwrap();
+    blocker
+        .execute("SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    let mut second = aftermath_tests::raw("Deposited", r#"{"amount":1}"#);
+    second.metadata.correlation_id = correlation;
+    writer
+        .append("c-2", ExpectedVersion::NoStream, vec![second.clone()])
+        .await
+        .unwrap();
+    assert!(reader.find_event(second.id).await.unwrap().is_some());
+    let held: Vec<Uuid> = read().await.unwrap().iter().map(|e| e.id).collect();
+    assert_eq!(held, vec![first.id], "read past an unfinished transaction");
+
+    blocker.execute("COMMIT").await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids = read().await.unwrap().iter().map(|e| e.id).collect();
+        if ids.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ids, vec![first.id, second.id]);
+    // The writer reads its own append at once (it waits for the horizon).
+    let own: Vec<Uuid> = writer
+        .read_correlation(correlation, Position::ORIGIN, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(own, vec![first.id, second.id]);
 }
 
 /// Another process's appends move `watch_head` through NOTIFY (polling is

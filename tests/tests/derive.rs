@@ -1,6 +1,7 @@
-//! Runtime behaviour of `#[derive(Event)]` and its payload codec.
+//! Runtime behaviour of `#[derive(Event)]` and its payload codec, and of
+//! `#[derive(EventUnion)]`.
 
-use aftermath::{Event, PayloadError};
+use aftermath::{Event, EventUnion, PayloadError};
 use serde::{Deserialize, Serialize};
 
 /// A struct shared by several event enums.
@@ -403,5 +404,248 @@ mod not_an_enum {
             "{}",
             error.message
         );
+    }
+}
+
+/// `#[derive(EventUnion)]`: one enum over the events of several aggregates.
+mod event_union {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    pub enum PaymentEvent {
+        Authorized {
+            cents: u64,
+        },
+        // Also a type name of `AccountEvent`: the union keeps both.
+        Deposited(Deposited),
+        #[event(name = "Captured", alias = "Settled")]
+        Took {
+            cents: u64,
+        },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    pub enum InventoryEvent {
+        Reserved(u32),
+        Released,
+    }
+
+    #[derive(Debug, Clone, PartialEq, EventUnion)]
+    pub enum FulfillmentInput {
+        Account(AccountEvent),
+        Payment(PaymentEvent),
+        Inventory(InventoryEvent),
+    }
+
+    /// A union can be a member of another union, and members may be
+    /// generic types used at one concrete type.
+    #[derive(Debug, Clone, PartialEq, EventUnion)]
+    pub enum Nested {
+        Fulfillment(FulfillmentInput),
+        Wrapped(Wrapped<u8>),
+    }
+
+    #[test]
+    fn members_round_trip_with_their_own_type_names_and_payloads() {
+        let cases: [(FulfillmentInput, &str, &str); 6] = [
+            (
+                AccountEvent::Opened {
+                    owner: "ann".into(),
+                }
+                .into(),
+                "Opened",
+                r#"{"owner":"ann"}"#,
+            ),
+            (
+                AccountEvent::Withdrew { amount: 5 }.into(),
+                "Withdrawn",
+                r#"{"amount":5}"#,
+            ),
+            (
+                PaymentEvent::Authorized { cents: 7 }.into(),
+                "Authorized",
+                r#"{"cents":7}"#,
+            ),
+            (
+                PaymentEvent::Took { cents: 3 }.into(),
+                "Captured",
+                r#"{"cents":3}"#,
+            ),
+            (InventoryEvent::Reserved(2).into(), "Reserved", "2"),
+            (InventoryEvent::Released.into(), "Released", "null"),
+        ];
+        for (input, event_type, payload) in cases {
+            assert_eq!(input.event_type(), event_type, "{input:?}");
+            let bytes = input.encode().unwrap();
+            assert_eq!(text(&bytes), payload, "{input:?}");
+            assert_eq!(round_trip(&input), input);
+            assert_eq!(
+                FulfillmentInput::decode(event_type, payload.as_bytes()).unwrap(),
+                Some(input)
+            );
+        }
+        // A member's aliases decode through the union too.
+        assert_eq!(
+            FulfillmentInput::decode("Settled", br#"{"cents":4}"#).unwrap(),
+            Some(FulfillmentInput::Payment(PaymentEvent::Took { cents: 4 }))
+        );
+        assert_eq!(
+            FulfillmentInput::decode("Debited", br#"{"amount":4}"#).unwrap(),
+            Some(FulfillmentInput::Account(AccountEvent::Withdrew {
+                amount: 4
+            }))
+        );
+    }
+
+    #[test]
+    fn encode_and_event_data_are_the_members() {
+        let member = PaymentEvent::Took { cents: 9 };
+        let input = FulfillmentInput::from(member.clone());
+        assert_eq!(input.encode().unwrap(), member.encode().unwrap());
+        let data = aftermath::EventData::fresh(&input).unwrap();
+        assert_eq!(data.event_type, "Captured");
+        assert_eq!(text(&data.payload), r#"{"cents":9}"#);
+        // What the union wrote, the member reads, and the other way round.
+        assert_eq!(
+            PaymentEvent::decode(&data.event_type, &data.payload).unwrap(),
+            Some(member)
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_not_mine() {
+        for unknown in ["Frozen", "Account", "Payment", "Took", "reserved", ""] {
+            assert_eq!(
+                FulfillmentInput::decode(unknown, b"{}").unwrap(),
+                None,
+                "{unknown}"
+            );
+        }
+        // The payload of an unknown type is not looked at.
+        assert_eq!(
+            FulfillmentInput::decode("Frozen", b"\xff not json").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn payload_that_does_not_fit_returns_the_members_error() {
+        for (event_type, payload) in [
+            ("Opened", &b"{}"[..]),
+            ("Captured", br#"{"cents":"five"}"#),
+            ("Settled", b"["),
+            ("Reserved", b"-1"),
+            ("Released", b"{}"),
+        ] {
+            let member_error = match AccountEvent::decode(event_type, payload) {
+                Err(error) => error,
+                Ok(Some(_)) => unreachable!("{event_type} decodes"),
+                Ok(None) => match PaymentEvent::decode(event_type, payload) {
+                    Err(error) => error,
+                    Ok(Some(_)) => unreachable!("{event_type} decodes"),
+                    Ok(None) => InventoryEvent::decode(event_type, payload).unwrap_err(),
+                },
+            };
+            let error: PayloadError = FulfillmentInput::decode(event_type, payload).unwrap_err();
+            assert_eq!(error, member_error);
+            assert_eq!(error.event_type, event_type);
+        }
+        let error = FulfillmentInput::decode("Captured", br#"{"cents":"five"}"#).unwrap_err();
+        assert!(
+            error
+                .message
+                .starts_with("invalid type: string \"five\", expected u64"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn a_shared_type_name_goes_to_the_first_member() {
+        // "Deposited" is both `AccountEvent`'s and `PaymentEvent`'s: the
+        // earlier variant wins, for good payloads and bad ones alike.
+        assert_eq!(
+            FulfillmentInput::decode("Deposited", br#"{"amount":1}"#).unwrap(),
+            Some(FulfillmentInput::Account(AccountEvent::Deposited(
+                Deposited { amount: 1 }
+            )))
+        );
+        let error = FulfillmentInput::decode("Deposited", b"{}").unwrap_err();
+        assert_eq!(error, AccountEvent::decode("Deposited", b"{}").unwrap_err());
+    }
+
+    #[test]
+    fn event_types_joins_the_members_in_variant_order_with_duplicates() {
+        let expected: Vec<&str> = AccountEvent::event_types()
+            .iter()
+            .chain(PaymentEvent::event_types())
+            .chain(InventoryEvent::event_types())
+            .copied()
+            .collect();
+        assert_eq!(FulfillmentInput::event_types(), expected);
+        assert_eq!(
+            FulfillmentInput::event_types(),
+            [
+                "Opened",
+                "Deposited",
+                "Withdrawn",
+                "Moved",
+                "Closed",
+                "Renamed",
+                "MoneyWithdrawn",
+                "Debited",
+                "Taken",
+                "Authorized",
+                "Deposited",
+                "Captured",
+                "Settled",
+                "Reserved",
+                "Released",
+            ]
+        );
+        // Built once: every call returns the same slice.
+        assert!(std::ptr::eq(
+            FulfillmentInput::event_types(),
+            FulfillmentInput::event_types()
+        ));
+        // Each union type has its own list.
+        assert_eq!(
+            Nested::event_types(),
+            [expected.as_slice(), &["Put", "Cleared"]].concat()
+        );
+    }
+
+    #[test]
+    fn from_wraps_each_member_in_its_variant() {
+        assert_eq!(
+            FulfillmentInput::from(AccountEvent::Closed),
+            FulfillmentInput::Account(AccountEvent::Closed)
+        );
+        assert_eq!(
+            FulfillmentInput::from(PaymentEvent::Authorized { cents: 1 }),
+            FulfillmentInput::Payment(PaymentEvent::Authorized { cents: 1 })
+        );
+        let input: FulfillmentInput = InventoryEvent::Released.into();
+        assert_eq!(input, FulfillmentInput::Inventory(InventoryEvent::Released));
+        let nested: Nested = input.clone().into();
+        assert_eq!(nested, Nested::Fulfillment(input));
+        assert_eq!(
+            Nested::from(Wrapped::Put(3)),
+            Nested::Wrapped(Wrapped::Put(3))
+        );
+    }
+
+    #[test]
+    fn nested_unions_delegate_all_the_way_down() {
+        let nested = Nested::from(FulfillmentInput::from(InventoryEvent::Reserved(4)));
+        assert_eq!(nested.event_type(), "Reserved");
+        assert_eq!(text(&nested.encode().unwrap()), "4");
+        assert_eq!(round_trip(&nested), nested);
+        assert_eq!(
+            Nested::decode("Put", b"7").unwrap(),
+            Some(Nested::Wrapped(Wrapped::Put(7)))
+        );
+        assert_eq!(Nested::decode("Put", b"300").unwrap_err().event_type, "Put");
+        assert_eq!(Nested::decode("Nope", b"null").unwrap(), None);
     }
 }

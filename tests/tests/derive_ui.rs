@@ -1,5 +1,6 @@
-//! Compile errors of `#[derive(Event)]`: each file in `tests/ui` must fail
-//! to compile with the message in its `.stderr` next to it.
+//! Compile errors of `#[derive(Event)]` and `#[derive(EventUnion)]` (the
+//! `event_union_*` files): each file in `tests/ui` must fail to compile with
+//! the message in its `.stderr` next to it.
 //!
 //! After changing a message on purpose, regenerate with
 //! `TRYBUILD=overwrite cargo test -p aftermath-tests --test derive_ui` and

@@ -984,6 +984,111 @@ async fn cleanup_removes_old_finished_only_memory() {
     cleanup_removes_old_finished_only(MemoryJournal::new()).await;
 }
 
+/// `effects_for` lists every reactor's entries of the given events, by
+/// position then reactor name, whatever the order (and repeats) of the ids,
+/// also for more ids than one query takes.
+async fn effects_for_lists_every_reactor<J: EffectJournal>(journal: J) {
+    // Whole seconds: every journal stores microseconds.
+    let at = chrono::DateTime::from_timestamp(Utc::now().timestamp() - 3600, 0).unwrap();
+    let entry = |reactor: &str, event_id: Uuid, position: u64, state: EffectState| Effect {
+        reactor: reactor.to_owned(),
+        event_id,
+        position: Position(position),
+        stream: format!("s-{}", position % 3),
+        event_type: "Deposited".into(),
+        state,
+        attempts: 1,
+        last_error: (state == EffectState::Parked).then(|| "refused".to_owned()),
+        created_at: at,
+        updated_at: at,
+    };
+    // Positions do not follow the ids' order; one event per reactor subset.
+    let events: Vec<(Uuid, u64)> = [40u64, 10, 30, 20, 50]
+        .into_iter()
+        .map(|p| (Uuid::now_v7(), p))
+        .collect();
+    let mut recorded = Vec::new();
+    for (i, (id, position)) in events.iter().enumerate() {
+        let reactors: &[&str] = match i % 3 {
+            0 => &["notifier", "billing", "Audit"],
+            1 => &["notifier"],
+            _ => &["billing", "notifier"],
+        };
+        for (k, reactor) in reactors.iter().enumerate() {
+            let state = [EffectState::Done, EffectState::Parked, EffectState::Started][k % 3];
+            let effect = entry(reactor, *id, *position, state);
+            journal.record(&effect, None).await.unwrap();
+            recorded.push(effect);
+        }
+    }
+    // An event no reactor has seen, and one not asked for.
+    let unseen = Uuid::now_v7();
+    let other = entry("notifier", Uuid::now_v7(), 25, EffectState::Done);
+    journal.record(&other, None).await.unwrap();
+
+    let want = |ids: &[Uuid]| {
+        let mut want: Vec<Effect> = recorded
+            .iter()
+            .filter(|e| ids.contains(&e.event_id))
+            .cloned()
+            .collect();
+        want.sort_by(|a, b| (a.position, &a.reactor).cmp(&(b.position, &b.reactor)));
+        want
+    };
+    let asked = [events[3].0, events[0].0, unseen, events[3].0, events[1].0];
+    let got = journal.effects_for(&asked).await.unwrap();
+    assert_eq!(got, want(&asked));
+    let reactors: Vec<(u64, &str)> = got
+        .iter()
+        .map(|e| (e.position.0, e.reactor.as_str()))
+        .collect();
+    assert_eq!(
+        reactors,
+        vec![
+            (10, "notifier"),
+            (20, "Audit"),
+            (20, "billing"),
+            (20, "notifier"),
+            (40, "Audit"),
+            (40, "billing"),
+            (40, "notifier"),
+        ],
+        "by position, then reactor name in byte order"
+    );
+    assert!(journal.effects_for(&[]).await.unwrap().is_empty());
+    assert!(journal.effects_for(&[unseen]).await.unwrap().is_empty());
+
+    // Many ids (several queries' worth), the real ones at both ends and in
+    // the middle.
+    let all: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    let mut many: Vec<Uuid> = (0..12_000).map(|_| Uuid::new_v4()).collect();
+    many[0] = all[4];
+    many[6_001] = all[1];
+    many[11_999] = all[2];
+    many.push(all[0]);
+    many.push(all[3]);
+    let got = journal.effects_for(&many).await.unwrap();
+    assert_eq!(got, want(&all));
+    assert_eq!(got.len(), recorded.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_for_lists_every_reactor_sqlite() {
+    let (_dir, store) = sqlite().await;
+    effects_for_lists_every_reactor(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_for_lists_every_reactor_postgres() {
+    let (_guard, store) = postgres_or_skip!("effects_for_lists_every_reactor");
+    effects_for_lists_every_reactor(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_for_lists_every_reactor_memory() {
+    effects_for_lists_every_reactor(MemoryJournal::new()).await;
+}
+
 // ---------------------------------------------------------------------------
 // Inside a worker.
 // ---------------------------------------------------------------------------
@@ -1418,6 +1523,9 @@ impl EffectJournal for Forgetful {
         events: &[Uuid],
     ) -> Result<std::collections::HashMap<Uuid, Effect>, aftermath::StoreError> {
         self.0.load(reactor, events).await
+    }
+    async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, aftermath::StoreError> {
+        self.0.effects_for(event_ids).await
     }
     async fn record(
         &self,

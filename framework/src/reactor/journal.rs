@@ -1,6 +1,6 @@
 //! The effect journal: per (reactor, event id), what happened to the effect.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -108,6 +108,12 @@ pub trait EffectJournal: Send + Sync + 'static {
         events: &[Uuid],
     ) -> Result<HashMap<Uuid, Effect>, StoreError>;
 
+    /// The entries of every reactor for these events, ordered by position,
+    /// then reactor name (byte order): what happened to each event's
+    /// effects, e.g. beside the events of a correlation id's timeline.
+    /// Events no reactor has seen have no entry; duplicate ids count once.
+    async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, StoreError>;
+
     /// Inserts or replaces an entry, fenced by `lease` when given.
     async fn record(&self, effect: &Effect, lease: Option<&Lease>) -> Result<(), StoreError>;
 
@@ -194,6 +200,18 @@ impl EffectJournal for MemoryJournal {
                     .map(|e| (*id, e.clone()))
             })
             .collect())
+    }
+
+    async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, StoreError> {
+        let wanted: HashSet<Uuid> = event_ids.iter().copied().collect();
+        let mut found: Vec<Effect> = self
+            .lock()
+            .values()
+            .filter(|e| wanted.contains(&e.event_id))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| (a.position, &a.reactor).cmp(&(b.position, &b.reactor)));
+        Ok(found)
     }
 
     async fn record(&self, effect: &Effect, lease: Option<&Lease>) -> Result<(), StoreError> {

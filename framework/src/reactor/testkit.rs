@@ -279,6 +279,10 @@ impl<J: EffectJournal> EffectJournal for FaultyJournal<J> {
         self.inner.load(reactor, events).await
     }
 
+    async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, StoreError> {
+        self.inner.effects_for(event_ids).await
+    }
+
     async fn record(&self, effect: &Effect, lease: Option<&Lease>) -> Result<(), StoreError> {
         match effect.state {
             EffectState::Started => self.faults.hit(Step::BeforeCall, Some(effect.event_id))?,

@@ -23,6 +23,8 @@ struct Inner {
     streams: HashMap<String, Vec<usize>>,
     /// Event id -> index into `log`.
     ids: HashMap<Uuid, usize>,
+    /// Correlation id -> indices into `log`, ascending.
+    correlations: HashMap<Uuid, Vec<usize>>,
     snapshots: HashMap<String, Snapshot>,
 }
 
@@ -163,6 +165,7 @@ impl EventStore for MemoryStore {
         let start = inner.log.len();
         for (i, data) in events.into_iter().enumerate() {
             let idx = start + i;
+            let correlation_id = data.metadata.correlation_id;
             inner.log.push(StoredEvent {
                 id: data.id,
                 stream: stream.to_owned(),
@@ -174,6 +177,11 @@ impl EventStore for MemoryStore {
                 metadata: data.metadata,
             });
             inner.ids.insert(data.id, idx);
+            inner
+                .correlations
+                .entry(correlation_id)
+                .or_default()
+                .push(idx);
             inner
                 .streams
                 .entry(stream.to_owned())
@@ -244,6 +252,26 @@ impl EventStore for MemoryStore {
             })
             .take(limit)
             .map(|e| self.out(e))
+            .collect()
+    }
+
+    /// Reads an index of the log by correlation id.
+    async fn read_correlation(
+        &self,
+        correlation_id: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let inner = self.read();
+        let Some(indices) = inner.correlations.get(&correlation_id) else {
+            return Ok(Vec::new());
+        };
+        // Index `i` holds position `i + 1`: skip those at or before `after`.
+        let start = indices.partition_point(|&i| (i as u64) < after.0);
+        indices[start..]
+            .iter()
+            .take(limit)
+            .map(|&i| self.out(&inner.log[i]))
             .collect()
     }
 

@@ -14,6 +14,9 @@
 //!   bounded by the page size. [`read_stream_all`] and [`read_all_pages`]
 //!   iterate pages as a [`futures::Stream`].
 //! - Bad data is a typed error naming the stream, version, position and type.
+//! - `read_correlation` reads the events of one correlation id, of every
+//!   stream, in `$all` order and with `read_all`'s visibility: it never shows
+//!   an event before one ordered earlier.
 
 use std::sync::Arc;
 
@@ -239,6 +242,11 @@ pub fn check_batch_ids(stream: &str, events: &[EventData]) -> Result<(), StoreEr
     Ok(())
 }
 
+/// The smallest page of `$all` the default
+/// [`EventStore::read_correlation`] scans at a time (events of one
+/// correlation are usually sparse in `$all`).
+pub const CORRELATION_SCAN_PAGE: usize = 512;
+
 /// An append-only event log with optimistic concurrency and a global order.
 ///
 /// Implementations are cheap to clone handles (`Arc` inside) and safe to
@@ -317,6 +325,51 @@ pub trait EventStore: Send + Sync + 'static {
         }
     }
 
+    /// Reads up to `limit` events whose `metadata.correlation_id` is
+    /// `correlation_id`, of any stream, with a position greater than `after`,
+    /// in `$all` order (the conversation's timeline). Upcasters apply as on
+    /// every other read. A page shorter than `limit` means there is nothing
+    /// more of this correlation up to the head as of the read.
+    ///
+    /// The default implementation is a full scan: it filters pages of
+    /// [`read_all`](EventStore::read_all) (of at least
+    /// [`CORRELATION_SCAN_PAGE`] events each) from `after` to the head, so it
+    /// reads every event after `after`; memory stays bounded by the page
+    /// size. It is correct for any backend, and follows `read_all`'s
+    /// visibility rule. Backends with an index on the correlation id
+    /// (memory, SQLite, PostgreSQL) override it.
+    async fn read_correlation(
+        &self,
+        correlation_id: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let page_size = limit.max(CORRELATION_SCAN_PAGE);
+        let mut found = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = self.read_all(cursor, None, page_size).await?;
+            let short = page.len() < page_size;
+            if let Some(last) = page.last() {
+                cursor = last.position;
+            }
+            for event in page {
+                if event.metadata.correlation_id == correlation_id {
+                    found.push(event);
+                    if found.len() == limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if short {
+                return Ok(found);
+            }
+        }
+    }
+
     /// The current version of `stream` (0 when it has no events).
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
 
@@ -375,6 +428,16 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         (**self)
             .read_all_partition(after, types, partition, limit)
+            .await
+    }
+    async fn read_correlation(
+        &self,
+        correlation_id: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        (**self)
+            .read_correlation(correlation_id, after, limit)
             .await
     }
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {

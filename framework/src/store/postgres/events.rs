@@ -32,6 +32,7 @@ pub(super) struct Sql {
     read_all_typed: Arc<str>,
     read_partition: Arc<str>,
     read_partition_typed: Arc<str>,
+    read_correlation: Arc<str>,
     find_event: Arc<str>,
     head: Arc<str>,
     pub(super) held_back: Arc<str>,
@@ -118,6 +119,16 @@ impl Sql {
                    ORDER BY k.transaction_id, k.seq LIMIT $3 \
                  ) keys ON transaction_id = keys.t AND seq = keys.s \
                  ORDER BY transaction_id, seq"
+            )),
+            // One correlation id, below the horizon like `read_all`: an
+            // ordered range scan of `events_by_correlation`, whose row
+            // comparison is an index condition.
+            read_correlation: s(format!(
+                "SELECT {COLUMNS} FROM {schema}.events \
+                 WHERE correlation_id = $4 \
+                   AND (transaction_id, seq) > ($1, $2) \
+                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY transaction_id, seq LIMIT $3"
             )),
             find_event: s(format!(
                 "SELECT {COLUMNS} FROM {schema}.events WHERE id = $1"
@@ -338,6 +349,28 @@ pub(super) async fn read_partition(
         .fetch_all(pool)
         .await
         .map_err(db("reading a partition of $all"))?;
+    collect(rows, upcasters)
+}
+
+/// Reads a page of the events of one correlation id after `after`, below
+/// the horizon (see [`read_all`]).
+pub(super) async fn read_correlation(
+    pool: &PgPool,
+    sql: &Sql,
+    correlation_id: Uuid,
+    after: Position,
+    limit: usize,
+    upcasters: &Upcasters,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let (transaction, seq) = order::decode(after);
+    let rows = stmt(&sql.read_correlation)
+        .bind(transaction)
+        .bind(seq)
+        .bind(sql_int(limit as u64))
+        .bind(correlation_id)
+        .fetch_all(pool)
+        .await
+        .map_err(db("reading a correlation"))?;
     collect(rows, upcasters)
 }
 

@@ -19,6 +19,9 @@ use crate::reactor::{Effect, EffectJournal, EffectState};
 use crate::store::StoreError;
 use crate::subscription::Lease;
 
+/// The most event ids `effects_for` binds in one statement.
+const EFFECTS_FOR_CHUNK: usize = 5000;
+
 fn corrupt(message: String) -> StoreError {
     StoreError::Corrupt {
         position: Position::ORIGIN,
@@ -99,6 +102,29 @@ impl EffectJournal for PostgresStore {
             .into_iter()
             .map(|e| (e.event_id, e))
             .collect())
+    }
+
+    /// One statement per chunk of 5000 ids.
+    async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, StoreError> {
+        let mut seen = std::collections::HashSet::with_capacity(event_ids.len());
+        let ids: Vec<Uuid> = event_ids
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect();
+        let mut found = Vec::new();
+        for chunk in ids.chunks(EFFECTS_FOR_CHUNK) {
+            let rows = stmt(&self.shared.statements.effects_for)
+                .bind(chunk)
+                .fetch_all(self.pool())
+                .await
+                .map_err(db("reading the effect journal"))?;
+            found.extend(effects(rows)?);
+        }
+        if ids.len() > EFFECTS_FOR_CHUNK {
+            found.sort_by(|a, b| (a.position, &a.reactor).cmp(&(b.position, &b.reactor)));
+        }
+        Ok(found)
     }
 
     /// One statement: the fence check and the upsert commit together.

@@ -27,8 +27,9 @@
 //!   through [`PgTx`], the open transaction that also commits their
 //!   checkpoint), a [`CheckpointStore`](crate::subscription::CheckpointStore),
 //!   a [`LeaseStore`](crate::subscription::LeaseStore) whose fenced writes
-//!   are atomic with the lease check (`subscriptions.rs` says why), and an
-//!   [`EffectJournal`](crate::reactor::EffectJournal).
+//!   are atomic with the lease check (`subscriptions.rs` says why), an
+//!   [`EffectJournal`](crate::reactor::EffectJournal), and a
+//!   [`DeadlineStore`](crate::process::DeadlineStore) for process managers.
 //! - **Partitioned reads** filter in SQL: every event row stores its
 //!   stream's [`stream_hash`](crate::subscription::stream_hash), and
 //!   [`EventStore::read_all_partition`] reads one range of it.
@@ -58,6 +59,7 @@ use crate::subscription::Partition;
 use crate::upcast::Upcasters;
 
 mod append;
+mod deadlines;
 mod events;
 mod horizon;
 #[cfg(feature = "nats")]
@@ -279,6 +281,7 @@ struct Shared {
     pool: PgPool,
     sql: Arc<Sql>,
     statements: subscriptions::Statements,
+    deadlines: deadlines::Statements,
     head: Arc<watch::Sender<Position>>,
     progress: Arc<Progress>,
     wake: Arc<Notify>,
@@ -462,6 +465,7 @@ impl PostgresStore {
                 pool,
                 sql,
                 statements: subscriptions::Statements::new(&format!("\"{name}\"")),
+                deadlines: deadlines::Statements::new(&format!("\"{name}\"")),
                 head,
                 progress,
                 wake,
@@ -623,6 +627,35 @@ impl EventStore for PostgresStore {
                 after,
                 types.as_deref(),
                 partition,
+                limit,
+                &self.shared.upcasters,
+            )
+        };
+        let page = read().await?;
+        if page.len() < limit && self.own_writes().await? {
+            return read().await;
+        }
+        Ok(page)
+    }
+
+    /// An ordered range scan of the `(correlation_id, transaction_id, seq)`
+    /// index, below the horizon like `read_all` (a short page waits for this
+    /// handle's own last append the same way).
+    async fn read_correlation(
+        &self,
+        correlation_id: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let read = || {
+            events::read_correlation(
+                &self.shared.pool,
+                &self.shared.sql,
+                correlation_id,
+                after,
                 limit,
                 &self.shared.upcasters,
             )

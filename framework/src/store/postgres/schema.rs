@@ -20,6 +20,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_subscriptions.sql"),
     include_str!("migrations/0003_stream_hash.sql"),
     include_str!("migrations/0004_unsettled_effects.sql"),
+    include_str!("migrations/0005_process.sql"),
 ];
 
 /// The schema version this build creates and understands.

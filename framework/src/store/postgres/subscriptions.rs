@@ -155,6 +155,7 @@ pub(super) struct Statements {
     renew: Arc<str>,
     release: Arc<str>,
     pub(super) effects_load: Arc<str>,
+    pub(super) effects_for: Arc<str>,
     pub(super) effects_record: Arc<str>,
     pub(super) effects_held: Arc<str>,
     pub(super) effects_parked: Arc<str>,
@@ -239,6 +240,12 @@ impl Statements {
             effects_load: s(format!(
                 "SELECT {EFFECT_COLUMNS} FROM {schema}.effects \
                  WHERE reactor = $1 AND event_id = ANY($2)"
+            )),
+            // Every reactor's entries of these events (`effects_by_event`);
+            // byte order of reactor names, as SQLite and memory.
+            effects_for: s(format!(
+                "SELECT {EFFECT_COLUMNS} FROM {schema}.effects \
+                 WHERE event_id = ANY($1) ORDER BY position, reactor COLLATE \"C\""
             )),
             // Fenced like `save_checkpoint` when $11 is not NULL; an update
             // keeps the entry's creation time.

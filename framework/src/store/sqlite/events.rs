@@ -328,6 +328,30 @@ fn filtered_sql(n: usize) -> String {
     )
 }
 
+/// Reads a page of the events of one correlation id after `after`, in
+/// position order: one ordered range scan of `events_by_correlation`.
+pub(super) fn read_correlation(
+    conn: &Connection,
+    correlation_id: Uuid,
+    after: Position,
+    limit: usize,
+    upcasters: &Upcasters,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = select!("WHERE correlation_id = ?1 AND position > ?2 ORDER BY position LIMIT ?3");
+    let mut stmt = conn
+        .prepare_cached(sql)
+        .map_err(db("reading a correlation"))?;
+    collect(
+        &mut stmt,
+        params![
+            correlation_id.as_bytes(),
+            sql_int(after.0),
+            sql_int(limit as u64)
+        ],
+        upcasters,
+    )
+}
+
 /// Finds one event by id.
 pub(super) fn find_event(
     conn: &Connection,

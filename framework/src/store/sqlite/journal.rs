@@ -62,6 +62,12 @@ fn query(
     Ok(out)
 }
 
+/// `ids` without repeats, in their first order.
+fn unique(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.iter().copied().filter(|id| seen.insert(*id)).collect()
+}
+
 fn transition(
     conn: &Connection,
     reactor: &str,
@@ -108,6 +114,28 @@ impl EffectJournal for SqliteStore {
                     found.insert(e.event_id, e);
                 }
             }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// In chunks of 500 ids (SQLite's parameter limit), on the
+    /// `(event_id)` index.
+    async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, StoreError> {
+        let ids = unique(event_ids);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| {
+            let mut found = Vec::new();
+            for chunk in ids.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let sql =
+                    format!("SELECT {COLUMNS} FROM aftermath_effects WHERE event_id IN ({marks})");
+                let params = chunk.iter().map(|id| id.as_bytes().as_slice());
+                found.extend(query(conn, &sql, rusqlite::params_from_iter(params))?);
+            }
+            found.sort_by(|a, b| (a.position, &a.reactor).cmp(&(b.position, &b.reactor)));
             Ok(found)
         })
         .await

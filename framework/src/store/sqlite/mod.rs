@@ -36,6 +36,7 @@ use super::{
 use crate::event::{EventData, Position, StoredEvent};
 use crate::upcast::Upcasters;
 
+mod deadlines;
 mod events;
 #[cfg(feature = "nats")]
 mod inbox;
@@ -423,6 +424,23 @@ impl EventStore for SqliteStore {
         let upcasters = self.shared.upcasters.clone();
         self.read(move |conn| events::read_all(conn, after, types.as_deref(), limit, &upcasters))
             .await
+    }
+
+    /// One ordered range scan of the `(correlation_id, position)` index.
+    async fn read_correlation(
+        &self,
+        correlation_id: Uuid,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let upcasters = self.shared.upcasters.clone();
+        self.read(move |conn| {
+            events::read_correlation(conn, correlation_id, after, limit, &upcasters)
+        })
+        .await
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {

@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_reactors.sql"),
     include_str!("migrations/0004_inbox.sql"),
     include_str!("migrations/0005_unsettled_effects.sql"),
+    include_str!("migrations/0006_process.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -1,0 +1,6 @@
+use aftermath::EventUnion;
+
+#[derive(EventUnion)]
+enum FulfillmentInput {}
+
+fn main() {}

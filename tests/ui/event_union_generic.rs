@@ -1,0 +1,15 @@
+use aftermath::{Event, EventUnion};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Event)]
+enum OrderEvent {
+    Placed { items: u32 },
+}
+
+#[derive(EventUnion)]
+enum FulfillmentInput<T> {
+    Order(OrderEvent),
+    Other(T),
+}
+
+fn main() {}

@@ -1,0 +1,14 @@
+use aftermath::{Event, EventUnion};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Event)]
+enum OrderEvent {
+    Placed { items: u32 },
+}
+
+#[derive(EventUnion)]
+struct FulfillmentInput {
+    order: OrderEvent,
+}
+
+fn main() {}
