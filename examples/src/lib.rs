@@ -3,4 +3,5 @@
 
 pub mod bank;
 pub mod effects_service;
+pub mod fulfillment;
 pub mod shop;

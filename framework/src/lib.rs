@@ -54,10 +54,14 @@
 
 #![warn(missing_docs)]
 
+// Lets `#[derive(Event)]` (which names `::aftermath`) work inside this crate.
+extern crate self as aftermath;
+
 pub mod aggregate;
 pub mod event;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod process;
 pub mod projection;
 pub mod reactor;
 pub mod store;
@@ -66,7 +70,7 @@ pub mod testing;
 pub mod upcast;
 pub mod worker;
 
-pub use aftermath_derive::Event;
+pub use aftermath_derive::{Event, EventUnion};
 pub use aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Loaded, Repository};
 pub use event::{
     DecodeError, EncodeError, Event, EventData, Metadata, PayloadError, Position, Recorded,
@@ -98,5 +102,5 @@ pub mod prelude {
     #[cfg(feature = "sqlite")]
     pub use crate::store::sqlite::SqliteStore;
     pub use crate::store::{EventStore, ExpectedVersion};
-    pub use aftermath_derive::Event;
+    pub use aftermath_derive::{Event, EventUnion};
 }

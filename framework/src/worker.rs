@@ -144,6 +144,15 @@ pub enum SubscriberError {
         /// Which hook failed and why.
         message: String,
     },
+    /// The subscriber is set up wrongly (an invalid name, an input type two
+    /// members of an input enum both decode): it stops, naming the problem.
+    #[error("subscriber `{subscriber}` is misconfigured: {message}")]
+    Config {
+        /// The subscriber.
+        subscriber: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The subscriber's run panicked (outside a handler, where a panic is
     /// an [`SubscriberError::Event`] failure): it is stopped, not restarted.
     #[error("{message}")]

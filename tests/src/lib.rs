@@ -1,11 +1,14 @@
 //! Integration tests for aftermath: the backend conformance suite (written
 //! once, generic over the store, instantiated per backend with
-//! [`conformance_tests!`]), a shared test domain, and helpers.
+//! [`conformance_tests!`]), the deadline store suite (the same way, with
+//! [`deadline_store_tests!`]), a shared test domain, and helpers.
 
 pub mod conformance;
+pub mod deadlines;
 pub mod domain;
 pub mod nats;
 pub mod postgres;
+pub mod process;
 pub mod projections;
 pub mod reactors;
 
@@ -106,6 +109,7 @@ macro_rules! conformance_tests {
             snapshots_give_same_state,
             stale_snapshot_is_ignored,
             partitioned_reads,
+            read_correlation_across_streams,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {

@@ -7,6 +7,7 @@
 //! cargo run --release -p aftermath-benches --bin throughput            # ~3 min
 //! cargo run --release -p aftermath-benches --bin throughput -- --quick # ~15 s, for CI
 //! AFTERMATH_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo run ...  # adds PostgreSQL
+//! AFTERMATH_BENCH_ONLY_SAGAS=1 cargo run ...                               # only the saga rows
 //! ```
 //!
 //! Without `AFTERMATH_PG_URL` the PostgreSQL rows print as SKIPPED. Each
@@ -25,6 +26,7 @@ use std::error::Error;
 use std::time::Duration;
 
 mod pg;
+mod sagas;
 mod sqlite;
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
@@ -52,6 +54,8 @@ pub(crate) struct Plan {
     poll_samples: usize,
     /// The poll interval of polling readers.
     poll: Duration,
+    /// Orders run through the fulfillment saga.
+    sagas: usize,
 }
 
 impl Plan {
@@ -67,6 +71,7 @@ impl Plan {
             live_samples: 300,
             poll_samples: 100,
             poll: Duration::from_millis(100),
+            sagas: 2_000,
         }
     }
 
@@ -82,6 +87,7 @@ impl Plan {
             live_samples: 40,
             poll_samples: 10,
             poll: Duration::from_millis(100),
+            sagas: 200,
         }
     }
 
@@ -231,8 +237,12 @@ fn main() -> Result<()> {
         "ratio = aftermath / baseline (throughput rows); latency rows are milliseconds, lower is better"
     );
 
-    sqlite::run(&rt, &plan)?;
-    pg::run(&rt, &plan)?;
+    let only_sagas = std::env::var_os("AFTERMATH_BENCH_ONLY_SAGAS").is_some();
+    if !only_sagas {
+        sqlite::run(&rt, &plan)?;
+        pg::run(&rt, &plan)?;
+    }
+    sagas::run(&rt, &plan)?;
 
     println!();
     match aftermath_benches::peak_rss_kib() {

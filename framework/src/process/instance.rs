@@ -1,0 +1,247 @@
+//! One process instance: its folded state, and the pure step from an input
+//! to the records one append stores.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::ProcessManager;
+use super::input::{CommandSpec, Input};
+use super::outputs::Outputs;
+use super::record::{InputRecord, ProcessRecord, instance_uuid, record_id, stream_of};
+use crate::event::{EncodeError, EventData, Metadata};
+
+/// A process instance as folded from its stream.
+pub struct Instance<P: ProcessManager> {
+    /// Its id (the routing key).
+    pub id: String,
+    /// The process's state, folded from every input handled.
+    pub state: P::State,
+    /// Its stream's version (0 = not started).
+    pub version: u64,
+    /// The conversation every command and record of it carries: the
+    /// correlation id of the input that started it.
+    pub correlation_id: Uuid,
+    /// Whether it completed.
+    pub completed: bool,
+    handled: HashSet<Uuid>,
+    deadlines: BTreeMap<String, (Uuid, DateTime<Utc>)>,
+    registered: Vec<CommandSpec>,
+}
+
+impl<P: ProcessManager> std::fmt::Debug for Instance<P>
+where
+    P::State: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .field("version", &self.version)
+            .field("completed", &self.completed)
+            .field("deadlines", &self.deadlines)
+            .field("registered", &self.registered)
+            .finish()
+    }
+}
+
+/// What handling an input amounts to.
+pub(crate) enum Decision<S> {
+    /// Already handled: its records are in the stream.
+    Duplicate,
+    /// Not handled, with why (completed instance, cancelled deadline).
+    Ignored(&'static str),
+    /// Append these records (the first is `Received`), then `state` is the
+    /// instance's new state.
+    Append {
+        records: Vec<ProcessRecord>,
+        state: S,
+    },
+}
+
+impl<P: ProcessManager> Instance<P> {
+    /// A not-yet-started instance.
+    pub fn new(id: &str) -> Self {
+        Instance {
+            id: id.to_owned(),
+            state: P::State::default(),
+            version: 0,
+            correlation_id: instance_uuid(P::NAME, id),
+            completed: false,
+            handled: HashSet::new(),
+            deadlines: BTreeMap::new(),
+            registered: Vec::new(),
+        }
+    }
+
+    /// Whether it has handled anything.
+    pub fn exists(&self) -> bool {
+        self.version > 0
+    }
+
+    /// Whether the input with this id was handled.
+    pub fn has_handled(&self, input_id: Uuid) -> bool {
+        self.handled.contains(&input_id)
+    }
+
+    /// The deadlines set and not yet fired or cancelled: name -> (id, due).
+    pub fn deadlines(&self) -> &BTreeMap<String, (Uuid, DateTime<Utc>)> {
+        &self.deadlines
+    }
+
+    /// Whether deadline `id` is still set (not fired, cancelled, replaced).
+    pub fn deadline_active(&self, id: Uuid) -> bool {
+        !self.completed && self.deadlines.values().any(|(d, _)| *d == id)
+    }
+
+    /// Registered compensations not sent yet, oldest first.
+    pub fn compensations(&self) -> &[CommandSpec] {
+        &self.registered
+    }
+
+    /// The instance's stream.
+    pub fn stream(&self) -> String {
+        stream_of(P::NAME, &self.id)
+    }
+
+    /// Folds one stored record (reading the log back).
+    pub(crate) fn fold_stored(
+        &mut self,
+        process: &P,
+        record: &ProcessRecord,
+        metadata: &Metadata,
+        version: u64,
+    ) -> Result<(), String> {
+        if self.version == 0 {
+            self.correlation_id = metadata.correlation_id;
+        }
+        if let ProcessRecord::Received { input } = record {
+            let typed = input.decode::<P::Input>()?;
+            process.apply(&mut self.state, &typed);
+        }
+        self.fold_meta(record);
+        self.version = version;
+        Ok(())
+    }
+
+    /// Folds the framework's part of a record (not the user state).
+    fn fold_meta(&mut self, record: &ProcessRecord) {
+        match record {
+            ProcessRecord::Received { input } => {
+                self.handled.insert(input.id());
+                if let InputRecord::Deadline { deadline, .. } = input {
+                    self.deadlines.retain(|_, (id, _)| *id != deadline.id);
+                }
+            }
+            ProcessRecord::CommandSent { .. } => {}
+            ProcessRecord::CompensationRegistered { command } => {
+                self.registered.push(command.clone())
+            }
+            ProcessRecord::Compensating { .. } => self.registered.clear(),
+            ProcessRecord::DeadlineSet { id, name, due_at } => {
+                self.deadlines.insert(name.clone(), (*id, *due_at));
+            }
+            ProcessRecord::DeadlineCancelled { id, .. } => {
+                self.deadlines.retain(|_, (d, _)| d != id)
+            }
+            ProcessRecord::Completed {} => {
+                self.completed = true;
+                self.deadlines.clear();
+            }
+        }
+    }
+
+    /// Decides what handling `input` appends. Pure.
+    pub(crate) fn decide(
+        &self,
+        process: &P,
+        input: &Input<P::Input>,
+        record: InputRecord,
+        stop: bool,
+    ) -> Result<Decision<P::State>, String> {
+        let input_id = record.id();
+        if self.handled.contains(&input_id) {
+            return Ok(Decision::Duplicate);
+        }
+        if self.completed {
+            return Ok(Decision::Ignored("the instance has completed"));
+        }
+        if let Input::Deadline(d) = input
+            && !self.deadline_active(d.id)
+        {
+            return Ok(Decision::Ignored(
+                "the deadline was cancelled, replaced or already fired",
+            ));
+        }
+        let mut state = self.state.clone();
+        process.apply(&mut state, input);
+        let mut out = Outputs::new(
+            P::NAME,
+            &self.id,
+            input_id,
+            record.at(),
+            self.registered.clone(),
+            self.deadlines
+                .iter()
+                .map(|(name, (id, _))| (name.clone(), *id))
+                .collect(),
+        );
+        process.handle(&state, input, &mut out);
+        let (outputs, errors) = out.finish(stop);
+        if let Some(first) = errors.into_iter().next() {
+            return Err(first);
+        }
+        let mut records = Vec::with_capacity(outputs.len() + 1);
+        records.push(ProcessRecord::Received { input: record });
+        records.extend(outputs);
+        Ok(Decision::Append { records, state })
+    }
+
+    /// The events of one append: ids derived from (process, instance, input,
+    /// index); correlation = the instance's, causation = the input.
+    pub(crate) fn event_data(
+        &self,
+        correlation_id: Uuid,
+        records: &[ProcessRecord],
+    ) -> Result<Vec<EventData>, EncodeError> {
+        let Some(ProcessRecord::Received { input }) = records.first() else {
+            return Ok(Vec::new());
+        };
+        let input_id = input.id();
+        let metadata = Metadata {
+            correlation_id,
+            causation_id: input.cause(),
+            extra: Default::default(),
+        };
+        records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                EventData::encode(
+                    r,
+                    record_id(P::NAME, &self.id, input_id, i),
+                    metadata.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Takes in the records of a successful append.
+    pub(crate) fn commit(
+        &mut self,
+        records: &[ProcessRecord],
+        state: P::State,
+        correlation_id: Uuid,
+        version: u64,
+    ) {
+        if self.version == 0 {
+            self.correlation_id = correlation_id;
+        }
+        self.state = state;
+        for r in records {
+            self.fold_meta(r);
+        }
+        self.version = version;
+    }
+}
