@@ -144,8 +144,9 @@ pub struct ProcessOptions {
     /// Instances handled at once.
     pub concurrency: usize,
     /// How often pending deadlines are looked at when nothing else wakes the
-    /// runner (a runner also wakes when the next deadline is due, and when a
-    /// [`ManualClock`] moves).
+    /// runner. A caught-up runner also wakes when the next deadline is due
+    /// (it sleeps the clock's time until then, so a clock running faster than
+    /// real time needs a short poll) and when a [`ManualClock`] jumps.
     pub deadline_poll: Duration,
     /// Instances kept folded in memory between inputs.
     pub cache_size: usize,

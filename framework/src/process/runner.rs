@@ -225,8 +225,12 @@ where
         until_caught_up: bool,
     ) -> Result<Position, SubscriberError> {
         self.check_config()?;
-        // A new run may follow another owner: forget what was cached.
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if !until_caught_up {
+            // A new run may follow another owner: forget what was cached.
+            // (A stale instance would only cost a version conflict and a
+            // reload; `catch_up` keeps the cache between calls.)
+            self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         let start = match self
             .checkpoints
             .load(P::NAME)

@@ -244,6 +244,9 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, plan: &Plan) -> Result<()> {
             Some(rate(memory_hand)),
             "framework cost alone (no I/O)",
         );
+        if std::env::var("AFTERMATH_BENCH_ONLY_SAGAS").as_deref() == Ok("memory") {
+            return Ok(());
+        }
         let db = TempDb::new("sagas");
         let store = SqliteStore::open(db.path()).await?;
         let sqlite_saga = saga_run(
