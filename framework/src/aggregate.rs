@@ -64,6 +64,12 @@ pub struct CommandMeta {
     pub causation_id: Option<Uuid>,
     /// Copied into every event's metadata.
     pub extra: BTreeMap<String, String>,
+    /// A hint from a caller that knows this command id was never executed
+    /// (it has just recorded the command, as a process manager does): the
+    /// upfront lookup in the command inbox is skipped. A wrong hint costs a
+    /// duplicate-id error and the lookup afterwards, never a second
+    /// execution: the store refuses the derived event ids a second time.
+    pub first_attempt: bool,
 }
 
 impl CommandMeta {
@@ -84,6 +90,13 @@ impl CommandMeta {
     /// Sets the causation id.
     pub fn causation(mut self, id: Uuid) -> Self {
         self.causation_id = Some(id);
+        self
+    }
+
+    /// Marks the command as never executed before (sets the
+    /// `first_attempt` hint).
+    pub fn fresh(mut self) -> Self {
+        self.first_attempt = true;
         self
     }
 
@@ -312,6 +325,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     {
         let stream = A::stream_name(id);
         if let Some(command_id) = meta.command_id
+            && !meta.first_attempt
             && let Some(done) = self.already_executed(id, &stream, command_id).await?
         {
             return Ok(done);

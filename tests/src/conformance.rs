@@ -843,6 +843,59 @@ pub async fn repository_conflicts_are_retried<B: Backend>() {
     eprintln!("{conflicts} of 50 racing commands hit a conflict with max_attempts(1)");
 }
 
+/// A wrong `fresh` hint (the command was executed before) skips the upfront
+/// inbox lookup but still never executes the command twice: the store
+/// refuses the derived ids, and the first result comes back.
+pub async fn repository_fresh_hint_never_executes_twice<B: Backend>() {
+    let f = fresh!(B, "repository_fresh_hint_never_executes_twice");
+    let repo = Repository::<Account, _>::new(f.store.clone());
+    repo.execute(
+        "h",
+        AccountCommand::Open {
+            owner: "ann".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let deposit = CommandMeta::with_id(Uuid::now_v7());
+    let first = repo
+        .execute_with("h", AccountCommand::Deposit { amount: 5 }, deposit.clone())
+        .await
+        .unwrap();
+    // Another writer moves the stream on, so a new decision would append at
+    // a new version.
+    repo.execute("h", AccountCommand::Deposit { amount: 1 })
+        .await
+        .unwrap();
+    let again = repo
+        .execute_with("h", AccountCommand::Deposit { amount: 5 }, deposit.fresh())
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.version, first.version);
+    assert_eq!(again.state.balance, 6);
+    assert_eq!(f.store.stream_version("account-h").await.unwrap(), 3);
+    // A refusal caused by the first execution is recognised the same way.
+    let open = CommandMeta::with_id(Uuid::now_v7());
+    repo.execute_with(
+        "k",
+        AccountCommand::Open { owner: "bo".into() },
+        open.clone(),
+    )
+    .await
+    .unwrap();
+    let reopened = repo
+        .execute_with(
+            "k",
+            AccountCommand::Open { owner: "bo".into() },
+            open.fresh(),
+        )
+        .await
+        .unwrap();
+    assert!(reopened.duplicate);
+    assert_eq!(f.store.stream_version("account-k").await.unwrap(), 1);
+}
+
 /// The same command id twice: decided once, second call returns the first result.
 pub async fn repository_command_id_is_idempotent<B: Backend>() {
     let f = fresh!(B, "repository_command_id_is_idempotent");

@@ -52,6 +52,18 @@ pub enum DispatchError {
         /// What went wrong.
         message: String,
     },
+    /// The target's stream cannot take the command: it holds an event that
+    /// does not decode, or the command's derived event ids are stored in
+    /// another stream. Permanent.
+    #[error("command to `{target}-{id}`: {message}")]
+    Target {
+        /// The category.
+        target: String,
+        /// The aggregate id.
+        id: String,
+        /// What the store said.
+        message: String,
+    },
     /// The store failed or the stream kept changing: transient, retried.
     #[error("command to `{target}-{id}`: {source}")]
     Store {
@@ -113,6 +125,18 @@ where
                 duplicate: done.duplicate,
             }),
             Err(ExecuteError::Rejected(reason)) => Ok(Dispatched::Rejected(reason.to_string())),
+            // The target's stream holds what cannot be read, or the derived
+            // ids clash with another stream: retrying cannot help.
+            Err(ExecuteError::Store(
+                e @ (StoreError::Decode(_)
+                | StoreError::Corrupt { .. }
+                | StoreError::DuplicateEventId { .. }
+                | StoreError::InvalidStream { .. }),
+            )) => Err(DispatchError::Target {
+                target: A::CATEGORY.to_owned(),
+                id: id.to_owned(),
+                message: e.to_string(),
+            }),
             Err(ExecuteError::Store(e)) => Err(store(e)),
             Err(e @ ExecuteError::Conflict { .. }) => Err(store(StoreError::database(
                 "executing a process command",

@@ -10,7 +10,7 @@ use super::ProcessManager;
 use super::input::{CommandSpec, Input};
 use super::outputs::Outputs;
 use super::record::{InputRecord, ProcessRecord, instance_uuid, record_id, stream_of};
-use crate::event::{EncodeError, EventData, Metadata};
+use crate::event::{DecodeError, EncodeError, EventData, Metadata, StoredEvent};
 
 /// A process instance as folded from its stream.
 pub struct Instance<P: ProcessManager> {
@@ -112,12 +112,16 @@ impl<P: ProcessManager> Instance<P> {
         record: &ProcessRecord,
         metadata: &Metadata,
         version: u64,
+        upcast: &dyn Fn(&mut StoredEvent) -> Result<(), DecodeError>,
     ) -> Result<(), String> {
         if self.version == 0 {
             self.correlation_id = metadata.correlation_id;
         }
-        if let ProcessRecord::Received { input } = record {
-            let typed = input.decode::<P::Input>()?;
+        // After completion only rejections are recorded, without `apply`.
+        if let ProcessRecord::Received { input } = record
+            && !self.completed
+        {
+            let typed = input.decode::<P::Input>(upcast)?;
             process.apply(&mut self.state, &typed);
         }
         self.fold_meta(record);
@@ -165,6 +169,15 @@ impl<P: ProcessManager> Instance<P> {
             return Ok(Decision::Duplicate);
         }
         if self.completed {
+            if let Input::Rejected(_) = input {
+                // A command decided before completion was refused: record
+                // it (no `apply`, no `handle`), so the refusal is visible
+                // and a replay does not send the command again.
+                return Ok(Decision::Append {
+                    records: vec![ProcessRecord::Received { input: record }],
+                    state: self.state.clone(),
+                });
+            }
             return Ok(Decision::Ignored("the instance has completed"));
         }
         if let Input::Deadline(d) = input
@@ -176,6 +189,11 @@ impl<P: ProcessManager> Instance<P> {
         }
         let mut state = self.state.clone();
         process.apply(&mut state, input);
+        // The deadline being delivered is no longer set.
+        let firing = match input {
+            Input::Deadline(d) => Some(d.id),
+            _ => None,
+        };
         let mut out = Outputs::new(
             P::NAME,
             &self.id,
@@ -184,8 +202,10 @@ impl<P: ProcessManager> Instance<P> {
             self.registered.clone(),
             self.deadlines
                 .iter()
+                .filter(|(_, (id, _))| Some(*id) != firing)
                 .map(|(name, (id, _))| (name.clone(), *id))
                 .collect(),
+            stop,
         );
         process.handle(&state, input, &mut out);
         let (outputs, errors) = out.finish(stop);

@@ -29,6 +29,9 @@
 //!   [`Input::Deadline`] at least once (also after a restart). The stream
 //!   decides: a cancelled or replaced deadline, or one of a completed
 //!   instance, is dropped when it comes due. Tests move a [`ManualClock`].
+//!   Inputs already in the log are handled before deadlines fire; a
+//!   runner that is behind fires only deadlines due by the last event it
+//!   handled, so after an outage a cancellation waiting in the log wins.
 //! - **One input at a time per instance**; different instances run in
 //!   parallel (up to [`ProcessOptions::concurrency`]). A completed instance
 //!   receives nothing more.

@@ -36,6 +36,7 @@ impl Outputs {
         now: DateTime<Utc>,
         registered: Vec<CommandSpec>,
         deadlines: BTreeMap<String, Uuid>,
+        completing: bool,
     ) -> Self {
         Outputs {
             process: process.to_owned(),
@@ -45,14 +46,15 @@ impl Outputs {
             records: Vec::new(),
             registered,
             deadlines,
-            completed: false,
+            completed: completing,
             errors: Vec::new(),
         }
     }
 
-    /// The input's time (when its event was recorded, its deadline was due,
-    /// its rejection was seen): use it instead of a clock, so `handle` stays
-    /// pure and replays decide the same.
+    /// The input's time: when the runner handled it, by the runner's clock
+    /// (a [`ManualClock`](super::ManualClock) in tests), or for a deadline
+    /// its due time. Recorded with the input: use it instead of a clock, so
+    /// `handle` stays pure and replays decide the same.
     pub fn now(&self) -> DateTime<Utc> {
         self.now
     }
@@ -169,8 +171,14 @@ impl Outputs {
 
     /// Sets deadline `name` to fire `after` the input's time ([`now`](Self::now)).
     pub fn set_deadline_after(&mut self, name: impl Into<String>, after: Duration) {
-        let due_at = self.now + after;
-        self.set_deadline(name, due_at);
+        let name = name.into();
+        match self.now.checked_add_signed(after) {
+            Some(due_at) => self.set_deadline(name, due_at),
+            None => self.errors.push(format!(
+                "deadline `{name}`: {} + {after} is out of range",
+                self.now
+            )),
+        }
     }
 
     /// Cancels deadline `name`, if set: it will not fire.
@@ -195,7 +203,8 @@ impl Outputs {
         self.completed = true;
     }
 
-    /// Whether [`complete`](Self::complete) was called.
+    /// Whether the instance completes with this input ([`complete`](Self::complete)
+    /// was called, or the input was routed with `Route::Stop`).
     pub fn is_complete(&self) -> bool {
         self.completed
     }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::input::{CommandSpec, DeadlineReached, Input, Rejection};
-use crate::event::{Event, Metadata, Position, Recorded, StoredEvent};
+use crate::event::{DecodeError, Event, Metadata, Position, StoredEvent};
 
 /// One fact in a process instance's stream. The type names start with
 /// `aftermath.process.`; they are stable.
@@ -133,9 +133,9 @@ impl InputRecord {
         }
     }
 
-    /// The input's time: when the runner handled it, by the runner's clock
-    /// (recorded, so a reload sees the same). Outputs computed from "now"
-    /// use it, so `handle` stays pure.
+    /// The input's time (recorded, so a reload sees the same): when the
+    /// runner handled it by its clock, or for a deadline its due time.
+    /// Outputs computed from "now" use it, so `handle` stays pure.
     pub fn at(&self) -> DateTime<Utc> {
         match self {
             InputRecord::Event { at, .. }
@@ -161,8 +161,12 @@ impl InputRecord {
         })
     }
 
-    /// The typed input.
-    pub fn decode<I: Event>(&self) -> Result<Input<I>, String> {
+    /// The typed input. `upcast` brings a copied event to its current shape
+    /// (the store's upcasters: [`EventStore::upcast`](crate::EventStore::upcast)).
+    pub fn decode<I: Event>(
+        &self,
+        upcast: &dyn Fn(&mut StoredEvent) -> Result<(), DecodeError>,
+    ) -> Result<Input<I>, String> {
         match self {
             InputRecord::Event {
                 id,
@@ -175,21 +179,27 @@ impl InputRecord {
                 metadata,
                 ..
             } => {
-                let bytes = serde_json::to_vec(payload).map_err(|e| e.to_string())?;
-                let event = I::decode(event_type, &bytes)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| {
-                        format!("event type `{event_type}` is not one of the process's inputs")
-                    })?;
-                Ok(Input::Event(Recorded {
-                    event,
+                let mut stored = StoredEvent {
                     id: *id,
                     stream: stream.clone(),
                     version: *version,
                     position: Position(*position),
                     recorded_at: *recorded_at,
+                    event_type: event_type.clone(),
+                    payload: serde_json::to_vec(payload).map_err(|e| e.to_string())?,
                     metadata: metadata.clone(),
-                }))
+                };
+                upcast(&mut stored).map_err(|e| e.to_string())?;
+                let event = stored
+                    .decode::<I>()
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| {
+                        format!(
+                            "event type `{}` is not one of the process's inputs",
+                            stored.event_type
+                        )
+                    })?;
+                Ok(Input::Event(event))
             }
             InputRecord::Rejected { rejection, .. } => Ok(Input::Rejected(rejection.clone())),
             InputRecord::Deadline { deadline, .. } => Ok(Input::Deadline(deadline.clone())),

@@ -41,6 +41,9 @@ pub struct ProcessRunner<P: ProcessManager, S, D, C> {
     clock: Arc<dyn Clock>,
     options: ProcessOptions,
     cache: Mutex<HashMap<String, Instance<P>>>,
+    /// Command ids this runner recorded and has not dispatched yet: their
+    /// first dispatch skips the target's command-inbox lookup.
+    fresh: Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 /// One event of a page, for one instance's lane.
@@ -71,6 +74,7 @@ where
             clock: Arc::new(SystemClock),
             options: ProcessOptions::default(),
             cache: Mutex::new(HashMap::new()),
+            fresh: Mutex::default(),
         }
     }
 
@@ -187,6 +191,7 @@ where
                 &record.event,
                 &stored.metadata,
                 stored.version,
+                &|e| self.store.upcast(e),
             )
             .map_err(|m| self.event_error(&stored, m))?;
         }
@@ -210,8 +215,9 @@ where
         cache.insert(inst.id.clone(), inst);
         let cap = self.options.cache_size.max(1);
         if cache.len() > cap {
+            // Down to 90%, so this scan runs once per cap/10 inserts.
             cache.retain(|_, i| !i.completed);
-            let extra = cache.len().saturating_sub(cap);
+            let extra = cache.len().saturating_sub(cap - cap / 10);
             let evict: Vec<String> = cache.keys().take(extra).cloned().collect();
             for k in evict {
                 cache.remove(&k);
@@ -230,6 +236,7 @@ where
             // (A stale instance would only cost a version conflict and a
             // reload; `catch_up` keeps the cache between calls.)
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         let start = match self
             .checkpoints
@@ -380,8 +387,8 @@ where
                 due_at: deadline.due_at,
             };
             let record = InputRecord::Deadline {
+                at: reached.due_at,
                 deadline: reached.clone(),
-                at: self.clock.now(),
             };
             let correlation = inst.correlation_id;
             self.handle_input(
@@ -420,7 +427,13 @@ where
             } else {
                 let event = match stored.decode::<P::Input>() {
                     Ok(Some(e)) => e,
-                    Ok(None) => continue,
+                    // Read because its type is one of the inputs' names.
+                    Ok(None) => {
+                        return Err(self.event_error(
+                            stored,
+                            "the input enum lists this type in event_types() but does not decode it",
+                        ));
+                    }
                     Err(e) => return Err(self.event_error(stored, e.message)),
                 };
                 let route = self.process.route(&event);
@@ -506,8 +519,11 @@ where
         event: Recorded<P::Input>,
         route: Route,
     ) -> Result<(), SubscriberError> {
-        if inst.has_handled(stored.id) || inst.completed {
-            // Redelivered, or for a completed instance: ignored whatever the route.
+        if inst.has_handled(stored.id) {
+            return Ok(());
+        }
+        if inst.completed {
+            tracing::debug!(process = P::NAME, instance = %inst.id, event_id = %stored.id, "event for a completed instance ignored");
             return Ok(());
         }
         let exists = inst.exists();
@@ -516,7 +532,10 @@ where
             Route::ContinueStrict(_) | Route::StopStrict(_) if !exists => {
                 Some("the instance does not exist")
             }
-            Route::Continue(_) | Route::Stop(_) if !exists => return Ok(()),
+            Route::Continue(_) | Route::Stop(_) if !exists => {
+                tracing::debug!(process = P::NAME, instance = %inst.id, event_id = %stored.id, "event for an instance that does not exist ignored");
+                return Ok(());
+            }
             _ => None,
         };
         if let Some(why) = misrouted {
@@ -556,7 +575,9 @@ where
         for _ in 0..CONFLICT_ATTEMPTS {
             let decision = inst
                 .decide(&self.process, &input, record.clone(), stop)
-                .map_err(|m| self.instance_error(inst, "handle", m))?;
+                .map_err(|m| {
+                    self.instance_error(inst, "handle", format!("input {input_id}: {m}"))
+                })?;
             let (records, state) = match decision {
                 Decision::Duplicate => return Ok(()),
                 Decision::Ignored(why) => {
@@ -574,12 +595,21 @@ where
                 .event_data(correlation, &records)
                 .map_err(|e| self.instance_error(inst, "encode", e.to_string()))?;
             let stream = inst.stream();
+            let ids: Vec<uuid::Uuid> = data.iter().map(|d| d.id).collect();
             match self
                 .store
                 .append(&stream, ExpectedVersion::Exact(inst.version), data)
                 .await
             {
                 Ok(done) => {
+                    if !done.duplicate {
+                        let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
+                        for (r, d) in records.iter().zip(&ids) {
+                            if matches!(r, ProcessRecord::CommandSent { .. }) {
+                                fresh.insert(*d);
+                            }
+                        }
+                    }
                     inst.commit(&records, state, correlation, done.last_version);
                     ctx.report(|s| s.handled += 1);
                     return Ok(());
@@ -626,17 +656,24 @@ where
                 if inst.has_handled(rejected) {
                     return Ok(true);
                 }
-                let meta = CommandMeta::with_id(stored.id)
+                let mut meta = CommandMeta::with_id(stored.id)
                     .correlation(stored.metadata.correlation_id)
                     .causation(stored.id);
+                if self
+                    .fresh
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&stored.id)
+                {
+                    meta = meta.fresh();
+                }
                 let Some(outcome) = self.dispatch(ctx, stored, &command, meta).await? else {
                     return Ok(false);
                 };
                 if let Dispatched::Rejected(error) = outcome {
                     tracing::info!(process = P::NAME, instance = %inst.id, command_id = %stored.id, target = %command.target, id = %command.id, %error, "command rejected");
                     if inst.completed {
-                        tracing::warn!(process = P::NAME, instance = %inst.id, command_id = %stored.id, "a command of a completed instance was rejected; nothing handles it");
-                        return Ok(true);
+                        tracing::warn!(process = P::NAME, instance = %inst.id, command_id = %stored.id, "a command of a completed instance was rejected; recorded, nothing handles it");
                     }
                     let rejection = Rejection {
                         command_id: stored.id,

@@ -387,8 +387,8 @@ impl<P: ProcessManager> ProcessTest<P> {
             let Some(reached) = next else { break };
             self.now = self.now.max(reached.due_at);
             let record = InputRecord::Deadline {
+                at: reached.due_at,
                 deadline: reached.clone(),
-                at: self.now,
             };
             let correlation = inst.correlation_id;
             let outcome = self.handle(Input::Deadline(reached), record, false, correlation);
@@ -447,8 +447,10 @@ impl<P: ProcessManager> ProcessTest<P> {
                 .decode_known::<ProcessRecord>()
                 .expect("a record decodes")
                 .event;
-            inst.fold_stored(&self.process, &record, &stored.metadata, version)
-                .unwrap_or_else(|e| panic!("a handled input does not fold back: {e}"));
+            inst.fold_stored(&self.process, &record, &stored.metadata, version, &|_| {
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("a handled input does not fold back: {e}"));
             if let ProcessRecord::CommandSent {
                 command,
                 compensation,

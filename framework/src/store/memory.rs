@@ -287,6 +287,10 @@ impl EventStore for MemoryStore {
         Ok(Position(self.read().log.len() as u64))
     }
 
+    fn upcast(&self, event: &mut StoredEvent) -> Result<(), crate::event::DecodeError> {
+        self.upcasters.apply(event)
+    }
+
     async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
         let inner = self.read();
         inner

@@ -385,6 +385,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// polling for appends made through this store handle.
     fn watch_head(&self) -> tokio::sync::watch::Receiver<Position>;
 
+    /// Applies this store's upcasters to an event kept elsewhere (a process
+    /// instance keeps a copy of each input it handled), so the copy reads
+    /// like any event read from this store. Stores without upcasters leave
+    /// it as it is.
+    fn upcast(&self, event: &mut StoredEvent) -> Result<(), DecodeError> {
+        let _ = event;
+        Ok(())
+    }
+
     /// Saves (replaces) the snapshot of a stream.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
 
@@ -451,6 +460,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
         (**self).watch_head()
+    }
+    fn upcast(&self, event: &mut StoredEvent) -> Result<(), DecodeError> {
+        (**self).upcast(event)
     }
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         (**self).save_snapshot(snapshot).await

@@ -1030,6 +1030,10 @@ impl EventStore for KurrentStore {
         }
     }
 
+    fn upcast(&self, event: &mut StoredEvent) -> Result<(), crate::event::DecodeError> {
+        self.shared.upcasters.apply(event)
+    }
+
     async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
         self.locate(id)
             .await?

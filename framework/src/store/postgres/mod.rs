@@ -683,6 +683,10 @@ impl EventStore for PostgresStore {
         Ok(head.position)
     }
 
+    fn upcast(&self, event: &mut StoredEvent) -> Result<(), crate::event::DecodeError> {
+        self.shared.upcasters.apply(event)
+    }
+
     async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
         events::find_event(
             &self.shared.pool,

@@ -453,6 +453,10 @@ impl EventStore for SqliteStore {
         self.read(events::head).await
     }
 
+    fn upcast(&self, event: &mut StoredEvent) -> Result<(), crate::event::DecodeError> {
+        self.shared.upcasters.apply(event)
+    }
+
     async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
         let upcasters = self.shared.upcasters.clone();
         self.read(move |conn| events::find_event(conn, id, &upcasters))
