@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 use crate::event::{Event, Position, Recorded, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::subscription::{
-    CatchUp, CheckpointStore, Lease, Partition, StartFrom, SubscriptionOptions, stopped,
+    CatchUp, CheckpointStore, Lease, Partition, StartFrom, SubscriptionOptions, resume, stopped,
 };
 use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
 use futures::FutureExt;
@@ -1067,31 +1067,15 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
         let name = self.key.clone();
-        let start = match self
-            .checkpoints
-            .load(&name)
-            .await
-            .map_err(|e| self.store_error(e))?
-        {
-            Some(p) => p,
-            None => {
-                let start = self
-                    .options
-                    .subscription
-                    .start_from
-                    .resolve(&self.store)
-                    .await
-                    .map_err(|e| self.store_error(e))?;
-                // Remember the start at once: with `Now`, a crash before the
-                // first checkpoint would otherwise restart at a later head
-                // and never deliver the events appended in between.
-                self.checkpoints
-                    .save(&name, start, ctx.lease.as_ref())
-                    .await
-                    .map_err(|e| self.store_error(e))?;
-                start
-            }
-        };
+        let start = resume(
+            &self.checkpoints,
+            &name,
+            self.options.subscription.start_from,
+            &self.store,
+            ctx.lease.as_ref(),
+        )
+        .await
+        .map_err(|e| self.store_error(e))?;
         let mut reader = CatchUp::new(
             self.store.clone(),
             Some(P::Event::event_types().to_vec()),

@@ -22,7 +22,7 @@ use super::{ProcessManager, ProcessOptions};
 use crate::aggregate::CommandMeta;
 use crate::event::{Event, Position, Recorded, StoredEvent};
 use crate::store::{Direction, EventStore, ExpectedVersion, StoreError, read_stream_all};
-use crate::subscription::{CatchUp, CheckpointStore, stopped};
+use crate::subscription::{CatchUp, CheckpointStore, resume, stopped};
 use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
 
 /// Appends retried after a version conflict on an instance's stream.
@@ -238,30 +238,15 @@ where
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
             self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
-        let start = match self
-            .checkpoints
-            .load(P::NAME)
-            .await
-            .map_err(|e| self.store_error(e))?
-        {
-            Some(p) => p,
-            None => {
-                let start = self
-                    .options
-                    .subscription
-                    .start_from
-                    .resolve(&self.store)
-                    .await
-                    .map_err(|e| self.store_error(e))?;
-                if start > Position::ORIGIN {
-                    self.checkpoints
-                        .save(P::NAME, start, ctx.lease.as_ref())
-                        .await
-                        .map_err(|e| self.store_error(e))?;
-                }
-                start
-            }
-        };
+        let start = resume(
+            &self.checkpoints,
+            P::NAME,
+            self.options.subscription.start_from,
+            &self.store,
+            ctx.lease.as_ref(),
+        )
+        .await
+        .map_err(|e| self.store_error(e))?;
         let mut types: Vec<&'static str> = P::Input::event_types().to_vec();
         types.extend_from_slice(DISPATCHED_TYPES);
         let mut reader = CatchUp::new(

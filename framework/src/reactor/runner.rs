@@ -15,7 +15,7 @@ use super::{
 };
 use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
-use crate::subscription::{CatchUp, CheckpointStore, Partition, stopped};
+use crate::subscription::{CatchUp, CheckpointStore, Partition, resume, stopped};
 use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
@@ -144,32 +144,15 @@ where
         until_caught_up: bool,
     ) -> Result<Position, SubscriberError> {
         let name = self.key.clone();
-        let start = match self
-            .checkpoints
-            .load(&name)
-            .await
-            .map_err(|e| self.store_error(e))?
-        {
-            Some(p) => p,
-            None => {
-                let start = self
-                    .options
-                    .subscription
-                    .start_from
-                    .resolve(&self.store)
-                    .await
-                    .map_err(|e| self.store_error(e))?;
-                // Remember where the first start began: a restart before the
-                // first event must not move `Now` past events appended meanwhile.
-                if start > Position::ORIGIN {
-                    self.checkpoints
-                        .save(&name, start, ctx.lease.as_ref())
-                        .await
-                        .map_err(|e| self.store_error(e))?;
-                }
-                start
-            }
-        };
+        let start = resume(
+            &self.checkpoints,
+            &name,
+            self.options.subscription.start_from,
+            &self.store,
+            ctx.lease.as_ref(),
+        )
+        .await
+        .map_err(|e| self.store_error(e))?;
         let mut reader = CatchUp::new(
             self.store.clone(),
             Some(R::Event::event_types().to_vec()),

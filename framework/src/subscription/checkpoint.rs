@@ -77,3 +77,29 @@ impl CheckpointStore for MemoryCheckpoints {
         Ok(())
     }
 }
+
+/// Where subscriber `key` resumes: after its saved checkpoint, or, without
+/// one, after `start` resolved against `store`. A start past the origin is
+/// saved at once: with [`StartFrom::Now`](super::StartFrom::Now), a restart
+/// before the first checkpoint would otherwise resolve a later head and
+/// never deliver the events appended in between.
+pub async fn resume<S, C>(
+    checkpoints: &C,
+    key: &str,
+    start: super::StartFrom,
+    store: &S,
+    lease: Option<&Lease>,
+) -> Result<Position, StoreError>
+where
+    S: crate::store::EventStore + ?Sized,
+    C: CheckpointStore + ?Sized,
+{
+    if let Some(saved) = checkpoints.load(key).await? {
+        return Ok(saved);
+    }
+    let start = start.resolve(store).await?;
+    if start > Position::ORIGIN {
+        checkpoints.save(key, start, lease).await?;
+    }
+    Ok(start)
+}

@@ -28,7 +28,7 @@ pub mod checkpoint;
 pub mod lease;
 pub mod partition;
 
-pub use checkpoint::{CheckpointStore, MemoryCheckpoints};
+pub use checkpoint::{CheckpointStore, MemoryCheckpoints, resume};
 pub use lease::{Lease, LeaseStore, MemoryLeases};
 pub use partition::{Partition, stream_hash};
 
