@@ -154,8 +154,9 @@ where
 /// The baseline: the same seven commands per order, by hand.
 async fn by_hand<S: EventStore + Clone>(store: S, orders: &[String]) -> Result<Duration> {
     restock(&store, orders).await?;
+    // Four orders share an SKU, sixteen run at once: retry version races.
     let order_repo = Repository::<Order, _>::new(store.clone());
-    let inventory = Repository::<Inventory, _>::new(store.clone());
+    let inventory = Repository::<Inventory, _>::new(store.clone()).max_attempts(1000);
     let payment = Repository::<Payment, _>::new(store.clone());
     let shipping = Repository::<Shipping, _>::new(store.clone());
     let started = Instant::now();
