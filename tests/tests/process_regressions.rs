@@ -278,3 +278,186 @@ fn a_firing_deadline_is_no_longer_set() {
     );
     assert!(fired.deadlines_cancelled().is_empty(), "{fired:?}");
 }
+
+// --- permanent failures stop with the place named, not retried forever ------
+
+#[tokio::test]
+async fn unreadable_target_stream_stops_the_runner_naming_the_command() {
+    let store = MemoryStore::new();
+    // The gate's stream holds an event its aggregate cannot decode.
+    store
+        .append(
+            "gate-main",
+            ExpectedVersion::Any,
+            vec![aftermath::EventData {
+                id: uuid::Uuid::now_v7(),
+                event_type: "Melted".into(),
+                payload: b"{}".to_vec(),
+                metadata: aftermath::Metadata::caused_by(uuid::Uuid::now_v7()),
+            }],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "shift-1",
+            ExpectedVersion::Any,
+            vec![
+                aftermath::EventData::fresh(&ShiftEvent::Ended {
+                    shift: "s-1".into(),
+                })
+                .unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let runner = ProcessRunner::new(
+        Closing,
+        store.clone(),
+        CommandBus::new().register(Repository::<Gate, _>::new(store.clone())),
+        MemoryDeadlines::new(),
+        MemoryCheckpoints::new(),
+    );
+    runner.catch_up().await.unwrap();
+    let started = std::time::Instant::now();
+    match runner.catch_up().await {
+        Err(aftermath::worker::SubscriberError::Event {
+            stream,
+            event_type,
+            message,
+            ..
+        }) => {
+            assert_eq!(stream, "closing.process-s-1");
+            assert_eq!(event_type, "aftermath.process.CommandSent");
+            assert!(message.contains("gate-main"), "{message}");
+        }
+        other => panic!("expected an event error naming the command, got {other:?}"),
+    }
+    // Not retried with backoff: a permanent error comes back at once.
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+enum Timer {
+    Armed { timer: String, days: i64 },
+}
+
+/// Sets a deadline as many days ahead as the event says.
+struct Timers;
+
+impl ProcessManager for Timers {
+    const NAME: &'static str = "timers";
+    type Input = Timer;
+    type State = ();
+    fn route(&self, e: &Recorded<Timer>) -> Route {
+        let Timer::Armed { timer, .. } = &e.event;
+        Route::Start(timer.clone())
+    }
+    fn apply(&self, _: &mut (), _: &Input<Timer>) {}
+    fn handle(&self, _: &(), input: &Input<Timer>, out: &mut Outputs) {
+        if let Some(Timer::Armed { days, .. }) = input.event() {
+            out.set_deadline_after("ring", chrono::Duration::days(*days));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_deadline_out_of_range_is_an_error_naming_the_instance() {
+    let store = MemoryStore::new();
+    store
+        .append(
+            "timer-in",
+            ExpectedVersion::Any,
+            vec![
+                aftermath::EventData::fresh(&Timer::Armed {
+                    timer: "t".into(),
+                    days: 100_000_000,
+                })
+                .unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let runner = ProcessRunner::new(
+        Timers,
+        store.clone(),
+        CommandBus::new(),
+        MemoryDeadlines::new(),
+        MemoryCheckpoints::new(),
+    );
+    match runner.catch_up().await {
+        Err(aftermath::worker::SubscriberError::Event {
+            stream, message, ..
+        }) => {
+            assert_eq!(stream, "timers.process-t");
+            assert!(message.contains("deadline `ring`"), "{message}");
+            assert!(message.contains("out of range"), "{message}");
+        }
+        other => panic!("expected an event error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_clock_jump_wakes_a_live_runner() {
+    let store = MemoryStore::new();
+    let clock = aftermath::process::ManualClock::at(chrono::Utc::now());
+    let runner = ProcessRunner::new(
+        Timers,
+        store.clone(),
+        CommandBus::new(),
+        MemoryDeadlines::new(),
+        MemoryCheckpoints::new(),
+    )
+    .clock(clock.clone())
+    // Polls far too rarely to find the deadline by itself.
+    .options(
+        aftermath::process::ProcessOptions::default()
+            .deadline_poll(std::time::Duration::from_secs(3600)),
+    );
+    let worker = aftermath::worker::Worker::new()
+        .add_subscriber(runner)
+        .start();
+    store
+        .append(
+            "timer-in",
+            ExpectedVersion::Any,
+            vec![
+                aftermath::EventData::fresh(&Timer::Armed {
+                    timer: "t".into(),
+                    days: 1,
+                })
+                .unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let fired = || async {
+        let stream = store
+            .read_stream("timers.process-t", 1, Direction::Forward, 100)
+            .await
+            .unwrap();
+        stream
+            .iter()
+            .any(|e| String::from_utf8_lossy(&e.payload).contains("\"kind\":\"Deadline\""))
+    };
+    // Armed, and its deadline scheduled (the record read back).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stream_version("timers.process-t").await.unwrap() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the input was not handled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!fired().await);
+    clock.advance(chrono::Duration::days(1));
+    while !fired().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock jump did not wake the runner"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    worker.shutdown().await;
+}
