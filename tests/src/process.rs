@@ -1777,6 +1777,16 @@ pub async fn timeline_in_causal_order<B: ProcessBackend>() {
         .await
         .expect("a timeline");
     let text = tl.to_string();
+    // The printed tree names what happened in words.
+    for words in [
+        "received REJECTION of",
+        "compensating 3 step(s)",
+        "sent COMPENSATION",
+        "COMPLETED",
+        "caused by",
+    ] {
+        assert!(text.contains(words), "`{words}` missing from\n{text}");
+    }
 
     let events: Vec<&StoredEvent> = tl.events().collect();
     assert_eq!(events[0].event_type, "ChainStarted", "{text}");
