@@ -3,6 +3,7 @@
 //! [`conformance_tests!`]), the deadline store suite (the same way, with
 //! [`deadline_store_tests!`]), a shared test domain, and helpers.
 
+pub mod child;
 pub mod conformance;
 pub mod deadlines;
 pub mod domain;

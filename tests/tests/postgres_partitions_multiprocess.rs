@@ -9,9 +9,6 @@
 //! Runs when `AFTERMATH_PG_URL` is set; prints SKIPPED otherwise.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use aftermath::projection::ReadModelDb;
@@ -26,103 +23,7 @@ use sqlx_core::sql_str::AssertSqlSafe;
 const HELPER: &str = env!("CARGO_BIN_EXE_sub_helper");
 const COUNT: u32 = 4;
 
-/// A helper process: its stdout lines arrive on a channel; killed (SIGKILL)
-/// when dropped.
-struct Helper {
-    name: String,
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Helper {
-    fn spawn(name: &str, args: &[&str]) -> Helper {
-        let mut child = Command::new(HELPER)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sub_helper");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        let label = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{label}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Helper {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line accepted by `wanted`; returns it.
-    fn expect(&mut self, what: &str, timeout: Duration, wanted: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if wanted(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "`{}`: no {what} within {timeout:?} ({e}); saw {:?}",
-                    self.name, self.seen
-                ),
-            }
-        }
-    }
-
-    /// The lines printed so far (without waiting).
-    fn drain(&mut self) -> &[String] {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        &self.seen
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().expect("piped stdin");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .expect("write to helper");
-        stdin.flush().expect("flush");
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("kill helper");
-        self.child.wait().expect("reap helper");
-    }
-
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "`{}` did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use aftermath_tests::child::Child as Helper;
 
 fn key(index: u32) -> String {
     Partition::new(index, COUNT).key("bal")
@@ -170,6 +71,7 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
     // takes seconds, so the kill lands mid-stream.
     let worker = |owner: &str, first: &str| {
         Helper::spawn(
+            HELPER,
             owner,
             &[
                 "pgworker",
@@ -194,7 +96,7 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
     for (helper, mine) in [(&mut a, [0, 1]), (&mut b, [2, 3])] {
         for index in mine {
             let k = key(index);
-            helper.expect(&format!("{k} running"), Duration::from_secs(20), |l| {
+            helper.expect_line(&format!("{k} running"), Duration::from_secs(20), |l| {
                 l == format!("STATE {k} CatchingUp") || l == format!("STATE {k} Live")
             });
         }
@@ -204,7 +106,7 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
     for (helper, theirs) in [(&mut a, [2, 3]), (&mut b, [0, 1])] {
         for index in theirs {
             let k = key(index);
-            helper.expect(&format!("{k} standing by"), Duration::from_secs(20), |l| {
+            helper.expect_line(&format!("{k} standing by"), Duration::from_secs(20), |l| {
                 l == format!("STATE {k} Standby")
             });
         }
@@ -248,7 +150,7 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
     // b takes over a's partitions once their leases expire.
     for index in [0, 1] {
         let k = key(index);
-        b.expect(&format!("{k} taken over"), ttl * 6, |l| {
+        b.expect_line(&format!("{k} taken over"), ttl * 6, |l| {
             l == format!("STATE {k} CatchingUp") || l == format!("STATE {k} Live")
         });
     }
@@ -261,7 +163,7 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
     let head = head.max(rt.block_on(append_accounts(&store, 4000, 200, 4, 16)));
     let mut live: HashMap<String, bool> = (0..COUNT).map(|i| (key(i), false)).collect();
     while live.values().any(|done| !done) {
-        let line = b.expect("LIVE at the head", Duration::from_secs(60), |l| {
+        let line = b.expect_line("LIVE at the head", Duration::from_secs(60), |l| {
             l.starts_with("LIVE ")
         });
         let mut parts = line.split(' ').skip(1);
@@ -271,7 +173,7 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
         }
     }
     b.send("stop");
-    b.expect("STOPPED", Duration::from_secs(20), |l| l == "STOPPED");
+    b.expect_line("STOPPED", Duration::from_secs(20), |l| l == "STOPPED");
     assert!(b.wait(Duration::from_secs(10)).success());
     assert!(
         !b.drain().iter().any(|l| l.ends_with(" Failed")),

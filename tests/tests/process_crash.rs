@@ -12,9 +12,7 @@
 //! Reproduce a run with `CRASH_SEED=<seed>` (printed on stderr).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +27,7 @@ use aftermath_examples::fulfillment::aggregates::OrderStatus;
 use aftermath_examples::fulfillment::{
     Inventory, InventoryCommand, InventoryEvent, Order, OrderCommand, OrderEvent, Payment, Shipping,
 };
+use aftermath_tests::child::Child;
 use futures::TryStreamExt;
 use uuid::Uuid;
 
@@ -72,78 +71,15 @@ impl Rng {
     }
 }
 
-/// A `saga_helper` process: its stdout lines arrive on a channel; killed
-/// (SIGKILL) when dropped.
-struct Helper {
-    name: String,
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
+/// A `saga_helper` process (killed when dropped); any `FAILED` line it
+/// prints fails the test.
+struct Helper(Child);
 
 impl Helper {
-    fn spawn(name: &str, args: &[&str]) -> Helper {
-        let mut child = Command::new(HELPER)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn saga_helper");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        let label = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{label}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Helper {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn take(&mut self, line: String) {
-        assert!(
-            !line.starts_with("FAILED"),
-            "`{}`: a subscriber stopped for good: {line}",
-            self.name
-        );
-        self.seen.push(line);
-    }
-
-    /// Waits for a line starting with one of `prefixes`.
-    fn expect(&mut self, prefixes: &[&str], timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = prefixes.iter().any(|p| line.starts_with(p));
-                    self.take(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(e) => panic!(
-                    "`{}`: no line {prefixes:?} within {timeout:?} ({e}); saw {:?}",
-                    self.name, self.seen
-                ),
-            }
-        }
-    }
-
     /// Starts a helper and waits until its saga runner holds its lease
     /// and works (so a kill lands in the work, not in the standby).
     fn start(name: &str, args: &[&str]) -> Helper {
-        let mut helper = Helper::spawn(name, args);
+        let mut helper = Helper(Child::spawn(HELPER, name, args));
         helper.expect(
             &["STATE fulfillment CatchingUp", "STATE fulfillment Live"],
             Duration::from_secs(30),
@@ -151,54 +87,42 @@ impl Helper {
         helper
     }
 
+    fn check(&self, line: &str) {
+        assert!(
+            !line.starts_with("FAILED"),
+            "`{}`: a subscriber stopped for good: {line}",
+            self.0.name()
+        );
+    }
+
+    /// Waits for a line starting with one of `prefixes`.
+    fn expect(&mut self, prefixes: &[&str], timeout: Duration) {
+        let line = self
+            .0
+            .expect_line(&format!("line {prefixes:?}"), timeout, |l| {
+                l.starts_with("FAILED") || prefixes.iter().any(|p| l.starts_with(p))
+            });
+        self.check(&line);
+    }
+
     /// Lets it run for `time`, failing on a `FAILED` line.
     fn watch(&mut self, time: Duration) {
         let deadline = Instant::now() + time;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.take(line),
+            match self.0.next_line(left) {
+                Ok(line) => self.check(&line),
                 Err(mpsc::RecvTimeoutError::Timeout) => return,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.try_wait().expect("try_wait");
+                    let status = self.0.try_wait();
                     panic!(
                         "`{}` exited on its own ({status:?}); saw {:?}",
-                        self.name, self.seen
+                        self.0.name(),
+                        self.0.seen
                     );
                 }
             }
         }
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        self.child.kill().expect("kill helper");
-        self.child.wait().expect("reap helper");
-    }
-
-    /// Asks for a graceful shutdown.
-    fn stop(&mut self) {
-        let stdin = self.child.stdin.as_mut().expect("piped stdin");
-        stdin.write_all(b"stop\n").expect("write to helper");
-        stdin.flush().expect("flush");
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "`{}` did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -847,7 +771,7 @@ fn sagas_finish_consistently_when_the_worker_is_killed_repeatedly() {
     for round in 1..=kills {
         let delay = rng.between(50, 1_200);
         helper.watch(Duration::from_millis(delay));
-        helper.kill();
+        helper.0.kill();
         rt.block_on(progress.update(&store));
         let (placed, completed) = (progress.placed, progress.completed.len());
         if completed > 0 && completed < placed {
@@ -884,9 +808,9 @@ fn sagas_finish_consistently_when_the_worker_is_killed_repeatedly() {
         helper.watch(Duration::from_millis(100));
     }
     let finished_after = started.elapsed();
-    helper.stop();
+    helper.0.stop();
     helper.expect(&["STOPPED"], Duration::from_secs(30));
-    assert!(helper.wait(Duration::from_secs(10)).success());
+    assert!(helper.0.wait(Duration::from_secs(10)).success());
 
     let report = rt.block_on(check(&store, &plan, &stock));
     eprintln!(

@@ -3,10 +3,7 @@
 //! lease takeover after the owner is SIGKILLed, and crash consistency of a
 //! projection killed at random moments.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aftermath::projection::{ProjectionOptions, ProjectionRunner, ReadModelDb};
@@ -20,111 +17,7 @@ use futures::TryStreamExt;
 
 const HELPER: &str = env!("CARGO_BIN_EXE_sub_helper");
 
-/// A helper process: its stdout lines arrive on a channel; killed (SIGKILL)
-/// when dropped.
-struct Helper {
-    name: String,
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Helper {
-    fn spawn(name: &str, args: &[&str]) -> Helper {
-        let mut child = Command::new(HELPER)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sub_helper");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        let label = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{label}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Helper {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line starting with `prefix`; returns the rest of it.
-    fn expect(&mut self, prefix: &str, timeout: Duration) -> String {
-        self.expect_any(&[prefix], timeout).1
-    }
-
-    /// Waits for a line starting with one of `prefixes`; returns which one
-    /// and the rest of the line.
-    fn expect_any(&mut self, prefixes: &[&str], timeout: Duration) -> (usize, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    for (i, prefix) in prefixes.iter().enumerate() {
-                        if let Some(rest) = line.strip_prefix(prefix) {
-                            return (i, rest.trim().to_owned());
-                        }
-                    }
-                }
-                Err(e) => panic!(
-                    "`{}`: no line {prefixes:?} within {timeout:?} ({e}); saw {:?}",
-                    self.name, self.seen
-                ),
-            }
-        }
-    }
-
-    /// The lines printed so far (without waiting).
-    fn drain(&mut self) -> &[String] {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        &self.seen
-    }
-
-    /// Asks a worker to shut down gracefully.
-    fn stop(&mut self) {
-        let stdin = self.child.stdin.as_mut().expect("piped stdin");
-        stdin.write_all(b"stop\n").expect("write to helper");
-        stdin.flush().expect("flush");
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        self.child.kill().expect("kill helper");
-        self.child.wait().expect("reap helper");
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "`{}` did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use aftermath_tests::child::Child as Helper;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -174,12 +67,13 @@ async fn appends_by_another_process_reach_the_subscriber() {
             );
     let worker = Worker::new().add_subscriber(runner).start();
     let mut appender = Helper::spawn(
+        HELPER,
         "appender",
         &["append", path_str(&path), "0", "3000", "25", "7", "2"],
     );
     let mut seen_while_appending = false;
     let head = loop {
-        if let Some(status) = appender.child.try_wait().unwrap() {
+        if let Some(status) = appender.try_wait() {
             assert!(status.success());
             break Position(
                 appender
@@ -231,6 +125,7 @@ fn lease_takeover_after_owner_is_killed() {
     // other processes get the write lock in between.
     let worker = |owner: &str| {
         Helper::spawn(
+            HELPER,
             owner,
             &[
                 "worker",
@@ -409,10 +304,10 @@ fn projection_killed_at_random_moments_stays_consistent() {
     let mut last = Position::ORIGIN;
     let mut mid_run = 0;
     for round in 0..kills {
-        let mut child = Helper::spawn(&format!("project-{round}"), &args);
+        let mut child = Helper::spawn(HELPER, &format!("project-{round}"), &args);
         let delay = rng.between(50, 400);
         std::thread::sleep(Duration::from_millis(delay));
-        if child.child.try_wait().unwrap().is_some() {
+        if child.try_wait().is_some() {
             eprintln!("round {round}: finished before the kill");
             break;
         }
@@ -432,7 +327,7 @@ fn projection_killed_at_random_moments_stays_consistent() {
         "checkpoint {last} after the kills"
     );
 
-    let mut last_run = Helper::spawn("project-final", &args);
+    let mut last_run = Helper::spawn(HELPER, "project-final", &args);
     let reached = last_run.expect("CAUGHT_UP", Duration::from_secs(60));
     assert!(last_run.wait(Duration::from_secs(10)).success());
     assert_eq!(reached, head.to_string());
