@@ -654,7 +654,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             }
             reader.advance(through);
             let lag = reader.lag();
-            ctx.report(|s| s.lag = lag);
+            ctx.report_progress(lag);
             if caught_up {
                 if until_caught_up {
                     return Ok(reader.position());
@@ -1128,7 +1128,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
                 }
                 reader.advance(page.through);
                 let lag = reader.lag();
-                ctx.report(|s| s.lag = lag);
+                ctx.report_progress(lag);
                 if reader.position() > saved && due(since_save, last_save) {
                     self.checkpoints
                         .save(&name, reader.position(), ctx.lease.as_ref())

@@ -225,6 +225,18 @@ impl RunContext {
         }
     }
 
+    /// Reports the lag after a page was handled: a subscriber catching up
+    /// that has reached the head it read is live (a full last page leaves
+    /// the reader at the head without a short page to say so).
+    pub fn report_progress(&self, lag: crate::subscription::Lag) {
+        self.report(|s| {
+            s.lag = lag;
+            if s.state == SubscriberState::CatchingUp && lag.position >= lag.head {
+                s.state = SubscriberState::Live;
+            }
+        });
+    }
+
     /// The current status.
     pub fn status(&self) -> SubscriberStatus {
         self.status

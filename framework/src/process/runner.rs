@@ -284,7 +284,7 @@ where
             }
             reader.advance(page.through);
             let lag = reader.lag();
-            ctx.report(|s| s.lag = lag);
+            ctx.report_progress(lag);
             // Deadlines come after the inputs recorded before they were due:
             // while behind, only those due by the last event handled fire (a
             // cancellation waiting in the log must win over its deadline).

@@ -202,7 +202,7 @@ where
             }
             reader.advance(through);
             let lag = reader.lag();
-            ctx.report(|s| s.lag = lag);
+            ctx.report_progress(lag);
             if caught_up {
                 if until_caught_up {
                     return Ok(saved);
