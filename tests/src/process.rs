@@ -146,6 +146,11 @@ pub fn runner<P: ProcessManager, B: ProcessBackend>(
     .options(options)
 }
 
+/// A runner of the `Tally` test process with the default test options.
+pub fn tally_runner<B: ProcessBackend>(parts: &Parts<B>, clock: &ManualClock) -> Runner<Tally, B> {
+    runner(parts, Tally, tally_bus(&parts.store), clock, options())
+}
+
 /// A runner shared between a [`Harness`] and the test.
 pub struct Shared<T>(pub Arc<T>);
 
@@ -1171,13 +1176,7 @@ pub async fn deadline_fires_once_after_restart<B: ProcessBackend>() {
     let parts = parts!(B, "deadline_fires_once_after_restart");
     {
         let clock = ManualClock::at(t0());
-        let runner = Arc::new(runner(
-            &parts,
-            Tally,
-            tally_bus(&parts.store),
-            &clock,
-            options(),
-        ));
+        let runner = Arc::new(tally_runner(&parts, &clock));
         feed(
             &parts.store,
             "tally-in-1",
@@ -1201,7 +1200,7 @@ pub async fn deadline_fires_once_after_restart<B: ProcessBackend>() {
     // Restart: everything in memory is gone; time moved on meanwhile.
     let parts = B::reopen(parts).await;
     let clock = ManualClock::at(t0() + Duration::seconds(601));
-    let runner = runner(&parts, Tally, tally_bus(&parts.store), &clock, options());
+    let runner = tally_runner(&parts, &clock);
     runner.catch_up().await.expect("the runner runs");
     let recs = records(&parts.store, "tally", "t-1").await;
     let fired = deadlines_received(&recs);
@@ -1227,13 +1226,7 @@ pub async fn deadline_fires_once_after_restart<B: ProcessBackend>() {
     let parts = B::reopen(parts).await;
     parts.deadlines.schedule(&row).await.unwrap();
     let clock = ManualClock::at(t0() + Duration::seconds(700));
-    let runner = Arc::new(self::runner(
-        &parts,
-        Tally,
-        tally_bus(&parts.store),
-        &clock,
-        options(),
-    ));
+    let runner = Arc::new(self::tally_runner(&parts, &clock));
     settle(&parts.store, &runner).await;
     let recs = records(&parts.store, "tally", "t-1").await;
     assert_eq!(recs.len(), version, "nothing appended: {recs:?}");
@@ -1257,13 +1250,7 @@ pub async fn deadline_waits_for_inputs_already_in_the_log<B: ProcessBackend>() {
     let parts = parts!(B, "deadline_waits_for_inputs_already_in_the_log");
     let clock = ManualClock::at(t0());
     {
-        let runner = Arc::new(runner(
-            &parts,
-            Tally,
-            tally_bus(&parts.store),
-            &clock,
-            options(),
-        ));
+        let runner = Arc::new(tally_runner(&parts, &clock));
         feed(
             &parts.store,
             "tally-in-1",
@@ -1283,13 +1270,7 @@ pub async fn deadline_waits_for_inputs_already_in_the_log<B: ProcessBackend>() {
     )
     .await;
     clock.advance(Duration::seconds(601));
-    let runner = Arc::new(runner(
-        &parts,
-        Tally,
-        tally_bus(&parts.store),
-        &clock,
-        options(),
-    ));
+    let runner = Arc::new(tally_runner(&parts, &clock));
     settle(&parts.store, &runner).await;
     let recs = records(&parts.store, "tally", "t-1").await;
     assert!(deadlines_received(&recs).is_empty(), "{recs:?}");
@@ -1313,13 +1294,7 @@ pub async fn deadline_waits_for_inputs_already_in_the_log<B: ProcessBackend>() {
 pub async fn cancelled_deadline_never_fires<B: ProcessBackend>() {
     let parts = parts!(B, "cancelled_deadline_never_fires");
     let clock = ManualClock::at(t0());
-    let runner = Arc::new(runner(
-        &parts,
-        Tally,
-        tally_bus(&parts.store),
-        &clock,
-        options(),
-    ));
+    let runner = Arc::new(tally_runner(&parts, &clock));
     feed(
         &parts.store,
         "tally-in-1",
@@ -1447,13 +1422,7 @@ pub async fn cancelled_deadline_never_fires<B: ProcessBackend>() {
 pub async fn deadline_due_with_completion_deadline_first<B: ProcessBackend>() {
     let parts = parts!(B, "deadline_due_with_completion_deadline_first");
     let clock = ManualClock::at(t0());
-    let runner = Arc::new(runner(
-        &parts,
-        Tally,
-        tally_bus(&parts.store),
-        &clock,
-        options(),
-    ));
+    let runner = Arc::new(tally_runner(&parts, &clock));
     feed(
         &parts.store,
         "tally-in-1",
@@ -1503,13 +1472,7 @@ pub async fn deadline_due_with_completion_deadline_first<B: ProcessBackend>() {
 pub async fn deadline_due_with_completion_completion_first<B: ProcessBackend>() {
     let parts = parts!(B, "deadline_due_with_completion_completion_first");
     let clock = ManualClock::at(t0());
-    let runner = Arc::new(runner(
-        &parts,
-        Tally,
-        tally_bus(&parts.store),
-        &clock,
-        options(),
-    ));
+    let runner = Arc::new(tally_runner(&parts, &clock));
     feed(
         &parts.store,
         "tally-in-1",
@@ -1998,13 +1961,7 @@ async fn misrouted_inputs<S: EventStore>(store: &S) -> [Uuid; 3] {
 pub async fn strict_start_of_completed_instance_is_ignored<B: ProcessBackend>() {
     let parts = parts!(B, "strict_start_of_completed_instance_is_ignored");
     let clock = ManualClock::at(t0());
-    let runner = Arc::new(runner(
-        &parts,
-        Tally,
-        tally_bus(&parts.store),
-        &clock,
-        options(),
-    ));
+    let runner = Arc::new(tally_runner(&parts, &clock));
     feed(
         &parts.store,
         "tally-in-1",
@@ -2030,7 +1987,7 @@ pub async fn strict_start_of_existing_instance_stops_the_runner<B: ProcessBacken
     let clock = ManualClock::at(t0());
     let [first, again, _] = misrouted_inputs(&parts.store).await;
     let misrouted = parts.store.find_event(again).await.unwrap().unwrap();
-    let runner = runner(&parts, Tally, tally_bus(&parts.store), &clock, options());
+    let runner = tally_runner(&parts, &clock);
     for _ in 0..2 {
         match runner.catch_up().await {
             Err(SubscriberError::Event {
@@ -2057,13 +2014,7 @@ pub async fn strict_start_of_existing_instance_stops_the_runner<B: ProcessBacken
 
     // In a worker: stopped for good, the error naming the event.
     let worker = Worker::new()
-        .add_subscriber(self::runner(
-            &parts,
-            Tally,
-            tally_bus(&parts.store),
-            &clock,
-            options(),
-        ))
+        .add_subscriber(self::tally_runner(&parts, &clock))
         .start();
     let mut state = SubscriberState::Starting;
     eventually("the worker to stop the runner", || {
