@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod deadlines;
 pub mod domain;
 pub mod nats;
+pub mod pg_cluster;
 pub mod postgres;
 pub mod process;
 pub mod projections;

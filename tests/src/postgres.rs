@@ -111,6 +111,41 @@ pub async fn raw(url: &str) -> PgConnection {
         .unwrap_or_else(|e| panic!("AFTERMATH_PG_URL is set ({url}) but connecting failed: {e}"))
 }
 
+/// Calls the schema's `append` function on `conn`, inside whatever
+/// transaction `conn` has open (the store calls it as one autocommit
+/// statement): a test can hold an append paused before its commit, or append
+/// inside its own transaction and savepoints. Any expected version.
+pub async fn append_in(
+    conn: &mut PgConnection,
+    schema: &str,
+    stream: &str,
+    events: &[aftermath::EventData],
+) -> Result<(), sqlx_core::Error> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let types: Vec<String> = events.iter().map(|e| e.event_type.clone()).collect();
+    let payloads: Vec<Vec<u8>> = events.iter().map(|e| e.payload.clone()).collect();
+    let metadata: Vec<String> = events
+        .iter()
+        .map(|e| serde_json::to_string(&e.metadata).expect("metadata serializes"))
+        .collect();
+    let correlation: Vec<Uuid> = events.iter().map(|e| e.metadata.correlation_id).collect();
+    let causation: Vec<Uuid> = events.iter().map(|e| e.metadata.causation_id).collect();
+    query(AssertSqlSafe(format!(
+        "SELECT out_transaction FROM \"{schema}\".append($1, 0, 9223372036854775807, false, \
+         false, $2, $3, $4, $5, $6, $7, \"{schema}\".stream_hash($1))"
+    )))
+    .bind(stream)
+    .bind(ids)
+    .bind(types)
+    .bind(payloads)
+    .bind(metadata)
+    .bind(correlation)
+    .bind(causation)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// The balances projection on PostgreSQL: the same two tables as
 /// [`Balances`](crate::projections::Balances), in the store's schema:
 /// `<name>_balances (account PRIMARY KEY, balance, events)` and

@@ -35,6 +35,7 @@ pub(super) struct Sql {
     read_correlation: Arc<str>,
     find_event: Arc<str>,
     head: Arc<str>,
+    pub(super) horizon: Arc<str>,
     pub(super) held_back: Arc<str>,
     save_snapshot: Arc<str>,
     load_snapshot: Arc<str>,
@@ -73,7 +74,7 @@ impl Sql {
             read_all: s(format!(
                 "SELECT {COLUMNS} FROM {schema}.events \
                  WHERE (transaction_id, seq) > ($1, $2) \
-                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
                  ORDER BY transaction_id, seq LIMIT $3"
             )),
             // Each type contributes at most `limit` keys from its own ordered
@@ -88,7 +89,7 @@ impl Sql {
                      SELECT e.transaction_id, e.seq FROM {schema}.events e \
                      WHERE e.event_type = wanted.event_type \
                        AND (e.transaction_id, e.seq) > ($1, $2) \
-                       AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                       AND e.transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
                      ORDER BY e.transaction_id, e.seq LIMIT $3) k \
                    ORDER BY k.transaction_id, k.seq LIMIT $3 \
                  ) keys ON transaction_id = keys.t AND seq = keys.s \
@@ -99,7 +100,7 @@ impl Sql {
             read_partition: s(format!(
                 "SELECT {COLUMNS} FROM {schema}.events \
                  WHERE (transaction_id, seq) > ($1, $2) \
-                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
                    AND stream_hash BETWEEN $4 AND $5 \
                  ORDER BY transaction_id, seq LIMIT $3"
             )),
@@ -113,7 +114,7 @@ impl Sql {
                      SELECT e.transaction_id, e.seq FROM {schema}.events e \
                      WHERE e.event_type = wanted.event_type \
                        AND (e.transaction_id, e.seq) > ($1, $2) \
-                       AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                       AND e.transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
                        AND e.stream_hash BETWEEN $5 AND $6 \
                      ORDER BY e.transaction_id, e.seq LIMIT $3) k \
                    ORDER BY k.transaction_id, k.seq LIMIT $3 \
@@ -127,7 +128,7 @@ impl Sql {
                 "SELECT {COLUMNS} FROM {schema}.events \
                  WHERE correlation_id = $4 \
                    AND (transaction_id, seq) > ($1, $2) \
-                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
                  ORDER BY transaction_id, seq LIMIT $3"
             )),
             find_event: s(format!(
@@ -140,17 +141,22 @@ impl Sql {
                    (SELECT w.transaction_id FROM {schema}.events w \
                      WHERE w.transaction_id >= h.horizon \
                      ORDER BY w.transaction_id LIMIT 1) IS NOT NULL \
-                 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h \
+                 FROM (SELECT {schema}.horizon(pg_current_snapshot()) AS horizon) h \
                  LEFT JOIN LATERAL ( \
                    SELECT transaction_id, seq FROM {schema}.events \
                    WHERE transaction_id < h.horizon \
                    ORDER BY transaction_id DESC, seq DESC LIMIT 1) e ON true"
             )),
-            // The horizon and how long the oldest committed event that
-            // readers cannot read yet has been waiting (no row: none waits).
+            horizon: s(format!("SELECT {schema}.horizon(pg_current_snapshot())")),
+            // The horizon as the cluster's transaction id (the offset taken
+            // off: see `order.rs`) and how long the oldest committed event
+            // that readers cannot read yet has been waiting (no row: none
+            // waits).
             held_back: s(format!(
-                "SELECT h.horizon, extract(epoch FROM clock_timestamp() - w.recorded_at)::float8 \
-                 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h \
+                "SELECT (h.horizon::text::bigint - b.position_offset)::text::xid8, \
+                   extract(epoch FROM clock_timestamp() - w.recorded_at)::float8 \
+                 FROM (SELECT {schema}.horizon(pg_current_snapshot()) AS horizon) h \
+                 CROSS JOIN {schema}.log_base b \
                  CROSS JOIN LATERAL ( \
                    SELECT recorded_at FROM {schema}.events \
                    WHERE transaction_id >= h.horizon \
@@ -228,7 +234,8 @@ pub(super) async fn stream_version(
 
 /// The head of `$all` that is safe to read up to.
 pub(super) struct Head {
-    /// The horizon: the oldest transaction id still running.
+    /// The horizon, as a stored transaction id: the oldest appending
+    /// transaction still running (see `order.rs`).
     pub(super) horizon: Xid8,
     /// The last position below the horizon.
     pub(super) position: Position,

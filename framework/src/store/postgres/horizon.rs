@@ -1,7 +1,7 @@
-//! Following the horizon: waiting for this handle's own appends to become
-//! readable, the background task that moves `watch_head` (after appends
-//! through this handle, on `LISTEN/NOTIFY` from other processes, and by
-//! polling), and reporting what holds readers back.
+//! Following the horizon: waiting (on request) for this handle's own
+//! appends to become readable, the background task that moves `watch_head`
+//! (after appends through this handle, on `LISTEN/NOTIFY` from other
+//! processes, and by polling), and reporting what holds readers back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +25,6 @@ pub(super) struct Progress {
     own: AtomicU64,
     /// The largest horizon any statement of this handle has seen.
     horizon: AtomicU64,
-    /// The largest own transaction id a reader stopped waiting for.
-    given_up: AtomicU64,
 }
 
 impl Progress {
@@ -40,31 +38,29 @@ impl Progress {
         self.horizon.fetch_max(horizon.0, Ordering::AcqRel);
     }
 
-    /// The transaction id of this handle's last append, while it is not yet
-    /// known to be below the horizon (readable in `$all`).
+    /// The (stored) transaction id of this handle's last append, while it
+    /// is not yet known to be below the horizon (readable in `$all`).
     pub(super) fn pending(&self) -> Option<u64> {
         let own = self.own.load(Ordering::Acquire);
         let seen = self.horizon.load(Ordering::Acquire);
-        let given_up = self.given_up.load(Ordering::Acquire);
-        (own != 0 && seen <= own && given_up < own).then_some(own)
+        (own != 0 && seen <= own).then_some(own)
     }
 }
 
-/// The current horizon: `pg_snapshot_xmin(pg_current_snapshot())`.
-async fn horizon(pool: &PgPool) -> Result<Xid8, StoreError> {
-    sqlx_core::query::query("SELECT pg_snapshot_xmin(pg_current_snapshot())")
+/// The current horizon (`{schema}.horizon(pg_current_snapshot())`).
+async fn horizon(pool: &PgPool, sql: &Sql) -> Result<Xid8, StoreError> {
+    stmt(&sql.horizon)
         .fetch_one(pool)
         .await
         .and_then(|row| row.try_get(0))
-        .map_err(db("reading the snapshot horizon"))
+        .map_err(db("reading the append horizon"))
 }
 
 /// Waits, at most `timeout`, until this handle's appends are below the
-/// horizon. False when it gave up (an older transaction is still running):
-/// then readers of this handle stop waiting for that append, and read what
-/// is safe.
+/// horizon. False when it gave up (an older append is still in flight).
 pub(super) async fn wait_own_writes(
     pool: &PgPool,
+    sql: &Sql,
     progress: &Progress,
     timeout: Duration,
 ) -> Result<bool, StoreError> {
@@ -74,19 +70,13 @@ pub(super) async fn wait_own_writes(
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
-        let now = horizon(pool).await?;
+        let now = horizon(pool, sql).await?;
         progress.observe(now);
         if now.0 > target {
             return Ok(true);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            progress.given_up.fetch_max(target, Ordering::AcqRel);
-            tracing::debug!(
-                transaction_id = target,
-                horizon = now.0,
-                "stopped waiting for an own append to become readable in $all: an older transaction is still running"
-            );
             return Ok(false);
         }
         tokio::time::sleep(pause.min(left)).await;
@@ -99,11 +89,12 @@ pub(super) async fn held_back(pool: &PgPool, sql_of: &Sql) -> Result<Option<Held
     let Some(row) = stmt(&sql_of.held_back)
         .fetch_optional(pool)
         .await
-        .map_err(db("checking the snapshot horizon"))?
+        .map_err(db("checking the append horizon"))?
     else {
         return Ok(None);
     };
-    let failed = || db("checking the snapshot horizon");
+    let failed = || db("checking the append horizon");
+    // The cluster's id of the transaction at the horizon (offset taken off).
     let horizon: Xid8 = row.try_get(0).map_err(failed())?;
     let waiting: Option<f64> = row.try_get(1).map_err(failed())?;
     Ok(Some(HeldBack {
@@ -119,8 +110,8 @@ fn seconds(value: Option<f64>) -> Duration {
         .unwrap_or_default()
 }
 
-/// The session (or prepared transaction) whose transaction is the horizon,
-/// when this role may see it.
+/// The session (or prepared transaction) whose append is the horizon
+/// (`horizon` is the cluster's transaction id), when this role may see it.
 async fn blocker(pool: &PgPool, horizon: Xid8) -> Result<Option<Blocker>, StoreError> {
     let failed = || db("looking up the transaction at the horizon");
     let session = sqlx_core::query::query(
@@ -289,13 +280,13 @@ impl Background {
                 state = b.state.as_deref(),
                 query = b.query.as_deref(),
                 prepared = b.prepared.as_deref(),
-                "readers of $all are held back by an unfinished transaction (they wait for it, never skip)"
+                "readers of $all are held back by an append still in flight (they wait for it, never skip)"
             ),
             None => tracing::warn!(
                 schema = %self.schema,
                 horizon = held.horizon,
                 waiting_ms,
-                "readers of $all are held back by an unfinished transaction that this role cannot see \
+                "readers of $all are held back by an append still in flight that this role cannot see \
                  in pg_stat_activity (grant pg_read_all_stats to name it)"
             ),
         }

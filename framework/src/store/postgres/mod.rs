@@ -107,7 +107,6 @@ pub struct PostgresOptions {
     strict_order: bool,
     notify: bool,
     poll_interval: Duration,
-    own_writes_timeout: Duration,
     held_back_warning: Duration,
 }
 
@@ -121,7 +120,6 @@ impl Default for PostgresOptions {
             strict_order: false,
             notify: true,
             poll_interval: Duration::from_secs(1),
-            own_writes_timeout: Duration::from_secs(5),
             held_back_warning: Duration::from_secs(2),
         }
     }
@@ -190,16 +188,6 @@ impl PostgresOptions {
         self
     }
 
-    /// How long `read_all` (on a short page) and `head` wait for this
-    /// handle's own last append to become readable in `$all`, i.e. for older
-    /// transactions of other sessions to finish. After that they return what
-    /// is safe to read (never more), and stop waiting for that append.
-    /// `Duration::ZERO` turns the wait off. Default 5 seconds.
-    pub fn own_writes_timeout(mut self, timeout: Duration) -> Self {
-        self.own_writes_timeout = timeout;
-        self
-    }
-
     /// Log a warning when committed events have waited this long for an
     /// older, unfinished transaction (at most one warning every 5 seconds).
     /// Default 2 seconds.
@@ -231,11 +219,6 @@ impl PostgresOptions {
     /// The poll interval.
     pub fn get_poll_interval(&self) -> Duration {
         self.poll_interval
-    }
-
-    /// The own-writes wait.
-    pub fn get_own_writes_timeout(&self) -> Duration {
-        self.own_writes_timeout
     }
 }
 
@@ -290,7 +273,6 @@ struct Shared {
     location: String,
     strict: bool,
     notify: bool,
-    own_writes_timeout: Duration,
     /// Wakes the after-commit notifier (when `notify` is on).
     notifier: Arc<Notify>,
     /// Dropping it (with the last handle) stops the background task.
@@ -303,17 +285,31 @@ struct Shared {
 /// background task, which stops when the last clone drops.
 ///
 /// `$all` positions are `transaction_id << 20 | index in the transaction`,
-/// read only below the snapshot horizon: a reader never skips an event, and
-/// writers are not serialized. A long transaction anywhere on the server
-/// that holds a transaction id delays readers (never makes them skip) until
-/// it ends; [`PostgresStore::held_back`] says which one, and the store logs
-/// a warning. Limits: at most 2^20 events in one append, and transaction
-/// ids below 2^44.
+/// read only below the *append horizon*: a reader never skips an event, and
+/// writers are not serialized.
 ///
-/// A handle reads its own writes: after an append through it (or a clone),
-/// its `read_all` and `head` include that append, waiting for older
-/// transactions of other sessions to finish if needed (see
-/// [`PostgresOptions::own_writes_timeout`]).
+/// **What can hold readers back**: only appends to this store that are still
+/// in flight (the oldest running transaction that holds the store's append
+/// lock). Readers wait for it, never skip it;
+/// [`PostgresStore::held_back`] names it (pid, age, query) and the store logs
+/// a warning. Nothing else delays delivery: not projections' read-model
+/// transactions, not other schemas or databases on the same server, not
+/// idle-in-transaction sessions or prepared transactions that did not
+/// append here. An append must be the first write of its transaction (the
+/// store's own appends always are); the `append` function refuses anything
+/// else with a clear error. Limits: at most 2^20 events in one append, and
+/// transaction ids below 2^44. The argument is in the backend's `order.rs`.
+///
+/// **Positions survive a logical move**: after `pg_dump`/restore, a
+/// logical-replication cutover or a cloud migration into a cluster whose
+/// transaction counter is behind the stored ids, opening the store re-bases
+/// new positions above every restored one (logged as a warning); stored
+/// events, checkpoints and journals keep their positions.
+///
+/// Reads never wait for this handle's own appends: an append is readable in
+/// `$all` as soon as it and every older append in flight committed. Code
+/// that must read its own writes through `$all` calls
+/// [`PostgresStore::wait_for_own_writes`].
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), aftermath::StoreError> {
@@ -436,6 +432,7 @@ impl PostgresStore {
             reason,
         })?;
         schema::migrate(&pool, &name, &location).await?;
+        schema::rebase_positions(&pool, &name, &location).await?;
         let sql = Arc::new(Sql::new(&format!("\"{name}\"")));
         let head = events::head(&pool, &sql).await?;
         let progress = Arc::new(Progress::default());
@@ -474,7 +471,6 @@ impl PostgresStore {
                 location,
                 strict: options.strict_order,
                 notify: options.notify,
-                own_writes_timeout: options.own_writes_timeout,
                 notifier,
                 _background: background,
                 _notifier: notifier_task,
@@ -511,15 +507,36 @@ impl PostgresStore {
         stored
     }
 
-    /// Waits (bounded) until this handle's last append is readable in `$all`.
-    async fn own_writes(&self) -> Result<bool, StoreError> {
-        if self.shared.own_writes_timeout.is_zero() || self.shared.progress.pending().is_none() {
-            return Ok(false);
-        }
+    /// Read-your-own-writes through `$all`: waits, at most `timeout`, until
+    /// the last append through this handle (or a clone) is readable by
+    /// `read_all` and below [`EventStore::head`], i.e. until every append to
+    /// this store that was in flight when it committed has ended. True when
+    /// it is readable (at once when nothing is pending); false when it gave
+    /// up, e.g. because an append of another session is paused mid-commit
+    /// ([`PostgresStore::held_back`] names it).
+    ///
+    /// Reads never wait by themselves, so subscribers sharing this handle with
+    /// busy writers stay live; call this where a caller needs its own writes
+    /// (a test, a request that redirects to a page built from `$all`).
+    ///
+    /// ```no_run
+    /// # async fn example(store: aftermath::PostgresStore) -> Result<(), aftermath::StoreError> {
+    /// use std::time::Duration;
+    /// use aftermath::store::{EventStore, ExpectedVersion};
+    /// # let events = Vec::new();
+    /// let done = store.append("order-7", ExpectedVersion::Any, events).await?;
+    /// if store.wait_for_own_writes(Duration::from_secs(5)).await? {
+    ///     assert!(store.head().await? >= done.last_position.unwrap_or_default());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn wait_for_own_writes(&self, timeout: Duration) -> Result<bool, StoreError> {
         horizon::wait_own_writes(
             &self.shared.pool,
+            &self.shared.sql,
             &self.shared.progress,
-            self.shared.own_writes_timeout,
+            timeout,
         )
         .await
     }
@@ -578,8 +595,8 @@ impl EventStore for PostgresStore {
         .await
     }
 
-    /// Reads below the snapshot horizon only (see [`PostgresStore`]); a
-    /// short page waits first for this handle's own last append.
+    /// Reads below the append horizon only (see [`PostgresStore`]); never
+    /// waits.
     async fn read_all(
         &self,
         after: Position,
@@ -600,11 +617,7 @@ impl EventStore for PostgresStore {
                 &self.shared.upcasters,
             )
         };
-        let page = read().await?;
-        if page.len() < limit && self.own_writes().await? {
-            return read().await;
-        }
-        Ok(page)
+        read().await
     }
 
     /// Filters in SQL on the `stream_hash` column (one range of hashes per
@@ -631,16 +644,11 @@ impl EventStore for PostgresStore {
                 &self.shared.upcasters,
             )
         };
-        let page = read().await?;
-        if page.len() < limit && self.own_writes().await? {
-            return read().await;
-        }
-        Ok(page)
+        read().await
     }
 
     /// An ordered range scan of the `(correlation_id, transaction_id, seq)`
-    /// index, below the horizon like `read_all` (a short page waits for this
-    /// handle's own last append the same way).
+    /// index, below the horizon like `read_all`.
     async fn read_correlation(
         &self,
         correlation_id: Uuid,
@@ -660,26 +668,19 @@ impl EventStore for PostgresStore {
                 &self.shared.upcasters,
             )
         };
-        let page = read().await?;
-        if page.len() < limit && self.own_writes().await? {
-            return read().await;
-        }
-        Ok(page)
+        read().await
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         events::stream_version(&self.shared.pool, &self.shared.sql, stream).await
     }
 
-    /// The last position below the snapshot horizon: everything up to it is
-    /// final, so a subscriber may checkpoint there.
+    /// The last position below the append horizon: everything up to it is
+    /// final, so a subscriber may checkpoint there. One statement; never
+    /// waits.
     async fn head(&self) -> Result<Position, StoreError> {
-        let mut head = events::head(&self.shared.pool, &self.shared.sql).await?;
+        let head = events::head(&self.shared.pool, &self.shared.sql).await?;
         self.shared.progress.observe(head.horizon);
-        if self.own_writes().await? {
-            head = events::head(&self.shared.pool, &self.shared.sql).await?;
-            self.shared.progress.observe(head.horizon);
-        }
         Ok(head.position)
     }
 

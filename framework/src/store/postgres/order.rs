@@ -14,48 +14,94 @@
 //!
 //! # The order used here
 //!
-//! Every row stores `transaction_id xid8 DEFAULT pg_current_xact_id()`, the
-//! 64-bit (epoch-extended, never wrapping) id of the transaction that
-//! appended it, and `seq`, its index among the events appended in that
-//! transaction. `$all` is ordered by `(transaction_id, seq)`, and a reader
-//! reads only rows with `transaction_id < pg_snapshot_xmin(pg_current_snapshot())`:
-//! the *horizon*, the smallest transaction id that was still running when the
-//! reading statement took its snapshot.
+//! Every row stores `transaction_id xid8`: the 64-bit (epoch-extended, never
+//! wrapping) id of the transaction that appended it, plus the log's
+//! *offset* (below; 0 unless the log was moved), and `seq`, its index among
+//! the events appended in that transaction. `$all` is ordered by
+//! `(transaction_id, seq)`, and a reader reads only rows with
+//! `transaction_id` below the *append horizon* `H`, computed by the schema's
+//! `horizon(pg_current_snapshot())` inside the reading statement.
+//!
+//! # The append lock
+//!
+//! Every append holds the store's *append lock*, a shared
+//! transaction-level advisory lock (`hashtext('<schema>.append'), 1`). The
+//! append function takes it **before its transaction has an id** and refuses to run in a transaction that already has an id and
+//! does not hold the lock yet (an append must be the first write of its
+//! transaction; the store's own appends are single statements, so they
+//! always are). The lock is held until the transaction ends.
+//!
+//! # The horizon
+//!
+//! A read is one statement with one snapshot `S`. `horizon(S)` first reads
+//! the lock table once (`pg_locks`: the transactions holding the append
+//! lock *now*, time `L`), then walks `S`'s running transactions (`xip`) in
+//! id order and stops at the first id `t` that either holds the append lock
+//! at `L` or is no longer running when its status is checked (after `L`):
+//! `H = t` (plus the offset). When there is none, `H` is `S`'s `xmax` (every
+//! id below it had been handed out when `S` was taken).
 //!
 //! # Why a reader can never skip
 //!
-//! A read is one statement with one snapshot; the horizon `H` comes from that
-//! same snapshot. Every transaction with an id below `H` had finished
-//! (committed or aborted) when the snapshot was taken, so the snapshot sees
-//! all of its rows or none, and it can never add a row again. Hence the rows
-//! with `transaction_id < H` that the read sees are *final*: no row with a
-//! key below `(H, 0)` will ever appear later. A reader that has returned
-//! events up to key `p` (always `< (H, 0)`) has therefore seen every event
-//! that will ever exist at or below `p`, and its next read, `WHERE
-//! (transaction_id, seq) > p`, cannot miss anything behind it. Transactions at
-//! or above the horizon (running, or committed while an older one still
-//! runs) are simply not read yet: they delay readers, never make them skip.
+//! Claim: every row with `transaction_id < H` that will ever exist is
+//! visible to `S`, so a reader that has returned keys up to `p < (H, 0)`
+//! has seen every event at or below `p`, and its next read `WHERE
+//! (transaction_id, seq) > p` misses nothing behind it. Take an appending
+//! transaction `T` with id `x < xmax(S)` (ids at or above `xmax` are never
+//! below `H`):
+//!
+//! - `T` ended before `S` was taken: `S` sees all of its rows or none, and
+//!   it can never add a row again.
+//! - `T` was running at `S` (`x` is in `xip`). If it held the append lock at
+//!   `L`, `H <= x`. If it had ended by the time its status was checked,
+//!   `H <= x` too (conservatively: it may have appended and committed
+//!   after `S`). Otherwise it was running at `L` and at the status check
+//!   and did not hold the append lock at `L`. It cannot have appended before
+//!   `L` (the lock is held until the transaction ends, and a rolled-back
+//!   savepoint that released it also removed its rows), and it cannot
+//!   append after `L` either: it already has an id, and the append function
+//!   refuses a transaction with an id that does not hold the lock. So it
+//!   has no events, and its id may safely be passed.
+//!
+//! Reading the lock table *before* the statuses matters: the other order
+//! would let an appender commit between the two checks and be taken for a
+//! non-appender. Hence what can hold readers back is exactly the appends to
+//! this store still in flight: never a projection's read-model
+//! transaction, another schema or database, an idle-in-transaction session
+//! or a prepared transaction that did not append here. A paused append
+//! holds readers back (they wait, never skip) until it ends; the store logs
+//! a warning naming it and
+//! [`PostgresStore::held_back`](super::PostgresStore::held_back) reports it.
 //!
 //! The same holds for [`head`](crate::store::EventStore::head): it is the
 //! largest key below the horizon, so a subscriber that checkpoints at the
 //! head (past events of types it does not read) cannot checkpoint past an
-//! unfinished transaction. The horizon never moves back on a primary: a
-//! transaction id is handed out above every id handed out before, so once
-//! every transaction below `H` has finished, none below `H` can start.
+//! unfinished append. The horizon never moves back: ids are handed out in
+//! increasing order, and an id once judged final stays final.
 //!
 //! Within one stream the `$all` order must also follow the versions. The
 //! append function takes the stream's advisory lock *before* its transaction
 //! has an id (ids are assigned at the first write), so of two appends to one
 //! stream the second gets its id after the first committed: a larger id.
-//! (An append that is not the first write of its transaction would break
-//! this; the store never does that.)
-//!
-//! A long-running transaction that holds an id (any write, in any database
-//! of the cluster) holds the horizon back: readers then wait for it, the
-//! store logs a warning naming it, and
-//! [`PostgresStore::held_back`](super::PostgresStore::held_back) reports it.
+//! (That is why an append must be the first write of its transaction.)
 //! Strict mode ([`PostgresOptions::strict_order`](super::PostgresOptions::strict_order))
-//! additionally serializes appends so that positions follow commit order.
+//! first takes another lock (`hashtext('<schema>.append'), 0`) exclusively,
+//! so that strict appends commit one at a time and positions follow commit
+//! order.
+//!
+//! # Positions after a logical move
+//!
+//! Transaction ids belong to a cluster. After `pg_dump`/restore, a
+//! logical-replication cutover or a cloud migration, the stored ids can be
+//! ahead of the new cluster's counter: new appends would sort before old
+//! events (behind every restored checkpoint) and old events would sit above
+//! the horizon. So a stored id is the cluster's id plus `log_base.position_offset`
+//! (migration 6), and every store runs `rebase_positions()` when it opens:
+//! when the newest stored id is at or above the cluster's next id plus the
+//! offset, it takes the append lock exclusively (no append in flight) and
+//! raises the offset so that every id handed out from then on stores above
+//! every stored one. Stored positions never change, so checkpoints,
+//! journals and deadlines stay valid; the horizon carries the same offset.
 //!
 //! # The position encoding
 //!

@@ -21,6 +21,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_stream_hash.sql"),
     include_str!("migrations/0004_unsettled_effects.sql"),
     include_str!("migrations/0005_process.sql"),
+    include_str!("migrations/0006_append_horizon.sql"),
 ];
 
 /// The schema version this build creates and understands.
@@ -121,6 +122,37 @@ pub(super) async fn migrate(pool: &PgPool, name: &str, location: &str) -> Result
     tx.commit()
         .await
         .map_err(db("committing the schema migration"))
+}
+
+/// Re-bases positions when the log was moved to a cluster whose transaction
+/// counter is behind the stored ids (migration 6, `order.rs`): one index
+/// probe when nothing moved. Logs a warning when it re-based.
+pub(super) async fn rebase_positions(
+    pool: &PgPool,
+    name: &str,
+    location: &str,
+) -> Result<(), StoreError> {
+    let row = query(AssertSqlSafe(format!(
+        "SELECT out_offset, out_rebased FROM \"{name}\".rebase_positions()"
+    )))
+    .fetch_one(pool)
+    .await
+    .map_err(db(
+        "checking the log's positions against the cluster's transaction ids",
+    ))?;
+    let failed = || db("checking the log's positions against the cluster's transaction ids");
+    let offset: i64 = row.try_get(0).map_err(failed())?;
+    let rebased: bool = row.try_get(1).map_err(failed())?;
+    if rebased {
+        tracing::warn!(
+            location,
+            offset,
+            "the event log holds transaction ids ahead of this cluster's counter (it was restored \
+             or replicated from another cluster): new positions are re-based above every stored \
+             one; stored events, checkpoints and journals keep their positions"
+        );
+    }
+    Ok(())
 }
 
 /// Recognises the schema without changing it.

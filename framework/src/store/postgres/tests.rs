@@ -78,10 +78,19 @@ fn held_back_readers_are_warned_about_with_the_blocking_pid() {
             let store = PostgresStore::connect_with(&url, options).await.unwrap();
             let mut blocker = PgConnection::connect(&url).await.unwrap();
             blocker.execute("BEGIN").await.unwrap();
-            blocker
-                .execute("SELECT pg_current_xact_id()")
-                .await
-                .unwrap();
+            // An append paused before its commit (any other transaction
+            // would not hold readers back).
+            let paused = uuid::Uuid::now_v7();
+            query(AssertSqlSafe(format!(
+                "SELECT \"{schema}\".append('p-0', 0, 0, false, false, ARRAY[$1::uuid], \
+                 ARRAY['Pinged'], ARRAY['{{}}'::bytea], ARRAY[$2], ARRAY[$1::uuid], \
+                 ARRAY[$1::uuid], 0)"
+            )))
+            .bind(paused)
+            .bind(serde_json::to_string(&Metadata::caused_by(paused)).unwrap())
+            .execute(&mut blocker)
+            .await
+            .unwrap();
             let pid: i32 = query("SELECT pg_backend_pid()")
                 .fetch_one(&mut blocker)
                 .await
