@@ -1,10 +1,12 @@
 //! Stress test of the PostgreSQL `$all` order: 8 concurrent writers (batches
-//! of 1 to 100 events, racing and exclusive streams, idempotent retries),
-//! with transactions on other connections that take a transaction id and
-//! stay open for a random while (they hold the snapshot horizon back), and 2
-//! subscribers that catch up and follow live. At the end both subscribers
-//! saw every committed event exactly once, in the same order, with strictly
-//! increasing positions.
+//! of 1 to 100 events, racing and exclusive streams, idempotent retries), a
+//! ninth writer whose database backend is paused (SIGSTOP) and resumed at
+//! random moments, so some of its appends stop mid-statement with the append
+//! lock held, appends held open before their commit for a random while,
+//! transactions on other connections that take a transaction id without
+//! appending (they must not matter), and 2 subscribers that catch up and
+//! follow live. At the end both subscribers saw every committed event
+//! exactly once, in the same order, with strictly increasing positions.
 //!
 //! The same workload is read by a NAIVE reader too, which follows the raw
 //! insertion sequence (`global_seq`) without the horizon, as a bigserial
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use aftermath::store::{EventStore, ExpectedVersion, read_all_pages};
 use aftermath::{EventData, Metadata, Position, PostgresOptions, PostgresStore, StoredEvent};
 use aftermath_tests::deposits;
+use aftermath_tests::postgres::append_in;
 use futures::TryStreamExt;
 use sqlx_core::connection::Connection;
 use sqlx_core::executor::Executor;
@@ -184,6 +187,26 @@ async fn naive(url: String, schema: String, stop: Arc<AtomicBool>) -> Vec<Uuid> 
     }
 }
 
+/// Continues a stopped backend when dropped.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT".to_owned(), self.0.to_string()])
+            .status();
+    }
+}
+
+/// Sends `SIGnal` to a process (the test runs on the database's machine).
+fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscribers_see_every_event_once_in_one_order() {
     let url = url_or_skip!("subscribers_see_every_event_once_in_one_order");
@@ -229,6 +252,7 @@ async fn subscribers_see_every_event_once_in_one_order() {
     for w in 0..8u64 {
         let store = store.clone();
         let holders = holders.clone();
+        let schema = guard.schema.clone();
         writers.push(tokio::spawn(async move {
             let mut rng = Rng(w + 1);
             let mut committed: Vec<Uuid> = Vec::new();
@@ -236,19 +260,36 @@ async fn subscribers_see_every_event_once_in_one_order() {
             let mut held = 0u64;
             let own = format!("own-{w}");
             let mut own_version = 0u64;
-            let mut holder: Option<tokio::task::JoinHandle<()>> = None;
+            let mut holder: Option<tokio::task::JoinHandle<Vec<Uuid>>> = None;
             while Instant::now() < deadline {
-                // Now and then, a transaction that takes an id and stays open
-                // for up to 400 ms: the horizon stays behind it meanwhile.
+                // Now and then, a transaction that stays open for up to
+                // 400 ms: every other time an append held before its commit
+                // (the horizon stays behind it meanwhile), else one that
+                // only takes a transaction id (it must not hold anyone back).
                 if rng.below(6) == 0 && holder.as_ref().is_none_or(|h| h.is_finished()) {
+                    if let Some(h) = holder.take() {
+                        committed.extend(h.await.unwrap());
+                    }
                     let hold = Duration::from_millis(rng.below(400));
-                    let holders = holders.clone();
+                    let appends_too = rng.below(2) == 0;
+                    let batch = deposits(rng.next() % 1000, 1 + rng.below(5));
+                    let (holders, schema) = (holders.clone(), schema.clone());
+                    let stream = format!("held-{w}-{held}");
                     held += 1;
                     holder = Some(tokio::spawn(async move {
                         let mut tx = holders.begin().await.unwrap();
-                        tx.execute("SELECT pg_current_xact_id()").await.unwrap();
+                        if appends_too {
+                            append_in(&mut tx, &schema, &stream, &batch).await.unwrap();
+                        } else {
+                            tx.execute("SELECT pg_current_xact_id()").await.unwrap();
+                        }
                         tokio::time::sleep(hold).await;
                         tx.commit().await.unwrap();
+                        if appends_too {
+                            batch.iter().map(|e| e.id).collect()
+                        } else {
+                            Vec::new()
+                        }
                     }));
                 }
                 let size = [1, 1, 1, 2, 3, 5, 10, 20, 50, 100][rng.below(10) as usize];
@@ -278,11 +319,52 @@ async fn subscribers_see_every_event_once_in_one_order() {
                 }
             }
             if let Some(h) = holder {
-                h.await.unwrap();
+                committed.extend(h.await.unwrap());
             }
             (committed, appends, held)
         }));
     }
+    // The ninth writer: its own connection, whose backend process is
+    // stopped and continued at random, so appends freeze mid-statement
+    // (holding the append lock, perhaps already with a transaction id).
+    let paused_writes = {
+        let (url, schema) = (url.clone(), guard.schema.clone());
+        tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let pid: i32 = query("SELECT pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+                .get(0);
+            let pauser = tokio::spawn(async move {
+                // Continues the backend even if the test fails meanwhile: a
+                // stopped backend may hold locks other sessions need.
+                let _resume = Resume(pid);
+                let mut rng = Rng(99);
+                let mut pauses = 0u64;
+                while Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(rng.below(200))).await;
+                    signal(pid, "STOP");
+                    pauses += 1;
+                    tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+                    signal(pid, "CONT");
+                }
+                signal(pid, "CONT");
+                pauses
+            });
+            let mut rng = Rng(77);
+            let mut committed = Vec::new();
+            while Instant::now() < deadline {
+                let batch = deposits(rng.next() % 1000, 1 + rng.below(20));
+                let stream = format!("paused-{}", rng.below(3));
+                append_in(&mut conn, &schema, &stream, &batch)
+                    .await
+                    .unwrap();
+                committed.extend(batch.iter().map(|e| e.id));
+            }
+            (committed, pauser.await.unwrap())
+        })
+    };
     let mut committed: Vec<Uuid> = Vec::new();
     let (mut appends, mut held) = (0, 0);
     for w in writers {
@@ -291,6 +373,8 @@ async fn subscribers_see_every_event_once_in_one_order() {
         appends += a;
         held += h;
     }
+    let (paused_ids, pauses) = paused_writes.await.unwrap();
+    committed.extend(paused_ids);
     let elapsed = started.elapsed();
     target.store(committed.len(), Ordering::SeqCst);
     naive_stop.store(true, Ordering::SeqCst);
@@ -359,7 +443,8 @@ async fn subscribers_see_every_event_once_in_one_order() {
     let missed = committed_set.difference(&naive_set).count();
     eprintln!(
         "stress: {} events in {appends} appends over {:.1} s ({:.0} appends/s, {:.0} events/s), \
-         {held} horizon-holding transactions; both subscribers saw all of them in one order; \
+         {held} long transactions (half of them appends held before commit), {pauses} SIGSTOPs \
+         of a writer's backend; both subscribers saw all of them in one order; \
          the naive global_seq reader missed {missed}",
         committed.len(),
         elapsed.as_secs_f64(),
