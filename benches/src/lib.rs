@@ -16,6 +16,7 @@
 
 pub mod domain;
 pub mod live;
+pub mod pg_projections;
 pub mod projections;
 pub mod raw;
 pub mod raw_pg;

@@ -372,6 +372,40 @@ impl RawPg {
         Ok(read)
     }
 
+    /// Reads `$all` from the start in pages of `page`, at most `max` events,
+    /// committing a checkpoint row per page (`UPSERT` in its own
+    /// transaction), as a hand-written projector with a no-op handler would;
+    /// returns how many events were read.
+    pub async fn read_all_checkpointed(&self, page: usize, max: u64) -> Result<u64, RawPgError> {
+        let table = format!("\"{}\".checkpoint", self.schema);
+        self.pool
+            .execute(raw_sql(AssertSqlSafe(format!(
+                "CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, position bigint NOT NULL)"
+            ))))
+            .await?;
+        let save = format!(
+            "INSERT INTO {table} (name, position) VALUES ('bench', $1) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+        );
+        let mut after = 0i64;
+        let mut read = 0u64;
+        while read < max {
+            let limit = page.min((max - read) as usize);
+            let events = self.read_all(after, limit).await?;
+            read += events.len() as u64;
+            let Some(last) = events.last() else { break };
+            after = last.position.0 as i64;
+            query(AssertSqlSafe(save.clone()))
+                .bind(after)
+                .execute(&self.pool)
+                .await?;
+            if events.len() < limit {
+                break;
+            }
+        }
+        Ok(read)
+    }
+
     /// How many events the table holds.
     pub async fn count(&self) -> Result<u64, RawPgError> {
         let sql = format!("SELECT count(*) FROM \"{}\".events", self.schema);

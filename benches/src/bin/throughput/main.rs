@@ -7,7 +7,7 @@
 //! cargo run --release -p aftermath-benches --bin throughput            # ~3 min
 //! cargo run --release -p aftermath-benches --bin throughput -- --quick # ~15 s, for CI
 //! AFTERMATH_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo run ...  # adds PostgreSQL
-//! AFTERMATH_BENCH_ONLY_SAGAS=1 cargo run ...                               # only the saga rows
+//! AFTERMATH_BENCH_ONLY=postgres cargo run ...                             # one section: sqlite, postgres or sagas
 //! ```
 //!
 //! Without `AFTERMATH_PG_URL` the PostgreSQL rows print as SKIPPED. Each
@@ -237,12 +237,29 @@ fn main() -> Result<()> {
         "ratio = aftermath / baseline (throughput rows); latency rows are milliseconds, lower is better"
     );
 
-    let only_sagas = std::env::var_os("AFTERMATH_BENCH_ONLY_SAGAS").is_some();
-    if !only_sagas {
+    // One section only: AFTERMATH_BENCH_ONLY=sqlite|postgres|sagas.
+    let only = match std::env::var("AFTERMATH_BENCH_ONLY") {
+        Ok(section) => Some(section),
+        Err(_) if std::env::var_os("AFTERMATH_BENCH_ONLY_SAGAS").is_some() => Some("sagas".into()),
+        Err(_) => None,
+    };
+    let runs = |section: &str| only.as_deref().is_none_or(|only| only == section);
+    if let Some(section) = only.as_deref()
+        && !["sqlite", "postgres", "sagas"].contains(&section)
+    {
+        return Err(
+            format!("AFTERMATH_BENCH_ONLY={section}: use sqlite, postgres or sagas").into(),
+        );
+    }
+    if runs("sqlite") {
         sqlite::run(&rt, &plan)?;
+    }
+    if runs("postgres") {
         pg::run(&rt, &plan)?;
     }
-    sagas::run(&rt, &plan)?;
+    if runs("sagas") {
+        sagas::run(&rt, &plan)?;
+    }
 
     println!();
     match aftermath_benches::peak_rss_kib() {

@@ -7,12 +7,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aftermath::projection::{ProjectionOptions, ProjectionRunner};
 use aftermath::subscription::{CatchUp, SubscriptionOptions};
 use aftermath::{
     EventStore, ExpectedVersion, Position, PostgresOptions, PostgresStore, Repository,
 };
 use aftermath_benches::domain::{Account, AccountCommand, AccountEvent, fold_raw};
 use aftermath_benches::live::{LiveOptions, RawWake, framework_latency, raw_pg_latency};
+use aftermath_benches::pg_projections::{PgNoOp, PgTotals};
 use aftermath_benches::raw_pg::RawPg;
 use aftermath_benches::{
     bench_schema, deposits, drop_store_schema, pg_url, read_all_count, store_event_count,
@@ -393,7 +395,9 @@ async fn rows(url: &str, plan: &Plan, store: &PostgresStore, raw: &RawPg) -> Res
     );
 
     let (head, catch_up) = head_and_catch_up(plan, store, base.rate(), max).await?;
+    projection_catch_up(plan, store, raw, max).await?;
     live_latency(url, plan, store, raw).await?;
+    live_latency_beside_a_projection(url, plan, store).await?;
 
     // The same after `ANALYZE`: the head query's plan depends on whether
     // the table has planner statistics (see the `head()` row).
@@ -489,6 +493,125 @@ async fn head_and_catch_up(
         ),
     );
     Ok((head, rate))
+}
+
+/// Checkpointed catch-up through a `ProjectionRunner` with a no-op apply
+/// (one transaction and fenced checkpoint per batch of `plan.page`), beside
+/// a raw keyset read that commits a checkpoint row per page.
+async fn projection_catch_up(
+    plan: &Plan,
+    store: &PostgresStore,
+    raw: &RawPg,
+    max: u64,
+) -> Result<()> {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let options = ProjectionOptions::default().batch_size(plan.page);
+    let (mut fw, mut base) = (Tally::default(), Tally::default());
+    while fw.time < plan.budget || base.time < plan.budget {
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let runner = ProjectionRunner::new(
+            PgNoOp::new(format!("bench_noop_{run}")),
+            store.clone(),
+            store.clone(),
+        )
+        .options(options.clone());
+        let began = Instant::now();
+        runner.catch_up().await?;
+        let n = store_event_count(store).await?;
+        fw.record(n as usize, began.elapsed());
+        let began = Instant::now();
+        let n = raw.read_all_checkpointed(plan.page, max).await?;
+        base.record(n as usize, began.elapsed());
+    }
+    row(
+        &format!(
+            "Postgres catch-up via ProjectionRunner, no-op apply, batches of {}",
+            plan.page
+        ),
+        "events/s",
+        fw.rate(),
+        Some(base.rate()),
+        &format!(
+            "checkpoint per batch; baseline raw keyset read + checkpoint UPSERT per page; {}",
+            verdict(">= 80%", fw.rate() >= 0.8 * base.rate())
+        ),
+    );
+    Ok(())
+}
+
+/// Live latency while the store is used the way production uses it: a
+/// projection writing its read model in its batch transactions (kept busy
+/// by a background writer), and an idle-in-transaction session holding a
+/// transaction id in another database of the server. Neither may hold the
+/// subscriber back.
+async fn live_latency_beside_a_projection(
+    url: &str,
+    plan: &Plan,
+    store: &PostgresStore,
+) -> Result<()> {
+    use aftermath::store::postgres::sqlx_core::{connection::Connection, executor::Executor};
+    use aftermath::store::postgres::sqlx_postgres::PgConnection;
+
+    let cut = url.rfind('/').ok_or("no database in the URL")?;
+    let mut idle = PgConnection::connect(&format!("{}/postgres", &url[..cut])).await?;
+    idle.execute("BEGIN").await?;
+    idle.execute("SELECT pg_current_xact_id()").await?;
+
+    let projection = PgTotals::new(store.schema(), "bench_live_totals");
+    let runner = ProjectionRunner::new(projection, store.clone(), store.clone())
+        .options(ProjectionOptions::default().batch_size(100));
+    let worker = aftermath::worker::Worker::new()
+        .add_subscriber(runner)
+        .start();
+    let stop = Arc::new(Notify::new());
+    let load = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let stream = stream("busy", 0);
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => return Ok::<(), aftermath::StoreError>(()),
+                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
+                store
+                    .append(&stream, ExpectedVersion::Any, deposits(5))
+                    .await?;
+            }
+        })
+    };
+    let reader = PostgresStore::connect_with(
+        url,
+        PostgresOptions::default()
+            .schema(store.schema())
+            .max_connections(4),
+    )
+    .await?;
+    let measured =
+        framework_latency(store, reader.clone(), "live-busy", &woken_options(plan)).await;
+    stop.notify_one();
+    load.await??;
+    worker.shutdown().await;
+    idle.execute("ROLLBACK").await?;
+    let fw = measured?;
+    latency_row(
+        "Postgres live latency beside a busy projection + idle xact in another db, p50",
+        fw.percentile(50.0),
+        None,
+        &format!(
+            "{} samples; cross-process (NOTIFY); projection upserting in its batch transactions",
+            fw.len()
+        ),
+    );
+    latency_row(
+        "Postgres live latency beside a busy projection + idle xact in another db, p99",
+        fw.percentile(99.0),
+        None,
+        &verdict(
+            "p99 < 20 ms",
+            fw.percentile(99.0) < Duration::from_millis(20),
+        ),
+    );
+    Ok(())
 }
 
 /// Samples with a reader that is woken (in process or by NOTIFY).

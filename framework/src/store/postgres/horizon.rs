@@ -176,6 +176,9 @@ pub(super) struct Background {
     pub(super) schema: String,
     pub(super) poll: Duration,
     pub(super) warn_after: Duration,
+    /// This handle's id: the payload of its NOTIFYs, which its own listener
+    /// ignores (its appends already woke it).
+    pub(super) handle_id: String,
 }
 
 /// At most one held-back warning per this interval.
@@ -195,6 +198,7 @@ impl Background {
         let listener = tokio::spawn(listen(
             (*self.pool.connect_options()).clone(),
             format!("{}_events", self.schema),
+            self.handle_id.clone(),
             self.wake.clone(),
         ));
         let mut next_check = Instant::now() + self.poll;
@@ -294,9 +298,10 @@ impl Background {
 }
 
 /// Listens on `channel` on a connection of its own (not one of the store's
-/// pool), waking the head task on every notification and after every
-/// reconnect (notifications sent meanwhile are lost: only a wake-up).
-async fn listen(options: PgConnectOptions, channel: String, wake: Arc<Notify>) {
+/// pool), waking the head task on every notification of another handle
+/// (payload other than `own`) and after every reconnect (notifications sent
+/// meanwhile are lost: only a wake-up).
+async fn listen(options: PgConnectOptions, channel: String, own: String, wake: Arc<Notify>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let pool = PgPoolOptions::new()
@@ -306,7 +311,7 @@ async fn listen(options: PgConnectOptions, channel: String, wake: Arc<Notify>) {
             .idle_timeout(None)
             .connect_lazy_with(options.clone());
         let started = Instant::now();
-        let error = listen_on(&pool, &channel, &wake).await;
+        let error = listen_on(&pool, &channel, &own, &wake).await;
         drop(pool);
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(100);
@@ -319,7 +324,7 @@ async fn listen(options: PgConnectOptions, channel: String, wake: Arc<Notify>) {
 }
 
 /// Runs one listener until it fails.
-async fn listen_on(pool: &PgPool, channel: &str, wake: &Notify) -> sqlx_core::Error {
+async fn listen_on(pool: &PgPool, channel: &str, own: &str, wake: &Notify) -> sqlx_core::Error {
     let mut listener = match PgListener::connect_with(pool).await {
         Ok(listener) => listener,
         Err(e) => return e,
@@ -331,8 +336,17 @@ async fn listen_on(pool: &PgPool, channel: &str, wake: &Notify) -> sqlx_core::Er
     wake.notify_one();
     loop {
         match listener.try_recv().await {
-            // One head read covers every notification already received.
-            Ok(Some(_)) => while listener.next_buffered().is_some() {},
+            // One head read covers every notification already received;
+            // this handle's own NOTIFYs need none (its appends woke it).
+            Ok(Some(first)) => {
+                let mut foreign = first.payload() != own;
+                while let Some(more) = listener.next_buffered() {
+                    foreign |= more.payload() != own;
+                }
+                if !foreign {
+                    continue;
+                }
+            }
             // The connection dropped and was re-established (and LISTEN
             // issued again): something may have been missed.
             Ok(None) => {}
@@ -351,6 +365,8 @@ async fn listen_on(pool: &PgPool, channel: &str, wake: &Notify) -> sqlx_core::Er
 pub(super) struct Notifier {
     pub(super) pool: PgPool,
     pub(super) channel: String,
+    /// The payload: the sending handle's id.
+    pub(super) handle_id: String,
     pub(super) wake: Arc<Notify>,
 }
 
@@ -365,8 +381,9 @@ impl Notifier {
                     _ = self.wake.notified() => {}
                 }
                 let sent =
-                    sqlx_core::query::query::<sqlx_postgres::Postgres>("SELECT pg_notify($1, '')")
+                    sqlx_core::query::query::<sqlx_postgres::Postgres>("SELECT pg_notify($1, $2)")
                         .bind(&self.channel)
+                        .bind(&self.handle_id)
                         .execute(&self.pool)
                         .await;
                 if let Err(e) = sent {

@@ -439,6 +439,7 @@ impl PostgresStore {
         progress.observe(head.horizon);
         let head = Arc::new(watch::Sender::new(head.position));
         let wake = Arc::new(Notify::new());
+        let handle_id = Uuid::new_v4().simple().to_string();
         let background = Background {
             pool: pool.clone(),
             sql: sql.clone(),
@@ -448,12 +449,14 @@ impl PostgresStore {
             schema: name.clone(),
             poll: options.poll_interval,
             warn_after: options.held_back_warning,
+            handle_id: handle_id.clone(),
         }
         .spawn();
         let notifier = Arc::new(Notify::new());
         let notifier_task = horizon::Notifier {
             pool: pool.clone(),
             channel: format!("{name}_events"),
+            handle_id,
             wake: notifier.clone(),
         }
         .spawn();
