@@ -77,23 +77,11 @@ impl Sql {
                    AND transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
                  ORDER BY transaction_id, seq LIMIT $3"
             )),
-            // Each type contributes at most `limit` keys from its own ordered
-            // range of `events_by_type`; only the first `limit` of them are
-            // fetched from the table. One statement, so one snapshot and one
-            // horizon for every type.
+            // The schema's `read_typed` function (migration 6): one ordered
+            // range of `events_by_type` per wanted type, one statement, so
+            // one snapshot and one horizon for every type.
             read_all_typed: s(format!(
-                "SELECT {COLUMNS} FROM {schema}.events JOIN ( \
-                   SELECT k.transaction_id AS t, k.seq AS s \
-                   FROM unnest($4::text[]) AS wanted(event_type) \
-                   CROSS JOIN LATERAL ( \
-                     SELECT e.transaction_id, e.seq FROM {schema}.events e \
-                     WHERE e.event_type = wanted.event_type \
-                       AND (e.transaction_id, e.seq) > ($1, $2) \
-                       AND e.transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
-                     ORDER BY e.transaction_id, e.seq LIMIT $3) k \
-                   ORDER BY k.transaction_id, k.seq LIMIT $3 \
-                 ) keys ON transaction_id = keys.t AND seq = keys.s \
-                 ORDER BY transaction_id, seq"
+                "SELECT * FROM {schema}.read_typed($1, $2, $3, $4, NULL, NULL)"
             )),
             // One partition: the streams whose `stream_hash` is in [$4, $5]
             // (see `subscription/partition.rs`), otherwise as `read_all`.
@@ -104,22 +92,10 @@ impl Sql {
                    AND stream_hash BETWEEN $4 AND $5 \
                  ORDER BY transaction_id, seq LIMIT $3"
             )),
-            // As `read_all_typed`; `events_by_type` includes `stream_hash`,
-            // so the per-type scans stay in the index.
+            // As `read_all_typed`, within one range of hashes
+            // (`events_by_type` includes `stream_hash`).
             read_partition_typed: s(format!(
-                "SELECT {COLUMNS} FROM {schema}.events JOIN ( \
-                   SELECT k.transaction_id AS t, k.seq AS s \
-                   FROM unnest($4::text[]) AS wanted(event_type) \
-                   CROSS JOIN LATERAL ( \
-                     SELECT e.transaction_id, e.seq FROM {schema}.events e \
-                     WHERE e.event_type = wanted.event_type \
-                       AND (e.transaction_id, e.seq) > ($1, $2) \
-                       AND e.transaction_id < (SELECT {schema}.horizon(pg_current_snapshot())) \
-                       AND e.stream_hash BETWEEN $5 AND $6 \
-                     ORDER BY e.transaction_id, e.seq LIMIT $3) k \
-                   ORDER BY k.transaction_id, k.seq LIMIT $3 \
-                 ) keys ON transaction_id = keys.t AND seq = keys.s \
-                 ORDER BY transaction_id, seq"
+                "SELECT * FROM {schema}.read_typed($1, $2, $3, $4, $5, $6)"
             )),
             // One correlation id, below the horizon like `read_all`: an
             // ordered range scan of `events_by_correlation`, whose row

@@ -188,3 +188,42 @@ BEGIN
     out_rebased := true;
 END
 $$;
+
+-- Type-filtered reads of `$all` (optionally of one partition: the hashes in
+-- [p_first_hash, p_last_hash]): each wanted type contributes at most
+-- `p_limit` keys from its own ordered range of `events_by_type`, and only
+-- the first `p_limit` of them are fetched from the table. A function so it
+-- can turn bitmap scans off: without fresh planner statistics the planner
+-- takes a bitmap scan plus a sort of every remaining row of a type (measured:
+-- 300 ms against 3 ms a page of 1,000 on 200k events). STABLE: it runs with
+-- the calling statement's snapshot, which the horizon is computed from too.
+CREATE FUNCTION {schema}.read_typed(
+    p_after_transaction xid8,
+    p_after_seq         integer,
+    p_limit             bigint,
+    p_types             text[],
+    p_first_hash        bigint,
+    p_last_hash         bigint
+) RETURNS TABLE (transaction_id xid8, seq integer, stream text, version bigint, id uuid,
+                 event_type text, payload bytea, metadata text, recorded_at timestamptz)
+LANGUAGE sql STABLE
+SET enable_bitmapscan = off
+AS $$
+SELECT e.transaction_id, e.seq, e.stream, e.version, e.id, e.event_type, e.payload,
+       e.metadata::text, e.recorded_at
+  FROM {schema}.events e
+  JOIN (SELECT k.transaction_id AS t, k.seq AS s
+          FROM unnest(p_types) AS wanted(event_type)
+         CROSS JOIN LATERAL (
+               SELECT x.transaction_id, x.seq FROM {schema}.events x
+                WHERE x.event_type = wanted.event_type
+                  AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+                  AND x.transaction_id < (SELECT {schema}.horizon(pg_current_snapshot()))
+                  AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
+                ORDER BY x.transaction_id, x.seq
+                LIMIT p_limit) k
+         ORDER BY k.transaction_id, k.seq
+         LIMIT p_limit) keys
+    ON e.transaction_id = keys.t AND e.seq = keys.s
+ ORDER BY e.transaction_id, e.seq
+$$;
