@@ -220,22 +220,29 @@ impl Background {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
-            match events::head(&self.pool, &self.sql).await {
-                Ok(head) => {
-                    self.progress.observe(head.horizon);
-                    waiting = head.held_back || self.progress.pending().is_some();
-                    self.head.send_if_modified(|current| {
-                        let moved = head.position > *current;
-                        if moved {
-                            *current = head.position;
+            // Nobody watches the head (a process that only handles
+            // commands): no head read per append, and no held-back checks
+            // (the processes whose readers wait do those).
+            if self.head.receiver_count() == 0 {
+                waiting = false;
+            } else {
+                match events::head(&self.pool, &self.sql).await {
+                    Ok(head) => {
+                        self.progress.observe(head.horizon);
+                        waiting = head.held_back || self.progress.pending().is_some();
+                        self.head.send_if_modified(|current| {
+                            let moved = head.position > *current;
+                            if moved {
+                                *current = head.position;
+                            }
+                            moved
+                        });
+                    }
+                    Err(e) => {
+                        if last_error.is_none_or(|t| t.elapsed() >= WARNING_INTERVAL) {
+                            tracing::warn!(schema = %self.schema, error = %e, "cannot read the head of $all; retrying");
+                            last_error = Some(Instant::now());
                         }
-                        moved
-                    });
-                }
-                Err(e) => {
-                    if last_error.is_none_or(|t| t.elapsed() >= WARNING_INTERVAL) {
-                        tracing::warn!(schema = %self.schema, error = %e, "cannot read the head of $all; retrying");
-                        last_error = Some(Instant::now());
                     }
                 }
             }

@@ -76,6 +76,9 @@ fn held_back_readers_are_warned_about_with_the_blocking_pid() {
                 .poll_interval(Duration::from_millis(100))
                 .held_back_warning(Duration::from_millis(200));
             let store = PostgresStore::connect_with(&url, options).await.unwrap();
+            // A reader in this process: the store follows the head (and warns
+            // when it is held back) only while someone watches it.
+            let _reader = store.watch_head();
             let mut blocker = PgConnection::connect(&url).await.unwrap();
             blocker.execute("BEGIN").await.unwrap();
             // An append paused before its commit (any other transaction
