@@ -472,7 +472,7 @@ impl std::error::Error for ConnectFailed {
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user:password@host:port/db`,
     /// with `?sslmode=...&sslrootcert=...` for TLS: see [the module
-    /// docs](self#tls)) with default [`PostgresOptions`]: schema
+    /// docs](crate::store::postgres#tls)) with default [`PostgresOptions`]: schema
     /// `aftermath`, 10 connections.
     ///
     /// Creates the schema if needed and applies pending migrations. Refuses,
