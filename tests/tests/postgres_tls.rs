@@ -5,15 +5,16 @@
 //! Each test turns TLS on with its own certificate (`ALTER SYSTEM SET ssl,
 //! ssl_cert_file, ssl_key_file` + `pg_reload_conf()`; the server writes the
 //! files into its data directory itself, with `COPY ... TO`, so they are its
-//! own with mode 0600) and restores the previous settings when it ends, even
-//! by a panic. Plain connections keep working meanwhile (for the suites
+//! own, and the test makes the key's mode 0600) and restores the previous
+//! settings when it ends, even by a panic. Plain connections keep working meanwhile (for the suites
 //! running beside this one). Test processes take turns through a session
 //! advisory lock, so two of them never swap each other's certificate; a run
 //! killed half-way leaves TLS on with its certificate, which the next run
 //! recognises and resets.
 //!
-//! Runs when `AFTERMATH_PG_URL` is set (superuser, on this machine or not)
-//! and the `openssl` command exists; prints SKIPPED without the URL.
+//! Runs when `AFTERMATH_PG_URL` is set (a superuser, a server on this
+//! machine, the test running as root or the server's OS user) and needs the
+//! `openssl` command; prints SKIPPED without the URL.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -181,8 +182,9 @@ struct TlsServer {
     url: String,
     /// Holds the advisory lock; closed (releasing it) after the restore.
     lock: Option<PgConnection>,
-    /// Restores the settings.
-    restore: String,
+    /// Restores the settings, one statement each (ALTER SYSTEM cannot share
+    /// a query string).
+    restore: Vec<String>,
 }
 
 impl TlsServer {
@@ -217,16 +219,14 @@ impl TlsServer {
             before.insert(row.get::<String, _>(0), row.get::<String, _>(1));
         }
         let leftover = before.get("ssl_cert_file") == Some(&cert_path);
-        let mut restore = String::new();
+        let mut restore = Vec::new();
         for name in SETTINGS {
-            match before.get(name) {
-                Some(value) if !leftover => {
-                    restore.push_str(&format!("ALTER SYSTEM SET {name} = {};", literal(value)))
-                }
-                _ => restore.push_str(&format!("ALTER SYSTEM RESET {name};")),
-            }
+            restore.push(match before.get(name) {
+                Some(value) if !leftover => format!("ALTER SYSTEM SET {name} = {}", literal(value)),
+                _ => format!("ALTER SYSTEM RESET {name}"),
+            });
         }
-        restore.push_str("SELECT pg_reload_conf();");
+        restore.push("SELECT pg_reload_conf()".to_owned());
 
         // The server writes the files: they are its own, mode 0600.
         for (pem, path) in [
@@ -242,27 +242,33 @@ impl TlsServer {
                 .await
                 .unwrap_or_else(|e| panic!("write {path} on the server: {e}"));
         }
+        // COPY leaves them world-readable, which the server refuses for a
+        // key: this needs the server's machine, as root or its OS user.
+        std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "chmod 600 {key_path}: {e} (the TLS tests run on the server's machine, \
+                     as root or its OS user)"
+                )
+            });
         let server = TlsServer {
             url: url.to_owned(),
             lock: Some(lock),
             restore,
         };
-        let enable = format!(
-            "ALTER SYSTEM SET ssl_cert_file = {};
-             ALTER SYSTEM SET ssl_key_file = {};
-             ALTER SYSTEM SET ssl = on;
-             SELECT pg_reload_conf();",
-            literal(&cert_path),
-            literal(&key_path)
-        );
         let mut server = server;
-        server
-            .lock
-            .as_mut()
-            .expect("the lock's connection")
-            .execute(raw_sql(AssertSqlSafe(enable)))
-            .await
-            .expect("turn TLS on");
+        let session = server.lock.as_mut().expect("the lock's connection");
+        for statement in [
+            format!("ALTER SYSTEM SET ssl_cert_file = {}", literal(&cert_path)),
+            format!("ALTER SYSTEM SET ssl_key_file = {}", literal(&key_path)),
+            "ALTER SYSTEM SET ssl = on".to_owned(),
+            "SELECT pg_reload_conf()".to_owned(),
+        ] {
+            session
+                .execute(raw_sql(AssertSqlSafe(statement.clone())))
+                .await
+                .unwrap_or_else(|e| panic!("turn TLS on: {statement}: {e}"));
+        }
 
         // The reload is asynchronous: wait until new connections get our
         // certificate.
@@ -312,7 +318,9 @@ impl Drop for TlsServer {
                 .ok()?;
             runtime.block_on(async {
                 let mut conn = PgConnection::connect(&url).await.ok()?;
-                conn.execute(raw_sql(AssertSqlSafe(restore))).await.ok()?;
+                for statement in restore {
+                    conn.execute(raw_sql(AssertSqlSafe(statement))).await.ok()?;
+                }
                 conn.close().await.ok()
             })
         })
