@@ -89,7 +89,13 @@ impl Certs {
     fn make() -> Certs {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
         for (name, cn) in [("ca", "aftermath test CA"), ("other_ca", "another CA")] {
             let (key, crt, subj) = (
                 format!("{name}.key"),
@@ -244,13 +250,16 @@ impl TlsServer {
         }
         // COPY leaves them world-readable, which the server refuses for a
         // key: this needs the server's machine, as root or its OS user.
-        std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "chmod 600 {key_path}: {e} (the TLS tests run on the server's machine, \
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "chmod 600 {key_path}: {e} (the TLS tests run on the server's machine, \
                      as root or its OS user)"
-                )
-            });
+            )
+        });
         let server = TlsServer {
             url: url.to_owned(),
             lock: Some(lock),
@@ -326,7 +335,9 @@ impl Drop for TlsServer {
         })
         .join();
         if !matches!(restored, Ok(Some(()))) {
-            eprintln!("could not restore the server's TLS settings (ssl, ssl_cert_file, ssl_key_file)");
+            eprintln!(
+                "could not restore the server's TLS settings (ssl, ssl_cert_file, ssl_key_file)"
+            );
         }
         // Dropping the connection ends its session and the advisory lock.
         drop(self.lock.take());
@@ -414,7 +425,10 @@ async fn require_encrypts_every_connection_of_the_store() {
     .expect("the store's sessions");
     let (sessions, encrypted): (i64, i64) = (row.get(0), row.get(1));
     assert!(sessions >= 1, "no session of the store found");
-    assert_eq!(encrypted, sessions, "a session of the store is not encrypted");
+    assert_eq!(
+        encrypted, sessions,
+        "a session of the store is not encrypted"
+    );
 }
 
 #[tokio::test]
@@ -492,10 +506,19 @@ async fn verify_full_with_a_wrong_ca_fails_naming_server_and_mode() {
     let guard = SchemaGuard::new(&url);
     let connect = PgConnectOptions::from_str_ok(&with_params(
         &with_host(&url, "localhost"),
-        &format!("sslmode=verify-full&sslrootcert={}", certs.other_ca.display()),
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            certs.other_ca.display()
+        ),
     ));
     let error = refused(connect, &guard).await;
-    for part in ["connecting to PostgreSQL", "localhost", "sslmode=verify-full", "UnknownIssuer"] {
+    for part in [
+        "connecting to PostgreSQL",
+        "localhost",
+        "sslmode=verify-full",
+        "UnknownIssuer",
+        "not issued by a CA of `sslrootcert`",
+    ] {
         assert!(error.contains(part), "`{part}` missing from: {error}");
     }
     // verify-ca checks the issuer too.
@@ -503,7 +526,10 @@ async fn verify_full_with_a_wrong_ca_fails_naming_server_and_mode() {
         .ssl_mode(PgSslMode::VerifyCa)
         .ssl_root_cert(&certs.other_ca);
     let error = refused(connect, &guard).await;
-    assert!(error.contains("sslmode=verify-ca") && error.contains("UnknownIssuer"), "{error}");
+    assert!(
+        error.contains("sslmode=verify-ca") && error.contains("UnknownIssuer"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -519,11 +545,19 @@ async fn verify_full_with_a_wrong_host_fails_and_verify_ca_does_not_check_it() {
         &format!("sslmode=verify-full&sslrootcert={}", certs.ca.display()),
     ));
     let error = refused(connect, &guard).await;
-    for part in ["127.0.0.1", "sslmode=verify-full", "not valid for name"] {
+    for part in [
+        "127.0.0.1",
+        "sslmode=verify-full",
+        "not valid for name",
+        "that the server's certificate names",
+    ] {
         assert!(error.contains(part), "`{part}` missing from: {error}");
     }
     let store = PostgresStore::connect_with(
-        &with_params(&ip, &format!("sslmode=verify-ca&sslrootcert={}", certs.ca.display())),
+        &with_params(
+            &ip,
+            &format!("sslmode=verify-ca&sslrootcert={}", certs.ca.display()),
+        ),
         options(&guard),
     )
     .await

@@ -459,7 +459,19 @@ impl fmt::Display for ConnectFailed {
             self.server,
             ssl_mode_name(self.ssl_mode),
             self.source
-        )
+        )?;
+        // What the driver's words mean for the settings.
+        let said = self.source.to_string();
+        let hint = if said.contains("UnknownIssuer") {
+            " (the server's certificate is not issued by a CA of `sslrootcert` or a public root)"
+        } else if said.contains("not valid for name") {
+            " (connect by a host name or address that the server's certificate names)"
+        } else if said.contains("server does not support TLS") {
+            " (the server has `ssl = off`)"
+        } else {
+            ""
+        };
+        f.write_str(hint)
     }
 }
 
