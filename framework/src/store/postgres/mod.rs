@@ -12,7 +12,7 @@
 //!   `events_id` constraint and reported as [`StoreError::DuplicateEventId`]
 //!   (or, for the same batch at the same place, as an idempotent retry).
 //! - **`$all` is ordered by the appending transaction's id** (`xid8`) and
-//!   readers only read below the snapshot horizon, so no reader can ever
+//!   readers only read below the append horizon, so no reader can ever
 //!   skip an event, without serializing writers. The position of an event
 //!   is `transaction_id << 20 | index in the transaction`; the reasoning,
 //!   and the limits, are in `order.rs` (see [`PostgresStore`]).
@@ -38,6 +38,49 @@
 //! [`PostgresStore::from_pool`]) lets projections run their own SQL on the
 //! same connections. The driver crates are re-exported as
 //! [`sqlx_core`] and [`sqlx_postgres`].
+//!
+//! # Your own sqlx
+//!
+//! The backend is built on sqlx 0.9 (`sqlx-core` and `sqlx-postgres`, at
+//! least 0.9.1). An application that depends on the `sqlx` facade 0.9.1 or
+//! later 0.9.x shares the very same types: its `sqlx::PgPool` goes into
+//! [`PostgresStore::from_pool`], its queries run on [`PgTx::conn`], and it
+//! builds beside the default `sqlite` feature (rusqlite and sqlx's SQLite
+//! driver resolve to one `libsqlite3-sys`). sqlx 0.9.0 resolves only with
+//! aftermath's `default-features = false` (its SQLite driver, resolved by
+//! Cargo even when off, wants `libsqlite3-sys` below the 0.40 that rusqlite
+//! links): `cargo update -p sqlx` moves it to 0.9.1. sqlx 0.8 is not
+//! supported: its pool, connection and transaction are other types than
+//! 0.9's, so it could not share them (an application on 0.8 would run two
+//! pools), and its SQLite driver links `libsqlite3-sys` 0.30, which no
+//! maintained rusqlite uses.
+//!
+//! # TLS
+//!
+//! Connections use rustls (the `ring` provider), with the `sslmode` and
+//! `sslrootcert` of the URL (or of `PGSSLMODE` / `PGSSLROOTCERT` when the
+//! URL has none, or of a [`PgConnectOptions`] given to
+//! [`PostgresStore::connect_to`]), as sqlx implements them:
+//!
+//! - `disable` (and `allow`): plain text.
+//! - `prefer`, **the default**: TLS if the server offers it, plain text if
+//!   it does not; the certificate is not checked. It protects against
+//!   passive eavesdropping on a server with TLS on, not against anyone who
+//!   can intercept the connection, and silently falls back to plain text.
+//! - `require`: TLS or fail; the certificate is not checked (unlike libpq,
+//!   not even when `sslrootcert` is given).
+//! - `verify-ca`: TLS, and the certificate must chain to a trusted root.
+//! - `verify-full`: `verify-ca`, and the certificate must be issued for the
+//!   host name (or IP address) connected to. **Use this for managed
+//!   services and any network you do not control**, with `sslrootcert`
+//!   the provider's CA file: `postgres://user:pw@db.example.com/app?sslmode=verify-full&sslrootcert=/etc/ssl/provider-ca.pem`.
+//!
+//! The trusted roots are Mozilla's (compiled in, through `webpki-roots`)
+//! plus the certificates of `sslrootcert`: unlike libpq, `sslrootcert` adds
+//! to the public roots rather than replacing them. A connection that fails
+//! its checks fails at connect with a [`StoreError::Database`] naming the
+//! server, the `sslmode` and the TLS error (e.g. `invalid peer certificate:
+//! UnknownIssuer`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -46,7 +89,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx_core::connection::Connection;
-use sqlx_postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx_postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgSslMode};
 use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
 
@@ -383,9 +426,62 @@ fn location_of(options: &PgConnectOptions, schema: &str) -> String {
     )
 }
 
+/// The `sslmode` name of `mode`, as in a URL.
+fn ssl_mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// A failed first connection: which server, with which `sslmode`, and the
+/// driver's error (its [`source`](std::error::Error::source)).
+#[derive(Debug)]
+struct ConnectFailed {
+    server: String,
+    ssl_mode: PgSslMode,
+    source: sqlx_core::Error,
+}
+
+impl fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (sslmode={}): {}",
+            self.server,
+            ssl_mode_name(self.ssl_mode),
+            self.source
+        )?;
+        // What the driver's words mean for the settings.
+        let said = self.source.to_string();
+        let hint = if said.contains("UnknownIssuer") {
+            " (the server's certificate is not issued by a CA of `sslrootcert` or a public root)"
+        } else if said.contains("not valid for name") {
+            " (connect by a host name or address that the server's certificate names)"
+        } else if said.contains("server does not support TLS") {
+            " (the server has `ssl = off`)"
+        } else {
+            ""
+        };
+        f.write_str(hint)
+    }
+}
+
+impl std::error::Error for ConnectFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 impl PostgresStore {
-    /// Connects to the database at `url` (`postgres://user:password@host:port/db`)
-    /// with default [`PostgresOptions`]: schema `aftermath`, 10 connections.
+    /// Connects to the database at `url` (`postgres://user:password@host:port/db`,
+    /// with `?sslmode=...&sslrootcert=...` for TLS: see [the module
+    /// docs](crate::store::postgres#tls)) with default [`PostgresOptions`]: schema
+    /// `aftermath`, 10 connections.
     ///
     /// Creates the schema if needed and applies pending migrations. Refuses,
     /// with [`StoreError::Incompatible`], a schema that belongs to another
@@ -402,12 +498,56 @@ impl PostgresStore {
     ) -> Result<PostgresStore, StoreError> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::database("parsing the PostgreSQL URL", e))?;
-        // One direct connection first: an unreachable server or a refused
-        // login fails at once with its own error, where the pool would retry
-        // until its acquire timeout and report only the timeout.
+        Self::connect_to(connect, options).await
+    }
+
+    /// Connects with connection settings built in code rather than a URL
+    /// (a password that needs no escaping, TLS files from your
+    /// configuration), and `options`. See [`PostgresStore::connect`].
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), aftermath::StoreError> {
+    /// use aftermath::store::postgres::sqlx_postgres::{PgConnectOptions, PgSslMode};
+    /// use aftermath::{PostgresOptions, PostgresStore};
+    ///
+    /// let connect = PgConnectOptions::new()
+    ///     .host("db.example.com")
+    ///     .username("shop")
+    ///     .password("secret from the vault")
+    ///     .database("shop")
+    ///     .ssl_mode(PgSslMode::VerifyFull)
+    ///     .ssl_root_cert("/etc/ssl/provider-ca.pem");
+    /// let store = PostgresStore::connect_to(connect, PostgresOptions::default()).await?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_to(
+        connect: PgConnectOptions,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        // One direct connection first: an unreachable server, a refused
+        // login or a certificate that does not verify fails at once with its
+        // own error, where the pool would retry until its acquire timeout
+        // and report only the timeout.
         let probe = PgConnection::connect_with(&connect)
             .await
-            .map_err(events::db("connecting to PostgreSQL"))?;
+            .map_err(|source| {
+                StoreError::database(
+                    "connecting to PostgreSQL",
+                    ConnectFailed {
+                        server: format!(
+                            "postgres://{}@{}:{}/{}",
+                            connect.get_username(),
+                            connect.get_host(),
+                            connect.get_port(),
+                            connect.get_database().unwrap_or_default()
+                        ),
+                        ssl_mode: connect.get_ssl_mode(),
+                        source,
+                    },
+                )
+            })?;
         let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
@@ -420,7 +560,9 @@ impl PostgresStore {
 
     /// A store on an existing pool (the pool settings of `options` are
     /// ignored), so that your own code shares its connections. Creates or
-    /// migrates the schema like [`PostgresStore::connect`].
+    /// migrates the schema like [`PostgresStore::connect`]. The pool's
+    /// connect options, TLS included, are yours; with the `sqlx` facade
+    /// (0.9.1 or later 0.9.x), `sqlx::PgPool` is this type.
     pub async fn from_pool(
         pool: PgPool,
         options: PostgresOptions,
