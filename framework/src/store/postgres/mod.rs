@@ -67,6 +67,8 @@
 //!   it does not; the certificate is not checked. It protects against
 //!   passive eavesdropping on a server with TLS on, not against anyone who
 //!   can intercept the connection, and silently falls back to plain text.
+//!   (A TLS handshake that fails after the server offered TLS fails the
+//!   connection: there is no second, plain attempt as in libpq.)
 //! - `require`: TLS or fail; the certificate is not checked (unlike libpq,
 //!   not even when `sslrootcert` is given).
 //! - `verify-ca`: TLS, and the certificate must chain to a trusted root.
@@ -77,10 +79,13 @@
 //!
 //! The trusted roots are Mozilla's (compiled in, through `webpki-roots`)
 //! plus the certificates of `sslrootcert`: unlike libpq, `sslrootcert` adds
-//! to the public roots rather than replacing them. A connection that fails
-//! its checks fails at connect with a [`StoreError::Database`] naming the
-//! server, the `sslmode` and the TLS error (e.g. `invalid peer certificate:
-//! UnknownIssuer`).
+//! to the public roots rather than replacing them. Cargo unifies sqlx's
+//! features: if your own `sqlx` enables `tls-native-tls`, sqlx uses that
+//! (OpenSSL or the platform's TLS) instead, and
+//! `tls-rustls-ring-native-roots` makes the roots the operating system's.
+//! A connection that fails its checks fails at connect with a
+//! [`StoreError::Database`] naming the server, the `sslmode` and the TLS
+//! error (e.g. `invalid peer certificate: UnknownIssuer`), with a hint.
 
 use std::fmt;
 use std::str::FromStr;
