@@ -277,7 +277,7 @@ where
             }
             if page.through > saved {
                 self.checkpoints
-                    .save(P::NAME, page.through, ctx.lease.as_ref())
+                    .save(P::NAME, Some(saved), page.through, ctx.lease.as_ref())
                     .await
                     .map_err(|e| self.store_error(e))?;
                 saved = page.through;

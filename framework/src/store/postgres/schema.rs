@@ -21,6 +21,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_stream_hash.sql"),
     include_str!("migrations/0004_unsettled_effects.sql"),
     include_str!("migrations/0005_process.sql"),
+    include_str!("migrations/0007_lease_holders.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -149,6 +149,8 @@ impl DerefMut for PgTx {
 pub(super) struct Statements {
     load_state: Arc<str>,
     save_checkpoint: Arc<str>,
+    lock_layout: Arc<str>,
+    fence_check: Arc<str>,
     record_skip: Arc<str>,
     skipped: Arc<str>,
     acquire: Arc<str>,
@@ -197,12 +199,34 @@ impl Statements {
                 "SELECT position::text, version FROM {schema}.checkpoints WHERE name = $1"
             )),
             // Fenced when $4 (the lease name) is not NULL: one statement, so
-            // the share lock is held until it commits.
+            // the share lock is held until it commits. Compare-and-set when
+            // $7 (the expected position) is not NULL: a missing row is
+            // inserted only when the origin is expected; an existing one is
+            // updated only while it holds $7 (and, when $8, version $3).
+            // ON CONFLICT locks the row and evaluates the update's WHERE on
+            // its newest committed version, so of two writers expecting the
+            // same position (also two inserting a new row at once: the
+            // second waits for the first and then takes the update path),
+            // exactly one writes.
             save_checkpoint: s(format!(
-                "{}INSERT INTO {schema}.checkpoints (name, position, version, updated_at) \
+                "{}INSERT INTO {schema}.checkpoints AS c (name, position, version, updated_at) \
                  SELECT $1, $2::numeric, $3, now() \
-                 WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM fence) {upsert_checkpoint}",
+                 WHERE ($4::text IS NULL OR EXISTS (SELECT 1 FROM fence)) \
+                   AND ($7::numeric IS NULL OR $7::numeric = 0 \
+                        OR EXISTS (SELECT 1 FROM {schema}.checkpoints WHERE name = $1)) \
+                 {upsert_checkpoint} \
+                 WHERE $7::numeric IS NULL OR (c.position = $7::numeric \
+                   AND ($8::bool IS NOT TRUE OR c.version IS NOT DISTINCT FROM $3))",
                 fence_cte(schema, 4)
+            )),
+            // The layout row a projection commit is guarded by, share-locked
+            // until the commit: a rebuild's update of it waits for commits in
+            // flight, and commits after it see the new layout.
+            lock_layout: s(format!(
+                "SELECT position::text, version FROM {schema}.checkpoints WHERE name = $1 FOR SHARE"
+            )),
+            fence_check: s(format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.leases WHERE name = $1 AND owner = $2 AND token = $3)"
             )),
             record_skip: s(format!(
                 "INSERT INTO {schema}.skipped \
@@ -350,44 +374,133 @@ impl PostgresStore {
         &self.shared.statements
     }
 
-    /// Saves a checkpoint (fenced by `lease` when given) in one statement.
+    /// Saves a checkpoint (fenced by `lease` when given, compared with
+    /// `expected` when given) in one statement.
     async fn save_checkpoint(
         &self,
         name: &str,
+        expected: Option<Position>,
         at: Position,
-        version: Option<u32>,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
         let query = stmt(&self.statements().save_checkpoint)
             .bind(name)
             .bind(position_text(at))
-            .bind(version.map(|v| v as i32));
+            .bind(None::<i32>);
         let done = bind_fence(query, lease)
+            .bind(expected.map(position_text))
+            .bind(false)
             .execute(self.pool())
             .await
             .map_err(db("saving a checkpoint"))?;
-        match lease {
-            Some(lease) if done.rows_affected() == 0 => Err(lease_lost(lease)),
-            _ => Ok(()),
+        if done.rows_affected() > 0 {
+            return Ok(());
+        }
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(db("saving a checkpoint"))?;
+        Err(self
+            .not_saved(&mut conn, name, expected, None, lease)
+            .await)
+    }
+
+    /// Why a fenced checkpoint write wrote nothing: the lease is gone
+    /// ([`StoreError::LeaseLost`]) or the checkpoint moved
+    /// ([`StoreError::CheckpointMoved`]).
+    async fn not_saved(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        expected: Option<Position>,
+        version: Option<u32>,
+        lease: Option<&Lease>,
+    ) -> StoreError {
+        if let Some(lease) = lease {
+            let current: Result<bool, _> = stmt(&self.statements().fence_check)
+                .bind(&lease.name)
+                .bind(&lease.owner)
+                .bind(token(lease))
+                .fetch_one(&mut *conn)
+                .await
+                .and_then(|row| row.try_get(0));
+            match current {
+                Ok(true) => {}
+                Ok(false) => return lease_lost(lease),
+                Err(e) => return StoreError::database("checking a lease", e),
+            }
+        }
+        let found = match self.load_row(&mut *conn, name).await {
+            Ok(found) => found,
+            Err(e) => return e,
+        };
+        let expected = expected.unwrap_or(Position::ORIGIN);
+        StoreError::CheckpointMoved {
+            name: name.to_owned(),
+            expected: match version {
+                Some(v) => format!("position {expected} at version {v}"),
+                None => expected.to_string(),
+            },
+            found: found.map(|s| match version {
+                Some(_) => format!("position {} at version {}", s.position, s.version),
+                None => s.position.to_string(),
+            }),
         }
     }
 
-    /// The commit of a projection batch, inside its transaction: fence,
-    /// checkpoint, skip record.
+    /// The row of checkpoint `name`, read through `conn`.
+    async fn load_row(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<Option<ProjectionState>, StoreError> {
+        let row = stmt(&self.statements().load_state)
+            .bind(name)
+            .fetch_optional(conn)
+            .await
+            .map_err(db("loading a checkpoint"))?;
+        row.as_ref().map(state_from_row).transpose()
+    }
+
+    /// The commit of a projection batch, inside its transaction: layout
+    /// guard, fence, compared checkpoint, skip record.
     async fn finish(&self, tx: &mut PgTx, commit: &Commit) -> Result<(), StoreError> {
+        if let Some(guard) = &commit.layout {
+            let row = stmt(&self.statements().lock_layout)
+                .bind(&guard.key)
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db("checking a projection's layout"))?;
+            let found = row.as_ref().map(state_from_row).transpose()?;
+            // Only the layout part of the check (no expected position).
+            Commit {
+                expected: None,
+                ..commit.clone()
+            }
+            .check(None, found)?;
+        }
         // The fenced upsert share-locks the lease row until the commit.
         let query = stmt(&self.statements().save_checkpoint)
             .bind(&commit.projection)
             .bind(position_text(commit.position))
             .bind(commit.version as i32);
         let done = bind_fence(query, commit.lease.as_ref())
+            .bind(commit.expected.map(position_text))
+            .bind(true)
             .execute(tx.conn())
             .await
             .map_err(db("saving a checkpoint"))?;
-        if let Some(lease) = &commit.lease
-            && done.rows_affected() == 0
-        {
-            return Err(lease_lost(lease));
+        if done.rows_affected() == 0 {
+            return Err(self
+                .not_saved(
+                    tx.conn(),
+                    &commit.projection,
+                    commit.expected,
+                    Some(commit.version),
+                    commit.lease.as_ref(),
+                )
+                .await);
         }
         if let Some(skip) = &commit.skipped {
             stmt(&self.statements().record_skip)
@@ -404,6 +517,17 @@ impl PostgresStore {
         }
         Ok(())
     }
+}
+
+/// A checkpoint row (`position::text, version`) as a state.
+fn state_from_row(row: &PgRow) -> Result<ProjectionState, StoreError> {
+    let failed = || db("loading a checkpoint");
+    let position: String = row.try_get(0).map_err(failed())?;
+    let version: Option<i32> = row.try_get(1).map_err(failed())?;
+    Ok(ProjectionState {
+        position: parse_position(&position, "checkpoints")?,
+        version: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+    })
 }
 
 fn skipped_from_row(row: &PgRow) -> Result<SkippedEvent, StoreError> {
@@ -430,21 +554,12 @@ impl ReadModelDb for PostgresStore {
     type Tx = PgTx;
 
     async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError> {
-        let Some(row) = stmt(&self.statements().load_state)
+        let row = stmt(&self.statements().load_state)
             .bind(projection)
             .fetch_optional(self.pool())
             .await
-            .map_err(db("loading a projection's checkpoint"))?
-        else {
-            return Ok(None);
-        };
-        let failed = || db("loading a projection's checkpoint");
-        let position: String = row.try_get(0).map_err(failed())?;
-        let version: Option<i32> = row.try_get(1).map_err(failed())?;
-        Ok(Some(ProjectionState {
-            position: parse_position(&position, "checkpoints")?,
-            version: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
-        }))
+            .map_err(db("loading a projection's checkpoint"))?;
+        row.as_ref().map(state_from_row).transpose()
     }
 
     /// `BEGIN`, the work, then (if it succeeded) the fence check, checkpoint
@@ -512,14 +627,16 @@ impl CheckpointStore for PostgresStore {
             .map(|s| s.position))
     }
 
-    /// One statement: the fence check and the upsert commit together.
+    /// One statement: the fence check, the compare and the upsert commit
+    /// together.
     async fn save(
         &self,
         subscriber: &str,
+        expected: Option<Position>,
         at: Position,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
-        self.save_checkpoint(subscriber, at, None, lease).await
+        self.save_checkpoint(subscriber, expected, at, lease).await
     }
 }
 

@@ -92,6 +92,21 @@ pub(super) fn fence(conn: &Connection, lease: &Lease) -> Result<(), StoreError> 
     }
 }
 
+/// The row of checkpoint `name`, if any.
+fn load_row(conn: &Connection, name: &str) -> Result<Option<ProjectionState>, StoreError> {
+    conn.prepare_cached("SELECT position, version FROM aftermath_checkpoints WHERE name = ?1")
+        .and_then(|mut s| {
+            s.query_row([name], |row| {
+                Ok(ProjectionState {
+                    position: Position(row.get::<_, i64>(0)?.max(0) as u64),
+                    version: row.get::<_, Option<u32>>(1)?.unwrap_or(0),
+                })
+            })
+            .optional()
+        })
+        .map_err(db("loading a checkpoint"))
+}
+
 fn save_checkpoint(
     conn: &Connection,
     name: &str,
@@ -135,22 +150,7 @@ impl ReadModelDb for SqliteStore {
 
     async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError> {
         let name = projection.to_owned();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT position, version FROM aftermath_checkpoints WHERE name = ?1",
-            )
-            .and_then(|mut s| {
-                s.query_row([&name], |row| {
-                    Ok(ProjectionState {
-                        position: Position(row.get::<_, i64>(0)?.max(0) as u64),
-                        version: row.get::<_, Option<u32>>(1)?.unwrap_or(0),
-                    })
-                })
-                .optional()
-            })
-            .map_err(db("loading a projection's checkpoint"))
-        })
-        .await
+        self.read(move |conn| load_row(conn, &name)).await
     }
 
     async fn transact<T: Send + 'static>(
@@ -162,6 +162,20 @@ impl ReadModelDb for SqliteStore {
             if let Some(lease) = &commit.lease {
                 fence(conn, lease)?;
             }
+            // The compare of the fenced commit: the writer is the only
+            // connection that writes, and this job holds it until the
+            // commit, so nothing moves the rows between this check and the
+            // checkpoint write below.
+            let found = if commit.expected.is_some() {
+                load_row(conn, &commit.projection)?
+            } else {
+                None
+            };
+            let found_layout = match &commit.layout {
+                Some(guard) => load_row(conn, &guard.key)?,
+                None => None,
+            };
+            commit.check(found, found_layout)?;
             conn.execute_batch("SAVEPOINT aftermath_projection")
                 .map_err(db("opening the projection's savepoint"))?;
             // The work only runs SQL on this thread's connection, so its
@@ -235,14 +249,21 @@ impl CheckpointStore for SqliteStore {
     async fn save(
         &self,
         subscriber: &str,
+        expected: Option<Position>,
         at: Position,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
         let name = subscriber.to_owned();
         let lease = lease.cloned();
+        // One writer job: the compare and the write cannot interleave with
+        // another write.
         self.write(move |conn| {
             if let Some(lease) = &lease {
                 fence(conn, lease)?;
+            }
+            if expected.is_some() {
+                let found = load_row(conn, &name)?.map(|s| s.position);
+                crate::subscription::checkpoint::check_expected(&name, expected, found)?;
             }
             save_checkpoint(conn, &name, at, None)
         })
