@@ -65,7 +65,10 @@ async fn appends_by_another_process_reach_the_subscriber() {
                     .batch_size(100)
                     .poll_interval(Duration::from_millis(50)),
             );
-    let worker = Worker::new().add_subscriber(runner).start();
+    let worker = Worker::new()
+        .add_subscriber(runner)
+        .start()
+        .expect("unique subscriber names");
     let mut appender = Helper::spawn(
         HELPER,
         "appender",

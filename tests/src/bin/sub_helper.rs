@@ -85,7 +85,7 @@ async fn pg_worker(args: &[String]) -> Result<(), StoreError> {
                     .partition(index, count),
             );
         }
-        worker.start()
+        worker.start().expect("unique subscriber names")
     };
     let others: Vec<u32> = (0..count).filter(|i| !first.contains(i)).collect();
     let mut workers: Vec<RunningWorker> = vec![worker(first)];
@@ -201,7 +201,8 @@ fn main() -> Result<(), StoreError> {
                         max: Duration::from_millis(500),
                     })
                     .add_subscriber(runner)
-                    .start();
+                    .start()
+                    .expect("unique subscriber names");
                 let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
                 std::thread::spawn(move || {
                     for line in std::io::stdin().lock().lines() {

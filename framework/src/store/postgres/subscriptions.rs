@@ -429,9 +429,7 @@ impl PostgresStore {
             .acquire()
             .await
             .map_err(db("saving a checkpoint"))?;
-        Err(self
-            .not_saved(&mut conn, name, expected, None, lease)
-            .await)
+        Err(self.not_saved(&mut conn, name, expected, None, lease).await)
     }
 
     /// Why a fenced checkpoint write wrote nothing: the lease is gone
@@ -684,7 +682,10 @@ impl PostgresStore {
             if alive {
                 return Ok(p.pid);
             }
-            tracing::warn!(pid = p.pid, "the lease presence session was lost; opening another");
+            tracing::warn!(
+                pid = p.pid,
+                "the lease presence session was lost; opening another"
+            );
             *presence = None;
         }
         let mut conn = self

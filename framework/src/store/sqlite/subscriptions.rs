@@ -78,8 +78,10 @@ pub(super) fn fence(conn: &Connection, lease: &Lease) -> Result<(), StoreError> 
             "SELECT 1 FROM aftermath_leases WHERE name = ?1 AND instance = ?2 AND token = ?3",
         )
         .and_then(|mut s| {
-            s.query_row((&lease.name, &lease.instance, lease.token as i64), |_| Ok(()))
-                .optional()
+            s.query_row((&lease.name, &lease.instance, lease.token as i64), |_| {
+                Ok(())
+            })
+            .optional()
         })
         .map_err(db("checking the lease"))?;
     match current {
