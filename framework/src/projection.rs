@@ -978,6 +978,20 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                     tracing::trace!(projection = %self.name(), events = events.len(), through = %through, elapsed = ?started.elapsed(), "batch committed");
                     return Ok(Ok(()));
                 }
+                // A handler failure while another writer committed these
+                // events (e.g. a unique key the other's writes already
+                // hold) is the lost race showing early: not the event's
+                // fault, so neither retried nor counted against it.
+                Ok(Err(_)) if self.moved_from(from).await? => {
+                    return Err(self.store_error(StoreError::CheckpointMoved {
+                        name: self.name(),
+                        expected: format!(
+                            "position {from} at version {}",
+                            self.projection.version()
+                        ),
+                        found: Some("another writer's newer checkpoint".to_owned()),
+                    }));
+                }
                 Ok(Err(failure)) if attempt >= self.options.attempts => {
                     return Ok(Err((failure.index, failure.error.to_string())));
                 }
@@ -995,6 +1009,19 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 }
             }
         }
+    }
+
+    /// Whether the stored checkpoint is no longer `from` at this version.
+    async fn moved_from(&self, from: Position) -> Result<bool, SubscriberError> {
+        let state = self
+            .db
+            .load_state(&self.key)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        Ok(match state {
+            None => from != Position::ORIGIN,
+            Some(s) => s.position != from || s.version != self.projection.version(),
+        })
     }
 
     async fn skip(

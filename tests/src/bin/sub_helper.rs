@@ -19,6 +19,9 @@
 //!     on stdin; until a line "stop" (or EOF) -> "STATE <key> <kind>" on
 //!     every change, "LIVE <key> <position>" when caught up, "STOPPED"
 //!     after shutdown
+//! sub_helper pgproject <url> <schema> <name> <tag> <batch>
+//!     PostgreSQL, no leases: catches the PgBalances projection `name`
+//!     (rows tagged `tag`) up once            -> "CAUGHT_UP <position>"
 //! ```
 
 use std::io::BufRead;
@@ -154,6 +157,30 @@ fn main() -> Result<(), StoreError> {
     let mode: String = arg(&args, 0, "mode");
     if mode == "pgworker" {
         return runtime.block_on(pg_worker(&args));
+    }
+    if mode == "pgproject" {
+        return runtime.block_on(async {
+            let url: String = arg(&args, 1, "url");
+            let schema: String = arg(&args, 2, "schema");
+            let name: String = arg(&args, 3, "name");
+            let tag: String = arg(&args, 4, "tag");
+            let batch: usize = arg(&args, 5, "batch");
+            let store = aftermath_tests::postgres::connect(&url, &schema).await;
+            let runner = ProjectionRunner::new(
+                PgBalances::new(&schema, &name, &tag),
+                store.clone(),
+                store,
+            )
+            .options(ProjectionOptions::default().batch_size(batch));
+            match runner.catch_up().await {
+                Ok(position) => println!("CAUGHT_UP {position}"),
+                Err(e) => {
+                    println!("ERROR {e}");
+                    std::process::exit(2);
+                }
+            }
+            Ok(())
+        });
     }
     let db: String = arg(&args, 1, "database path");
     runtime.block_on(async move {
