@@ -10,13 +10,13 @@
 
 use std::time::Duration;
 
-use aftermath::projection::{ProjectionOptions, ProjectionRunner, ReadModelDb};
+use aftermath::projection::{Projection, ProjectionOptions, ProjectionRunner, ReadModelDb};
 use aftermath::reactor::{Effect, EffectJournal, EffectState, MemoryJournal};
 use aftermath::subscription::{
     CheckpointStore, Holder, LeaseStore, MemoryCheckpoints, MemoryLeases,
 };
 use aftermath::worker::{SubscriberError, SubscriberState, Worker, WorkerError};
-use aftermath::{Position, PostgresStore, SqliteStore, StoreError};
+use aftermath::{Position, SqliteStore, StoreError};
 use aftermath_tests::child::Child;
 use aftermath_tests::postgres::{PgBalances, fresh, raw};
 use aftermath_tests::projections::{Balances, append_accounts, expected_all, until};
@@ -78,10 +78,7 @@ async fn checkpoint_compare_and_set<C: CheckpointStore + Clone>(store: C) {
             .await
     ));
     assert_eq!(store.load("missing").await.unwrap(), None);
-    store
-        .save("cas", None, Position(1), None)
-        .await
-        .unwrap();
+    store.save("cas", None, Position(1), None).await.unwrap();
     assert_eq!(store.load("cas").await.unwrap(), Some(Position(1)));
 
     // Racing writers, on a new row and on an existing one.
@@ -175,7 +172,10 @@ async fn done_stays_done<J: EffectJournal>(journal: J) {
     for state in [EffectState::Started, EffectState::Failed] {
         journal.record(&effect(open, state), None).await.unwrap();
     }
-    let found = journal.load("notify", &[done, skipped, open]).await.unwrap();
+    let found = journal
+        .load("notify", &[done, skipped, open])
+        .await
+        .unwrap();
     assert_eq!(found[&done].state, EffectState::Done);
     assert_eq!(found[&done].attempts, 1);
     assert_eq!(found[&skipped].state, EffectState::Skipped);
@@ -335,14 +335,15 @@ async fn two_workers_with_one_owner_name_run_one_projection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_subscriber_names_fail_at_start() {
     let (_dir, store) = sqlite().await;
-    let runner = |tag: &str| {
-        ProjectionRunner::new(Balances::new("bal", tag), store.clone(), store.clone())
-    };
+    let runner =
+        |tag: &str| ProjectionRunner::new(Balances::new("bal", tag), store.clone(), store.clone());
     let started = Worker::new()
         .add_subscriber(runner("a"))
-        .add_subscriber(
-            ProjectionRunner::new(Balances::new("other", "b"), store.clone(), store.clone()),
-        )
+        .add_subscriber(ProjectionRunner::new(
+            Balances::new("other", "b"),
+            store.clone(),
+            store.clone(),
+        ))
         .add_subscriber(runner("c"))
         .start();
     match started {
@@ -357,7 +358,10 @@ async fn duplicate_subscriber_names_fail_at_start() {
     }
     // Nothing ran.
     assert_eq!(ReadModelDb::load_state(&store, "bal").await.unwrap(), None);
-    assert_eq!(ReadModelDb::load_state(&store, "other").await.unwrap(), None);
+    assert_eq!(
+        ReadModelDb::load_state(&store, "other").await.unwrap(),
+        None
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -444,8 +448,10 @@ async fn restart_after_sigkill_resumes_before_the_ttl_postgres() {
     };
     let mut first = spawn("first");
     first.expect_line("first live", WAIT, |l| l.starts_with("LIVE"));
-    let expires_at: chrono::DateTime<Utc> = query(AssertSqlSafe(format!(
-        "SELECT expires_at FROM \"{schema}\".leases WHERE name = 'bal#0of1'"
+    // Microseconds since the epoch, by the database's clock (the lease's).
+    let expires_at: i64 = query(AssertSqlSafe(format!(
+        "SELECT (extract(epoch FROM expires_at) * 1000000)::bigint \
+         FROM \"{schema}\".leases WHERE name = 'bal#0of1'"
     )))
     .fetch_one(store.pool())
     .await
@@ -455,8 +461,13 @@ async fn restart_after_sigkill_resumes_before_the_ttl_postgres() {
     append_accounts(&store, 300, 100, 5, 4).await;
     let mut second = spawn("second");
     second.expect_line("second live", WAIT, |l| l.starts_with("LIVE"));
+    let now: i64 = query("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
     assert!(
-        Utc::now() < expires_at,
+        now < expires_at,
         "the successor resumed only after the dead holder's lease expired"
     );
     let (owner, token): (String, i64) = {
@@ -487,7 +498,8 @@ async fn restart_after_sigkill_resumes_before_the_ttl_postgres() {
 /// compare-and-set finds the checkpoint moved, it re-reads and continues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_without_leases_killed_with_commit_pending_postgres() {
-    let (guard, store) = pg_or_skip!("projection_without_leases_killed_with_commit_pending_postgres");
+    let (guard, store) =
+        pg_or_skip!("projection_without_leases_killed_with_commit_pending_postgres");
     let schema = guard.schema.clone();
     let head = append_accounts(&store, 0, 400, 8, 6).await;
     // The gate: a commit that moves a checkpoint past the origin waits, at
@@ -517,16 +529,15 @@ async fn projection_without_leases_killed_with_commit_pending_postgres() {
     let blocked_by = |pid: i32| {
         let pool = store.pool().clone();
         async move {
-            let pids: Vec<i32> = query(
-                "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-            )
-            .bind(pid)
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            let pids: Vec<i32> =
+                query("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                    .bind(pid)
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
             pids
         }
     };
@@ -606,10 +617,7 @@ async fn two_runners_without_leases_apply_each_event_once_sqlite() {
     let first = ProjectionRunner::new(
         Balances::new("bal", "first").hook(move |event| {
             if event.position == Position(1) {
-                let _ = read_rx
-                    .lock()
-                    .unwrap()
-                    .recv_timeout(Duration::from_secs(5));
+                let _ = read_rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
             }
             Ok(())
         }),
@@ -617,12 +625,9 @@ async fn two_runners_without_leases_apply_each_event_once_sqlite() {
         store.clone(),
     )
     .options(ProjectionOptions::default().batch_size(1000));
-    let second = ProjectionRunner::new(
-        Balances::new("bal", "second"),
-        other.clone(),
-        other.clone(),
-    )
-    .options(ProjectionOptions::default().batch_size(1000));
+    let second =
+        ProjectionRunner::new(Balances::new("bal", "second"), other.clone(), other.clone())
+            .options(ProjectionOptions::default().batch_size(1000));
     // The second loads the origin checkpoint while the first holds the
     // file's write lock with its batch applied but not committed; then the
     // first may commit. (In whichever order they get there, both start
@@ -645,38 +650,80 @@ async fn two_runners_without_leases_apply_each_event_once_sqlite() {
 // ---------------------------------------------------------------------------
 // Layout changes are fenced.
 
-/// A partition runner of the old layout has a batch in flight when an
-/// operator rebuilds the projection into another partition count: the old
-/// batch must not commit into the new read model.
+/// [`PgBalances`] whose first apply waits (asynchronously, before writing
+/// anything) until the test opens the gate.
+struct Gated {
+    inner: PgBalances,
+    entered: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    go: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl Projection for Gated {
+    type Event = aftermath_tests::domain::AccountEvent;
+    type Db = aftermath::PostgresStore;
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn setup(
+        &self,
+        tx: &mut aftermath::store::postgres::PgTx,
+    ) -> Result<(), aftermath::projection::HandlerError> {
+        self.inner.setup(tx).await
+    }
+
+    async fn reset(
+        &self,
+        tx: &mut aftermath::store::postgres::PgTx,
+    ) -> Result<(), aftermath::projection::HandlerError> {
+        self.inner.reset(tx).await
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut aftermath::store::postgres::PgTx,
+        event: &aftermath::Recorded<Self::Event>,
+    ) -> Result<(), aftermath::projection::HandlerError> {
+        let entered = self.entered.lock().unwrap().take();
+        if let Some(entered) = entered {
+            let _ = entered.send(());
+            if let Some(go) = self.go.lock().await.take() {
+                let _ = go.await;
+            }
+        }
+        self.inner.apply(tx, event).await
+    }
+}
+
+/// A partition runner of the old layout has a batch in flight (read, not
+/// yet written) when an operator rebuilds the projection into another
+/// partition count: the old batch must not commit into the new read model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_layout_cannot_commit_after_a_rebuild_postgres() {
     let (guard, store) = pg_or_skip!("old_layout_cannot_commit_after_a_rebuild_postgres");
     let schema = guard.schema.clone();
     append_accounts(&store, 0, 200, 5, 8).await;
-    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let entered_tx = std::sync::Mutex::new(Some(entered_tx));
-    let go_rx = std::sync::Mutex::new(go_rx);
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (go_tx, go) = tokio::sync::oneshot::channel();
     // The old layout: 2 partitions; partition 0's first apply waits.
     let old = ProjectionRunner::new(
-        PgBalances::new(&schema, "bal", "old").hook(move |_| {
-            if let Some(tx) = entered_tx.lock().unwrap().take() {
-                let _ = tx.send(());
-                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
-            }
-            Ok(())
-        }),
+        Gated {
+            inner: PgBalances::new(&schema, "bal", "old"),
+            entered: std::sync::Mutex::new(Some(entered_tx)),
+            go: tokio::sync::Mutex::new(Some(go)),
+        },
         store.clone(),
         store.clone(),
     )
     .partition(0, 2)
     .options(ProjectionOptions::default().batch_size(1000).attempts(1));
     let old_run = tokio::spawn(async move { old.catch_up().await });
-    tokio::task::spawn_blocking(move || entered_rx.recv_timeout(WAIT))
+    tokio::time::timeout(WAIT, entered)
         .await
-        .unwrap()
-        .expect("the old runner is applying");
-    // Meanwhile: rebuild into 4 partitions.
+        .expect("the old runner is applying")
+        .unwrap();
+    // Meanwhile: a rebuild into 4 partitions, which completes.
     let new = |index: u32| {
         ProjectionRunner::new(
             PgBalances::new(&schema, "bal", "new"),
@@ -687,6 +734,7 @@ async fn old_layout_cannot_commit_after_a_rebuild_postgres() {
         .options(ProjectionOptions::default().batch_size(1000))
     };
     new(0).rebuild(None).await.expect("rebuild");
+    // The old batch goes on.
     go_tx.send(()).unwrap();
     match old_run.await.unwrap() {
         Err(SubscriberError::Store {
@@ -696,7 +744,10 @@ async fn old_layout_cannot_commit_after_a_rebuild_postgres() {
         other => panic!("the old layout's runner must stop on the new layout, got {other:?}"),
     }
     for index in 0..4 {
-        new(index).catch_up().await.expect("new partition catches up");
+        new(index)
+            .catch_up()
+            .await
+            .expect("new partition catches up");
     }
     assert_eq!(
         aftermath_tests::postgres::read_model(&store, "bal").await,

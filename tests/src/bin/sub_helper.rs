@@ -166,12 +166,9 @@ fn main() -> Result<(), StoreError> {
             let tag: String = arg(&args, 4, "tag");
             let batch: usize = arg(&args, 5, "batch");
             let store = aftermath_tests::postgres::connect(&url, &schema).await;
-            let runner = ProjectionRunner::new(
-                PgBalances::new(&schema, &name, &tag),
-                store.clone(),
-                store,
-            )
-            .options(ProjectionOptions::default().batch_size(batch));
+            let runner =
+                ProjectionRunner::new(PgBalances::new(&schema, &name, &tag), store.clone(), store)
+                    .options(ProjectionOptions::default().batch_size(batch));
             match runner.catch_up().await {
                 Ok(position) => println!("CAUGHT_UP {position}"),
                 Err(e) => {

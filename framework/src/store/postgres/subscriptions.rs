@@ -267,7 +267,8 @@ impl Statements {
                    expires_at = excluded.expires_at, holder_pid = excluded.holder_pid, \
                    holder_start = excluded.holder_start \
                  WHERE l.instance = excluded.instance OR l.expires_at <= now() \
-                   OR (l.holder_pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
+                   OR (l.holder_pid IS NOT NULL AND l.holder_start IS NOT NULL \
+                       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
                        WHERE a.pid = l.holder_pid AND a.backend_start = l.holder_start)) \
                  RETURNING token, expires_at"
             )),
