@@ -114,10 +114,73 @@ pub struct Commit {
     pub version: u32,
     /// The new checkpoint.
     pub position: Position,
+    /// The checkpoint the batch started after: the commit happens only if
+    /// the stored checkpoint is still this position at this `version` (no
+    /// row counts as the origin), checked in the same transaction; else
+    /// nothing is committed and `transact` fails with
+    /// [`StoreError::CheckpointMoved`]. `None` commits unconditionally
+    /// (a rebuild, which takes the read model over on purpose).
+    pub expected: Option<Position>,
+    /// The layout row the runner started under, checked in the same
+    /// transaction: a commit of an old layout fails with
+    /// [`StoreError::CheckpointMoved`] once a rebuild or layout change began.
+    pub layout: Option<LayoutGuard>,
     /// The lease the write is fenced by.
     pub lease: Option<Lease>,
     /// An event skipped by policy, recorded in the same transaction.
     pub skipped: Option<SkippedEvent>,
+}
+
+/// The layout (version and partition count) a projection runner started
+/// under: its commits check that the row `key` still holds `state` (`None`:
+/// no row), so a runner of an old layout cannot commit after a rebuild or
+/// partition-count change started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutGuard {
+    /// The layout row's name (`<projection>#partitions`).
+    pub key: String,
+    /// What it held when the runner started.
+    pub state: Option<ProjectionState>,
+}
+
+impl Commit {
+    /// Checks the compare-and-set part of a commit against what the store
+    /// holds: the checkpoint row (`found`) and the layout row
+    /// (`found_layout`, read only when [`Commit::layout`] is set). For
+    /// [`ReadModelDb`] implementations that read both in the commit's
+    /// transaction, under a lock that keeps them until it ends.
+    pub fn check(
+        &self,
+        found: Option<ProjectionState>,
+        found_layout: Option<ProjectionState>,
+    ) -> Result<(), StoreError> {
+        let describe = |s: Option<ProjectionState>| {
+            s.map(|s| format!("position {} at version {}", s.position, s.version))
+        };
+        if let Some(expected) = self.expected {
+            let ok = match found {
+                None => expected == Position::ORIGIN,
+                Some(f) => f.position == expected && f.version == self.version,
+            };
+            if !ok {
+                return Err(StoreError::CheckpointMoved {
+                    name: self.projection.clone(),
+                    expected: format!("position {expected} at version {}", self.version),
+                    found: describe(found),
+                });
+            }
+        }
+        if let Some(guard) = &self.layout
+            && guard.state != found_layout
+        {
+            return Err(StoreError::CheckpointMoved {
+                name: guard.key.clone(),
+                expected: describe(guard.state).unwrap_or_else(|| "no layout".to_owned()),
+                found: describe(found_layout),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The future of one transaction's work, borrowing the transaction.
@@ -296,6 +359,28 @@ pub struct ProjectionRunner<P: Projection, S> {
     key: String,
 }
 
+/// What every commit of one run is fenced by: the lease (if any) and the
+/// layout row as the run found it.
+struct Fence {
+    lease: Option<Lease>,
+    layout: Option<LayoutGuard>,
+}
+
+impl Fence {
+    /// The commit of checkpoint `name` from `from` to `to`.
+    fn commit(&self, name: String, version: u32, from: Position, to: Position) -> Commit {
+        Commit {
+            projection: name,
+            version,
+            position: to,
+            expected: Some(from),
+            layout: self.layout.clone(),
+            lease: self.lease.clone(),
+            skipped: None,
+        }
+    }
+}
+
 /// The layout row's position while a rebuild is under way: no count.
 const REBUILDING: Position = Position(u64::MAX);
 
@@ -405,10 +490,12 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         })
     }
 
-    /// Commits `position` for checkpoint `key` (no read-model writes).
+    /// Commits `position` for checkpoint `key` (no read-model writes),
+    /// compared with `expected` when given.
     async fn commit_only(
         &self,
         key: String,
+        expected: Option<Position>,
         position: Position,
         lease: Option<Lease>,
     ) -> Result<(), SubscriberError> {
@@ -416,6 +503,8 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             projection: key,
             version: self.projection.version(),
             position,
+            expected,
+            layout: None,
             lease,
             skipped: None,
         };
@@ -429,8 +518,22 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
 
     /// Checks that the read model is laid out the way this runner runs it
     /// (see [`ProjectionRunner::partition`]); records the layout of a new
-    /// partitioned projection.
-    async fn check_layout(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
+    /// partitioned projection. Returns the guard every commit of this run
+    /// checks: the layout row as it is now.
+    async fn check_layout(&self, lease: Option<Lease>) -> Result<LayoutGuard, SubscriberError> {
+        self.check_layout_row(lease).await?;
+        let state = self
+            .db
+            .load_state(&self.layout_key())
+            .await
+            .map_err(|e| self.store_error(e))?;
+        Ok(LayoutGuard {
+            key: self.layout_key(),
+            state,
+        })
+    }
+
+    async fn check_layout_row(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
         let layout = self
             .db
             .load_state(&self.layout_key())
@@ -464,8 +567,10 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                         s.version, s.position
                     )));
                 }
-                // A new partitioned projection.
-                self.commit_only(self.layout_key(), count, lease).await
+                // A new partitioned projection (if another partition
+                // records it first, the run starts over and finds it).
+                self.commit_only(self.layout_key(), Some(Position::ORIGIN), count, lease)
+                    .await
             }
             (Some(l), _) => Err(self.layout_error(format!(
                 "it holds {}, this runner is {} at version {version}; {fix}",
@@ -495,19 +600,19 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 .map_err(|e| self.store_error(e))?
                 .is_some();
         if gated {
-            self.commit_only(self.layout_key(), REBUILDING, lease.clone())
+            self.commit_only(self.layout_key(), None, REBUILDING, lease.clone())
                 .await?;
             if let Some(p) = self.partition {
                 for index in 0..p.count {
                     let key = Partition::new(index, p.count).key(self.projection.name());
-                    self.commit_only(key, Position::ORIGIN, lease.clone())
+                    self.commit_only(key, None, Position::ORIGIN, lease.clone())
                         .await?;
                 }
             }
         }
         self.reset_model(lease.clone()).await?;
         if gated {
-            self.commit_only(self.layout_key(), self.layout_count(), lease)
+            self.commit_only(self.layout_key(), None, self.layout_count(), lease)
                 .await?;
         }
         Ok(())
@@ -517,10 +622,14 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     /// checkpoint to the origin.
     async fn reset_model(&self, lease: Option<Lease>) -> Result<(), SubscriberError> {
         let projection = self.projection.clone();
+        // Unconditional: a rebuild takes the read model over on purpose;
+        // runners that started before it fail their next commit.
         let commit = Commit {
             projection: self.name(),
             version: self.projection.version(),
             position: Position::ORIGIN,
+            expected: None,
+            layout: None,
             lease,
             skipped: None,
         };
@@ -546,16 +655,26 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     /// Prepares the read model and returns the position to continue after:
     /// runs `setup`, rebuilds on a version change, starts a new projection
     /// at its configured start.
-    async fn prepare(&self, lease: Option<Lease>) -> Result<Position, SubscriberError> {
-        self.check_layout(lease.clone()).await?;
+    async fn prepare(&self, lease: Option<Lease>) -> Result<(Position, Fence), SubscriberError> {
+        let layout = self.check_layout(lease.clone()).await?;
         let state = self
             .db
             .load_state(&self.key)
             .await
             .map_err(|e| self.store_error(e))?;
         let version = self.projection.version();
+        let expected = state.map_or(Position::ORIGIN, |s| s.position);
         let position = match state {
             Some(s) if s.version == version => s.position,
+            // A newer version's read model: never rebuilt back by an old
+            // runner (two versions running at once would take turns).
+            Some(s) if s.version > version => {
+                return Err(self.layout_error(format!(
+                    "checkpoint `{}` holds version {}, newer than this runner's version {version}; \
+                     stop the runners of the old version",
+                    self.key, s.version
+                )));
+            }
             // The layout matched: only a partition that was never rebuilt
             // to this version can be here; its rows are in the read model.
             Some(s) if self.partition.is_some() => {
@@ -568,7 +687,15 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             Some(s) => {
                 tracing::info!(projection = %self.name(), from = s.version, to = version, "projection version changed; rebuilding");
                 self.rebuild(lease.clone()).await?;
-                return Ok(Position::ORIGIN);
+                // The rebuild wrote the layout row (if any): guard by it now.
+                let layout = self.check_layout(lease.clone()).await?;
+                return Ok((
+                    Position::ORIGIN,
+                    Fence {
+                        lease,
+                        layout: Some(layout),
+                    },
+                ));
             }
             None => self
                 .options
@@ -579,13 +706,11 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 .map_err(|e| self.store_error(e))?,
         };
         let projection = self.projection.clone();
-        let commit = Commit {
-            projection: self.name(),
-            version,
-            position,
+        let fence = Fence {
             lease,
-            skipped: None,
+            layout: Some(layout),
         };
+        let commit = fence.commit(self.name(), version, expected, position);
         let work = tx_work::<P::Db, (), _>(move |tx| {
             Box::pin(async move {
                 projection
@@ -602,7 +727,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 subscriber: self.name(),
                 message: format!("the `setup` hook failed: {}", f.error),
             })?;
-        Ok(position)
+        Ok((position, fence))
     }
 
     /// Runs until caught up with the head as of now, then returns the
@@ -613,12 +738,34 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         self.process(&mut ctx, true).await
     }
 
+    /// Runs [`Self::process_once`], starting over (re-reading the
+    /// checkpoint) whenever a commit finds that another writer moved it: a
+    /// lost race, not a failure; the other writer's work is committed, and
+    /// this runner's batch was rolled back, so nothing is applied twice.
     async fn process(
         &self,
         ctx: &mut RunContext,
         until_caught_up: bool,
     ) -> Result<Position, SubscriberError> {
-        let start = self.prepare(ctx.lease.clone()).await?;
+        loop {
+            match self.process_once(ctx, until_caught_up).await {
+                Err(SubscriberError::Store {
+                    source: source @ StoreError::CheckpointMoved { .. },
+                    ..
+                }) => {
+                    tracing::info!(projection = %self.name(), error = %source, "another writer committed first; re-reading the checkpoint");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn process_once(
+        &self,
+        ctx: &mut RunContext,
+        until_caught_up: bool,
+    ) -> Result<Position, SubscriberError> {
+        let (start, fence) = self.prepare(ctx.lease.clone()).await?;
         let mut reader = CatchUp::new(
             self.store.clone(),
             Some(P::Event::event_types().to_vec()),
@@ -646,9 +793,12 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             let through = page.through;
             if page.events.is_empty() {
                 if through > reader.position() {
-                    self.commit_empty(through, ctx.lease.clone()).await?;
+                    self.commit_empty(&fence, reader.position(), through)
+                        .await?;
                 }
-            } else if let Step::Interrupted = self.handle_page(ctx, reader.position(), page).await?
+            } else if let Step::Interrupted = self
+                .handle_page(ctx, &fence, reader.position(), page)
+                .await?
             {
                 return Ok(reader.position());
             }
@@ -668,16 +818,11 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
 
     async fn commit_empty(
         &self,
+        fence: &Fence,
+        from: Position,
         through: Position,
-        lease: Option<Lease>,
     ) -> Result<(), SubscriberError> {
-        let commit = Commit {
-            projection: self.name(),
-            version: self.projection.version(),
-            position: through,
-            lease,
-            skipped: None,
-        };
+        let commit = fence.commit(self.name(), self.projection.version(), from, through);
         let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
         self.db
             .transact(commit, work)
@@ -691,6 +836,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     async fn handle_page(
         &self,
         ctx: &mut RunContext,
+        fence: &Fence,
         before: Position,
         page: crate::subscription::Page,
     ) -> Result<Step, SubscriberError> {
@@ -727,7 +873,10 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 } else {
                     last
                 };
-                match self.commit_events(ctx, decoded, through).await? {
+                match self
+                    .commit_events(ctx, fence, decoded, checkpoint_floor, through)
+                    .await?
+                {
                     Ok(()) => {
                         checkpoint_floor = through;
                         ctx.report(|s| s.handled += good as u64);
@@ -752,12 +901,14 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                             .map_err(|d| self.event_error(e, d.message))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                let through = rest[index - 1].position;
                 if let Err((i, e)) = self
-                    .commit_events(ctx, prefix, rest[index - 1].position)
+                    .commit_events(ctx, fence, prefix, checkpoint_floor, through)
                     .await?
                 {
                     return Err(self.event_error(&rest[i], e));
                 }
+                checkpoint_floor = through;
                 ctx.report(|s| s.handled += index as u64);
             }
             match self.options.on_error {
@@ -771,7 +922,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                     } else {
                         failed.position
                     };
-                    self.skip(failed, &error, through, ctx.lease.clone())
+                    self.skip(fence, failed, &error, checkpoint_floor, through)
                         .await?;
                     ctx.report(|s| s.skipped += 1);
                     checkpoint_floor = failed.position;
@@ -787,7 +938,9 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     async fn commit_events(
         &self,
         ctx: &mut RunContext,
+        fence: &Fence,
         events: Vec<Recorded<P::Event>>,
+        from: Position,
         through: Position,
     ) -> Result<Result<(), (usize, String)>, SubscriberError> {
         let events = Arc::new(events);
@@ -797,13 +950,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             attempt += 1;
             let projection = self.projection.clone();
             let batch = events.clone();
-            let commit = Commit {
-                projection: self.name(),
-                version: self.projection.version(),
-                position: through,
-                lease: ctx.lease.clone(),
-                skipped: None,
-            };
+            let commit = fence.commit(self.name(), self.projection.version(), from, through);
             let work = tx_work::<P::Db, (), _>(move |tx| {
                 Box::pin(async move {
                     for (index, event) in batch.iter().enumerate() {
@@ -831,6 +978,20 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                     tracing::trace!(projection = %self.name(), events = events.len(), through = %through, elapsed = ?started.elapsed(), "batch committed");
                     return Ok(Ok(()));
                 }
+                // A handler failure while another writer committed these
+                // events (e.g. a unique key the other's writes already
+                // hold) is the lost race showing early: not the event's
+                // fault, so neither retried nor counted against it.
+                Ok(Err(_)) if self.moved_from(from).await? => {
+                    return Err(self.store_error(StoreError::CheckpointMoved {
+                        name: self.name(),
+                        expected: format!(
+                            "position {from} at version {}",
+                            self.projection.version()
+                        ),
+                        found: Some("another writer's newer checkpoint".to_owned()),
+                    }));
+                }
                 Ok(Err(failure)) if attempt >= self.options.attempts => {
                     return Ok(Err((failure.index, failure.error.to_string())));
                 }
@@ -850,22 +1011,32 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         }
     }
 
+    /// Whether the stored checkpoint is no longer `from` at this version.
+    async fn moved_from(&self, from: Position) -> Result<bool, SubscriberError> {
+        let state = self
+            .db
+            .load_state(&self.key)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        Ok(match state {
+            None => from != Position::ORIGIN,
+            Some(s) => s.position != from || s.version != self.projection.version(),
+        })
+    }
+
     async fn skip(
         &self,
+        fence: &Fence,
         event: &StoredEvent,
         error: &str,
+        from: Position,
         through: Position,
-        lease: Option<Lease>,
     ) -> Result<(), SubscriberError> {
         tracing::warn!(
             projection = %self.name(), position = %event.position, stream = %event.stream,
             event_type = %event.event_type, error, "skipping event by policy"
         );
         let commit = Commit {
-            projection: self.name(),
-            version: self.projection.version(),
-            position: through,
-            lease,
             skipped: Some(SkippedEvent {
                 subscriber: self.name(),
                 position: event.position,
@@ -875,6 +1046,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                 error: error.to_owned(),
                 skipped_at: Utc::now(),
             }),
+            ..fence.commit(self.name(), self.projection.version(), from, through)
         };
         let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
         self.db
@@ -1065,7 +1237,26 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
         &self.key
     }
 
+    /// Runs until shutdown; when a save finds that another writer moved the
+    /// checkpoint (a lost race, e.g. a second process without leases), it
+    /// re-reads the checkpoint and continues from there.
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
+        loop {
+            match self.run_once(ctx).await {
+                Err(SubscriberError::Store {
+                    source: source @ StoreError::CheckpointMoved { .. },
+                    ..
+                }) => {
+                    tracing::info!(projection = %self.key, error = %source, "another writer saved first; re-reading the checkpoint");
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalRunner<P, S, C> {
+    async fn run_once(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
         let name = self.key.clone();
         let start = resume(
             &self.checkpoints,
@@ -1118,7 +1309,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
                     // The policy counts handled events, not pages.
                     if due(since_save, last_save) {
                         self.checkpoints
-                            .save(&name, reader.position(), ctx.lease.as_ref())
+                            .save(&name, Some(saved), reader.position(), ctx.lease.as_ref())
                             .await
                             .map_err(|e| self.store_error(e))?;
                         saved = reader.position();
@@ -1131,7 +1322,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
                 ctx.report_progress(lag);
                 if reader.position() > saved && due(since_save, last_save) {
                     self.checkpoints
-                        .save(&name, reader.position(), ctx.lease.as_ref())
+                        .save(&name, Some(saved), reader.position(), ctx.lease.as_ref())
                         .await
                         .map_err(|e| self.store_error(e))?;
                     saved = reader.position();
@@ -1144,10 +1335,18 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
             }
         }
         .await;
-        // Save what was handled, on shutdown and on error alike.
-        if reader.position() > saved {
+        // Save what was handled, on shutdown and on error alike (unless
+        // the error is that another writer moved the checkpoint).
+        let moved = matches!(
+            &result,
+            Err(SubscriberError::Store {
+                source: StoreError::CheckpointMoved { .. },
+                ..
+            })
+        );
+        if reader.position() > saved && !moved {
             self.checkpoints
-                .save(&name, reader.position(), ctx.lease.as_ref())
+                .save(&name, Some(saved), reader.position(), ctx.lease.as_ref())
                 .await
                 .map_err(|e| self.store_error(e))?;
         }

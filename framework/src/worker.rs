@@ -10,7 +10,24 @@
 //! decode, or makes its handler panic) stops with an error naming the event,
 //! and the others go on. With a [`LeaseStore`], only one process at a time
 //! runs a given subscriber on a database: the others stand by and take over
-//! when the owner's lease expires.
+//! when the holder's lease expires, or at once when the store can tell that
+//! the holder's process is gone (see [`crate::subscription::lease`]).
+//!
+//! Without leases, two processes may run one subscriber at the same time:
+//! that wastes work but stays correct, because every checkpoint write is a
+//! compare-and-set of the checkpoint the batch started after (see
+//! [`CheckpointStore`](crate::subscription::CheckpointStore)); the loser of
+//! a race rolls back, re-reads the checkpoint and continues.
+//!
+//! # Owner names
+//!
+//! [`Worker::owner`] sets the name that lease rows and logs show for this
+//! worker (e.g. a host or pod name); it may be fixed across restarts and
+//! even shared by several processes. It does not fence: each built worker
+//! also draws a random instance id, and a lease is held by one instance.
+//! Two processes with the same owner name therefore never both run a
+//! leased subscriber: the second stands by, and a stale one's writes fail
+//! with [`StoreError::LeaseLost`].
 //!
 //! ```no_run
 //! # async fn demo(store: aftermath::SqliteStore, balances: aftermath::projection::ProjectionRunner<MyProjection, aftermath::SqliteStore>) {
@@ -20,7 +37,8 @@
 //! let worker = Worker::new()
 //!     .with_leases(store.clone(), Duration::from_secs(10))
 //!     .add_subscriber(balances)
-//!     .start();
+//!     .start()
+//!     .expect("subscriber names are unique");
 //! // ... later, e.g. on SIGTERM:
 //! for status in worker.status() {
 //!     println!("{}: {:?}, {} events behind", status.name, status.state, status.lag.events);
@@ -50,7 +68,7 @@ use tokio::task::JoinHandle;
 
 use crate::event::Position;
 use crate::store::StoreError;
-use crate::subscription::{Lag, Lease, LeaseStore, Shutdown, is_stopped, stopped};
+use crate::subscription::{Holder, Lag, Lease, LeaseStore, Shutdown, is_stopped, stopped};
 
 /// What a subscriber is doing.
 #[derive(Debug, Clone, PartialEq)]
@@ -259,6 +277,24 @@ pub trait Subscriber: Send + Sync + 'static {
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError>;
 }
 
+/// Why a [`Worker`] did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Two subscribers have the same name: they would share one checkpoint
+    /// and one lease, and each would commit over the other's work.
+    #[error(
+        "two subscribers are named `{name}` (subscribers {first} and {second} in the order added); names key checkpoints and leases, so they must be unique in a worker"
+    )]
+    DuplicateSubscriber {
+        /// The name used twice.
+        name: String,
+        /// 0-based index of the first subscriber with it.
+        first: usize,
+        /// 0-based index of the second.
+        second: usize,
+    },
+}
+
 /// Restart delays: exponential from `initial`, capped at `max`, with jitter.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -301,9 +337,13 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 pub struct Worker {
     subscribers: Vec<Arc<dyn Subscriber>>,
     leases: Option<(DynLeases, Duration)>,
-    owner: String,
+    holder: Holder,
     backoff: Backoff,
+    standby_poll: Duration,
 }
+
+/// How often a standby asks for a lease by default (bounded by `ttl / 3`).
+const STANDBY_POLL: Duration = Duration::from_millis(250);
 
 impl Default for Worker {
     fn default() -> Self {
@@ -312,18 +352,16 @@ impl Default for Worker {
 }
 
 impl Worker {
-    /// A worker with no subscribers, no leases, default backoff, and a
-    /// unique owner name (host-less: pid plus a random suffix).
+    /// A worker with no subscribers, no leases, default backoff, a fresh
+    /// instance id, and the owner name `worker-<pid>` (see
+    /// [`Worker::owner`]).
     pub fn new() -> Self {
         Worker {
             subscribers: Vec::new(),
             leases: None,
-            owner: format!(
-                "worker-{}-{}",
-                std::process::id(),
-                uuid::Uuid::new_v4().simple()
-            ),
+            holder: Holder::new(format!("worker-{}", std::process::id())),
             backoff: Backoff::default(),
+            standby_poll: STANDBY_POLL,
         }
     }
 
@@ -335,9 +373,21 @@ impl Worker {
         self
     }
 
-    /// Sets this worker's owner name in leases (default: pid + random).
+    /// Sets this worker's owner name in leases and logs (default:
+    /// `worker-<pid>`). A name for people: it may be fixed (a host or pod
+    /// name) and shared by several processes; fencing uses this worker's
+    /// instance id, drawn when it was built, so two workers never share a
+    /// lease whatever their names (see the [module docs](self)).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
-        self.owner = owner.into();
+        self.holder.owner = owner.into();
+        self
+    }
+
+    /// Sets how often a subscriber on standby asks for its lease (default
+    /// 250 ms, never more than `ttl / 3`): how soon it notices that the
+    /// holder is gone, where the store can tell.
+    pub fn standby_poll(mut self, interval: Duration) -> Self {
+        self.standby_poll = interval;
         self
     }
 
@@ -353,8 +403,19 @@ impl Worker {
         self
     }
 
-    /// Starts every subscriber in its own task.
-    pub fn start(self) -> RunningWorker {
+    /// Starts every subscriber in its own task; fails (starting none) when
+    /// two subscribers have the same name.
+    pub fn start(self) -> Result<RunningWorker, WorkerError> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (index, subscriber) in self.subscribers.iter().enumerate() {
+            if let Some(first) = seen.insert(subscriber.name(), index) {
+                return Err(WorkerError::DuplicateSubscriber {
+                    name: subscriber.name().to_owned(),
+                    first,
+                    second: index,
+                });
+            }
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut statuses = BTreeMap::new();
         let mut tasks = Vec::new();
@@ -365,25 +426,31 @@ impl Worker {
             let supervisor = Supervisor {
                 subscriber,
                 leases: self.leases.clone(),
-                owner: self.owner.clone(),
+                holder: self.holder.clone(),
                 backoff: self.backoff,
+                standby_poll: self.standby_poll,
                 status,
             };
             tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
         }
-        RunningWorker {
+        Ok(RunningWorker {
             stop: stop_tx,
             statuses,
             tasks,
-            owner: self.owner,
-        }
+            holder: self.holder,
+        })
     }
 
     /// Starts, runs until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
-        let running = self.start();
+    /// Fails without running anything when [`Worker::start`] does.
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), WorkerError> {
+        let running = self.start()?;
         signal.await;
         running.shutdown().await;
+        Ok(())
     }
 }
 
@@ -392,7 +459,7 @@ pub struct RunningWorker {
     stop: watch::Sender<bool>,
     statuses: BTreeMap<String, Arc<Mutex<SubscriberStatus>>>,
     tasks: Vec<JoinHandle<()>>,
-    owner: String,
+    holder: Holder,
 }
 
 impl RunningWorker {
@@ -413,7 +480,12 @@ impl RunningWorker {
 
     /// This worker's owner name in leases.
     pub fn owner(&self) -> &str {
-        &self.owner
+        &self.holder.owner
+    }
+
+    /// This worker's instance id: what its leases are held (and fenced) by.
+    pub fn instance(&self) -> &str {
+        &self.holder.instance
     }
 
     /// Asks every subscriber to stop after its batch in flight, and waits
@@ -429,8 +501,9 @@ impl RunningWorker {
 struct Supervisor {
     subscriber: Arc<dyn Subscriber>,
     leases: Option<(DynLeases, Duration)>,
-    owner: String,
+    holder: Holder,
     backoff: Backoff,
+    standby_poll: Duration,
     status: Arc<Mutex<SubscriberStatus>>,
 }
 
@@ -535,6 +608,16 @@ impl Supervisor {
                     tracing::info!(subscriber = %name, "subscriber finished");
                     break SubscriberState::Stopped(None);
                 }
+                // A lost checkpoint race: another writer committed first.
+                // Not a failure: run again at once, from the stored
+                // checkpoint.
+                Err(SubscriberError::Store {
+                    source: source @ StoreError::CheckpointMoved { .. },
+                    ..
+                }) => {
+                    tracing::info!(subscriber = %name, error = %source, "another writer moved the checkpoint; re-reading it");
+                    continue;
+                }
                 Err(e) if e.is_transient() => {
                     attempt += 1;
                     tracing::warn!(subscriber = %name, attempt, error = %e, "subscriber failed; restarting after backoff");
@@ -576,14 +659,14 @@ impl Supervisor {
     ) -> Result<Option<Lease>, StoreError> {
         let name = self.subscriber.name();
         loop {
-            if let Some(lease) = leases.acquire(name, &self.owner, ttl).await? {
-                tracing::info!(subscriber = %name, owner = %self.owner, token = lease.token, "lease acquired");
+            if let Some(lease) = leases.acquire(name, &self.holder, ttl).await? {
+                tracing::info!(subscriber = %name, owner = %self.holder.owner, instance = %self.holder.instance, token = lease.token, "lease acquired");
                 return Ok(Some(lease));
             }
             self.report(SubscriberState::Standby);
             tokio::select! {
                 _ = stopped(stop) => return Ok(None),
-                _ = tokio::time::sleep(ttl / 3) => {}
+                _ = tokio::time::sleep(self.standby_poll.min(ttl / 3)) => {}
             }
         }
     }

@@ -1587,7 +1587,7 @@ pub async fn redelivery_appends_nothing<B: ProcessBackend>() {
 
     shop.parts
         .checkpoints
-        .save("fulfillment", Position::ORIGIN, None)
+        .save("fulfillment", None, Position::ORIGIN, None)
         .await
         .unwrap();
     let again = Arc::new(runner(
@@ -2015,7 +2015,8 @@ pub async fn strict_start_of_existing_instance_stops_the_runner<B: ProcessBacken
     // In a worker: stopped for good, the error naming the event.
     let worker = Worker::new()
         .add_subscriber(self::tally_runner(&parts, &clock))
-        .start();
+        .start()
+        .expect("unique subscriber names");
     let mut state = SubscriberState::Starting;
     eventually("the worker to stop the runner", || {
         state = worker.status_of("tally").unwrap().state;
@@ -2048,7 +2049,10 @@ pub async fn misrouted_event_skipped_and_counted<B: ProcessBackend>() {
             options().skip_misrouted(true),
         )
     };
-    let worker = Worker::new().add_subscriber(skipping()).start();
+    let worker = Worker::new()
+        .add_subscriber(skipping())
+        .start()
+        .expect("unique subscriber names");
     let store = parts.store.clone();
     eventually("the counter to get its command", || {
         let store = store.clone();
@@ -2069,7 +2073,7 @@ pub async fn misrouted_event_skipped_and_counted<B: ProcessBackend>() {
     // From the origin again: skipped again, never an error.
     parts
         .checkpoints
-        .save("tally", Position::ORIGIN, None)
+        .save("tally", None, Position::ORIGIN, None)
         .await
         .unwrap();
     let head = parts.store.head().await.unwrap();

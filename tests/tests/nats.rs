@@ -265,7 +265,7 @@ async fn outbox_publishes_headers_and_subjects() {
     );
 
     // A replay publishes nothing again.
-    CheckpointStore::save(&store, OUTBOX, Position::ORIGIN, None)
+    CheckpointStore::save(&store, OUTBOX, None, Position::ORIGIN, None)
         .await
         .expect("reset the checkpoint");
     runner.catch_up().await.expect("replay");
@@ -632,6 +632,7 @@ fn inbox_worker<S: EventStore + Clone>(
             map_message,
         ))
         .start()
+        .expect("unique subscriber names")
 }
 
 /// Every message's command takes effect once, however often it arrives:

@@ -142,7 +142,7 @@ where
             .partition(index, COUNT),
         );
     }
-    let worker = worker.start();
+    let worker = worker.start().expect("unique subscriber names");
     let names: Vec<String> = worker.status().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["ext#0of4", "ext#1of4", "ext#2of4", "ext#3of4"]);
     append_accounts(&store, 400, 200, 2, 13).await;
@@ -232,7 +232,7 @@ where
     for index in 0..COUNT {
         worker = worker.add_subscriber(runner("p", 1, Some((index, COUNT))));
     }
-    let worker = worker.start();
+    let worker = worker.start().expect("unique subscriber names");
     let head = append_accounts(&store, 300, 100, 2, 11).await;
     all_live(&worker, "bal", head).await;
     worker.shutdown().await;

@@ -9,7 +9,7 @@
 //! Runs when `AFTERMATH_PG_URL` is set; prints SKIPPED otherwise.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aftermath::projection::ReadModelDb;
 use aftermath::subscription::Partition;
@@ -136,7 +136,6 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
         },
     ));
     a.kill();
-    let killed = Instant::now();
     let at_kill = [
         rt.block_on(checkpoint(&store, 0)),
         rt.block_on(checkpoint(&store, 1)),
@@ -147,18 +146,15 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
         "a finished a partition before it was killed: {at_kill:?} (head {head_at_kill})"
     );
 
-    // b takes over a's partitions once their leases expire.
+    // b takes over a's partitions: at once, since a's presence session
+    // ended with its process (`fencing::restart_after_sigkill_*` asserts
+    // it against a long TTL).
     for index in [0, 1] {
         let k = key(index);
         b.expect_line(&format!("{k} taken over"), ttl * 6, |l| {
             l == format!("STATE {k} CatchingUp") || l == format!("STATE {k} Live")
         });
     }
-    let took = killed.elapsed();
-    assert!(
-        took >= ttl / 3,
-        "b took over {took:?} after the kill, before a's leases (ttl {ttl:?}) could expire"
-    );
     let head = rt.block_on(more).unwrap();
     let head = head.max(rt.block_on(append_accounts(&store, 4000, 200, 4, 16)));
     let mut live: HashMap<String, bool> = (0..COUNT).map(|i| (key(i), false)).collect();

@@ -61,11 +61,22 @@ async fn log(store: &PostgresStore) -> Vec<StoredEvent> {
         .expect("read $all")
 }
 
+/// A lease holder whose instance id is its owner name: the same name is
+/// the same instance (re-acquires keep the token), another name another.
+fn holder(name: &str) -> aftermath::subscription::Holder {
+    aftermath::subscription::Holder {
+        owner: name.to_owned(),
+        instance: name.to_owned(),
+    }
+}
+
 fn commit(name: &str, position: u64, lease: Option<&Lease>) -> Commit {
     Commit {
         projection: name.to_owned(),
         version: 1,
         position: Position(position),
+        expected: None,
+        layout: None,
         lease: lease.cloned(),
         skipped: None,
     }
@@ -300,17 +311,32 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
     let (guard, store) = fresh_or_skip!("stale_owner_fenced_write_fails_with_lease_lost");
     let marks = format!("\"{}\".marks", guard.schema);
     let ttl = Duration::from_millis(400);
-    let a = store.acquire("bal", "a", ttl).await.unwrap().expect("free");
+    let a = store
+        .acquire("bal", &holder("a"), ttl)
+        .await
+        .unwrap()
+        .expect("free");
     assert_eq!(a.token, 1);
     let left = a.expires_at - chrono::Utc::now();
     assert!(
         left > chrono::Duration::milliseconds(200) && left < chrono::Duration::seconds(5),
         "expires in {left}"
     );
-    assert!(store.acquire("bal", "b", ttl).await.unwrap().is_none());
+    assert!(
+        store
+            .acquire("bal", &holder("b"), ttl)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // Same owner again: the same token.
     assert_eq!(
-        store.acquire("bal", "a", ttl).await.unwrap().unwrap().token,
+        store
+            .acquire("bal", &holder("a"), ttl)
+            .await
+            .unwrap()
+            .unwrap()
+            .token,
         1
     );
     let sql = format!("CREATE TABLE {marks} (who text)");
@@ -328,13 +354,13 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
         .await
         .unwrap()
         .unwrap();
-    CheckpointStore::save(&store, "ext", Position(5), Some(&a))
+    CheckpointStore::save(&store, "ext", None, Position(5), Some(&a))
         .await
         .unwrap();
 
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let b = store
-        .acquire("bal", "b", ttl)
+        .acquire("bal", &holder("b"), ttl)
         .await
         .unwrap()
         .expect("expired");
@@ -357,7 +383,7 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
         other => panic!("expected LeaseLost, got {other:?}"),
     }
     assert!(matches!(
-        CheckpointStore::save(&store, "ext", Position(9), Some(&a)).await,
+        CheckpointStore::save(&store, "ext", None, Position(9), Some(&a)).await,
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
@@ -390,7 +416,13 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
     assert_eq!(count, 0, "the stale owner's read-model write rolled back");
     // a releasing its stale lease does not free b's.
     store.release(&a).await.unwrap();
-    assert!(store.acquire("bal", "c", ttl).await.unwrap().is_none());
+    assert!(
+        store
+            .acquire("bal", &holder("c"), ttl)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let b = store.renew(&b, ttl).await.unwrap();
     let work: TxWork<PostgresStore, ()> =
         tx_work::<PostgresStore, _, _>(|_| Box::pin(async { Ok(()) }));
@@ -399,13 +431,13 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
         .await
         .unwrap()
         .unwrap();
-    CheckpointStore::save(&store, "ext", Position(9), Some(&b))
+    CheckpointStore::save(&store, "ext", None, Position(9), Some(&b))
         .await
         .unwrap();
     assert_eq!(state(&store, "bal").await.unwrap().position, Position(9));
     store.release(&b).await.unwrap();
     let c = store
-        .acquire("bal", "c", ttl)
+        .acquire("bal", &holder("c"), ttl)
         .await
         .unwrap()
         .expect("released");
@@ -422,7 +454,11 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
 async fn fence_is_checked_atomically_with_the_commit() {
     let (guard, store) = fresh_or_skip!("fence_is_checked_atomically_with_the_commit");
     let ttl = Duration::from_millis(300);
-    let a = store.acquire("bal", "a", ttl).await.unwrap().unwrap();
+    let a = store
+        .acquire("bal", &holder("a"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
     let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
     let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
     let sql = format!("CREATE TABLE \"{}\".during (x int)", guard.schema);
@@ -445,7 +481,7 @@ async fn fence_is_checked_atomically_with_the_commit() {
     started.await.unwrap();
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let b = store
-        .acquire("bal", "b", ttl)
+        .acquire("bal", &holder("b"), ttl)
         .await
         .unwrap()
         .expect("expired");
@@ -479,7 +515,7 @@ async fn fence_is_checked_atomically_with_the_commit() {
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let takeover = {
         let store = store.clone();
-        tokio::spawn(async move { store.acquire("bal", "c", ttl).await })
+        tokio::spawn(async move { store.acquire("bal", &holder("c"), ttl).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -505,7 +541,7 @@ async fn checkpoints_hold_any_position() {
         u64::MAX - 1,
         u64::MAX,
     ] {
-        CheckpointStore::save(&store, "x", Position(p), None)
+        CheckpointStore::save(&store, "x", None, Position(p), None)
             .await
             .unwrap();
         assert_eq!(
@@ -537,6 +573,7 @@ async fn workers_hand_over_through_leases() {
                 .options(options(50)),
             )
             .start()
+            .expect("unique subscriber names")
     };
     let a = worker("a");
     until("a live", WAIT, || {
@@ -588,7 +625,8 @@ async fn external_projection_checkpoints_in_postgres() {
         .add_subscriber(
             ExternalRunner::new(seen.clone(), store.clone(), store.clone()).options(options(16)),
         )
-        .start();
+        .start()
+        .expect("unique subscriber names");
     until("all seen", WAIT, || {
         (seen.0.lock().unwrap().len() == 40).then_some(())
     })
@@ -604,7 +642,8 @@ async fn external_projection_checkpoints_in_postgres() {
         .add_subscriber(
             ExternalRunner::new(again.clone(), store.clone(), store.clone()).options(options(16)),
         )
-        .start();
+        .start()
+        .expect("unique subscriber names");
     until("new events seen", WAIT, || {
         (again.0.lock().unwrap().len() == 5).then_some(())
     })

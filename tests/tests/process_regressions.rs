@@ -416,7 +416,8 @@ async fn a_clock_jump_wakes_a_live_runner() {
     );
     let worker = aftermath::worker::Worker::new()
         .add_subscriber(runner)
-        .start();
+        .start()
+        .expect("unique subscriber names");
     store
         .append(
             "timer-in",

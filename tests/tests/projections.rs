@@ -167,7 +167,10 @@ async fn live_delivery_is_woken_by_watch_head() {
     let head = append_accounts(&store, 0, 10, 5, 2).await;
     let runner = ProjectionRunner::new(Balances::new("bal", "live"), store.clone(), store.clone())
         .options(options(100).poll_interval(Duration::from_secs(3600)));
-    let worker = Worker::new().add_subscriber(runner).start();
+    let worker = Worker::new()
+        .add_subscriber(runner)
+        .start()
+        .expect("unique subscriber names");
     live_at(&worker, "bal", head).await;
     for round in 0..3u64 {
         let head = append_accounts(&store, 10 + round, 1, 1, 2).await;
@@ -394,11 +397,22 @@ async fn catch_up_reader_pages_and_through() {
 // 3. Leases and fencing (unit level).
 // ---------------------------------------------------------------------------
 
+/// A lease holder whose instance id is its owner name: the same name is
+/// the same instance (re-acquires keep the token), another name another.
+fn holder(name: &str) -> aftermath::subscription::Holder {
+    aftermath::subscription::Holder {
+        owner: name.to_owned(),
+        instance: name.to_owned(),
+    }
+}
+
 fn commit(name: &str, position: u64, lease: Option<&Lease>) -> Commit {
     Commit {
         projection: name.to_owned(),
         version: 1,
         position: Position(position),
+        expected: None,
+        layout: None,
         lease: lease.cloned(),
         skipped: None,
     }
@@ -411,10 +425,18 @@ fn commit(name: &str, position: u64, lease: Option<&Lease>) -> Commit {
 async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
     let (_dir, store) = sqlite().await;
     let ttl = Duration::from_millis(300);
-    let a = store.acquire("bal", "a", ttl).await.unwrap().expect("free");
+    let a = store
+        .acquire("bal", &holder("a"), ttl)
+        .await
+        .unwrap()
+        .expect("free");
     assert_eq!(a.token, 1);
     assert!(
-        store.acquire("bal", "b", ttl).await.unwrap().is_none(),
+        store
+            .acquire("bal", &holder("b"), ttl)
+            .await
+            .unwrap()
+            .is_none(),
         "held by a"
     );
     // a's fenced writes work while it holds the lease.
@@ -429,13 +451,13 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
         .await
         .unwrap()
         .unwrap();
-    CheckpointStore::save(&store, "ext", Position(5), Some(&a))
+    CheckpointStore::save(&store, "ext", None, Position(5), Some(&a))
         .await
         .unwrap();
 
     tokio::time::sleep(ttl + Duration::from_millis(50)).await;
     let b = store
-        .acquire("bal", "b", ttl)
+        .acquire("bal", &holder("b"), ttl)
         .await
         .unwrap()
         .expect("expired");
@@ -454,7 +476,7 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
         other => panic!("expected LeaseLost, got {other:?}"),
     }
     assert!(matches!(
-        CheckpointStore::save(&store, "ext", Position(9), Some(&a)).await,
+        CheckpointStore::save(&store, "ext", None, Position(9), Some(&a)).await,
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
@@ -485,7 +507,13 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
     assert_eq!(marks, 0);
     // a releasing its stale lease does not free b's.
     store.release(&a).await.unwrap();
-    assert!(store.acquire("bal", "c", ttl).await.unwrap().is_none());
+    assert!(
+        store
+            .acquire("bal", &holder("c"), ttl)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // b's writes go through.
     let work: TxWork<SqliteStore, ()> =
         tx_work::<SqliteStore, _, _>(|_| Box::pin(async { Ok(()) }));
@@ -494,14 +522,14 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
         .await
         .unwrap()
         .unwrap();
-    CheckpointStore::save(&store, "ext", Position(9), Some(&b))
+    CheckpointStore::save(&store, "ext", None, Position(9), Some(&b))
         .await
         .unwrap();
     assert_eq!(state(&store, "bal").await.unwrap().position, Position(9));
     // Released, the lease is free at once for the next owner.
     store.release(&b).await.unwrap();
     let c = store
-        .acquire("bal", "c", ttl)
+        .acquire("bal", &holder("c"), ttl)
         .await
         .unwrap()
         .expect("released");
@@ -514,24 +542,30 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_memory() {
     let checkpoints = MemoryCheckpoints::fenced_by(leases.clone());
     let ttl = Duration::from_millis(100);
     let a = leases
-        .acquire("ext", "a", ttl)
+        .acquire("ext", &holder("a"), ttl)
         .await
         .unwrap()
         .expect("free");
-    assert!(leases.acquire("ext", "b", ttl).await.unwrap().is_none());
+    assert!(
+        leases
+            .acquire("ext", &holder("b"), ttl)
+            .await
+            .unwrap()
+            .is_none()
+    );
     checkpoints
-        .save("ext", Position(3), Some(&a))
+        .save("ext", None, Position(3), Some(&a))
         .await
         .unwrap();
     tokio::time::sleep(ttl + Duration::from_millis(20)).await;
     let b = leases
-        .acquire("ext", "b", ttl)
+        .acquire("ext", &holder("b"), ttl)
         .await
         .unwrap()
         .expect("expired");
     assert_eq!(b.token, a.token + 1);
     assert!(matches!(
-        checkpoints.save("ext", Position(7), Some(&a)).await,
+        checkpoints.save("ext", None, Position(7), Some(&a)).await,
         Err(StoreError::LeaseLost { .. })
     ));
     assert!(matches!(
@@ -540,7 +574,7 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_memory() {
     ));
     assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(3)));
     checkpoints
-        .save("ext", Position(7), Some(&b))
+        .save("ext", None, Position(7), Some(&b))
         .await
         .unwrap();
     assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(7)));
@@ -617,7 +651,8 @@ async fn version_bump_rebuilds_on_start() {
         .add_subscriber(
             ProjectionRunner::new(v2, store.clone(), store.clone()).options(options(64)),
         )
-        .start();
+        .start()
+        .expect("unique subscriber names");
     live_at(&worker, "bal", head).await;
     worker.shutdown().await;
     assert_eq!(resets.load(Ordering::SeqCst), 1);
@@ -890,7 +925,10 @@ async fn panicking_handler_is_an_event_failure() {
             panic!("subscriber bug");
         }
     }
-    let worker = Worker::new().add_subscriber(Panics).start();
+    let worker = Worker::new()
+        .add_subscriber(Panics)
+        .start()
+        .expect("unique subscriber names");
     let error = until("`panics` stopped", WAIT, || {
         match status(&worker, "panics").state {
             SubscriberState::Stopped(Some(error)) => Some(error),
@@ -915,7 +953,8 @@ async fn worker_failing_subscriber_stops_alone() {
     let worker = Worker::new()
         .add_subscriber(broken)
         .add_subscriber(healthy)
-        .start();
+        .start()
+        .expect("unique subscriber names");
     let error = until("`broken` stopped", WAIT, || {
         match status(&worker, "broken").state {
             SubscriberState::Stopped(Some(error)) => Some(error),
@@ -964,7 +1003,8 @@ async fn transient_store_failure_is_retried_with_backoff() {
             max: Duration::from_millis(100),
         })
         .add_subscriber(runner)
-        .start();
+        .start()
+        .expect("unique subscriber names");
     live_at(&worker, "bal", head).await;
 
     let lock = rusqlite::Connection::open(&rm_path).unwrap();
@@ -1030,7 +1070,8 @@ async fn worker_status_reports_catching_up_live_and_lag() {
         .add_subscriber(
             ProjectionRunner::new(slow, store.clone(), store.clone()).options(options(50)),
         )
-        .start();
+        .start()
+        .expect("unique subscriber names");
     let mut samples = Vec::new();
     let done = until("caught up", Duration::from_secs(30), || {
         let s = status(&worker, "bal");
@@ -1074,7 +1115,8 @@ async fn graceful_shutdown_finishes_in_flight_batch() {
         .add_subscriber(
             ProjectionRunner::new(slow, store.clone(), store.clone()).options(options(100)),
         )
-        .start();
+        .start()
+        .expect("unique subscriber names");
     // Shut down in the middle of the second batch.
     until("second batch in flight", WAIT, || {
         (calls.load(Ordering::SeqCst) >= 150).then_some(())
@@ -1142,7 +1184,8 @@ async fn finished_subscribers_and_dropped_workers_stop() {
             runs: waiting.clone(),
             wait_for_stop: true,
         })
-        .start();
+        .start()
+        .expect("unique subscriber names");
     until("`once` stopped", WAIT, || {
         (status(&worker, "once").state == SubscriberState::Stopped(None)).then_some(())
     })
@@ -1468,7 +1511,10 @@ async fn external_runner_in_worker_reports_live_lag() {
     let recorder = Recorder::new(None);
     let runner = ExternalRunner::new(recorder.clone(), store.clone(), MemoryCheckpoints::new())
         .options(options(100).poll_interval(Duration::from_secs(3600)));
-    let worker = Worker::new().add_subscriber(runner).start();
+    let worker = Worker::new()
+        .add_subscriber(runner)
+        .start()
+        .expect("unique subscriber names");
     let head = append_accounts(&store, 0, 10, 5, 2).await;
     live_at(&worker, "ext", head).await;
     let head = append_accounts(&store, 10, 5, 5, 2).await;
@@ -1504,6 +1550,7 @@ async fn graceful_shutdown_keeps_the_lease_until_the_batch_is_done() {
                     .checkpoints_every(policy),
             )
             .start()
+            .expect("unique subscriber names")
     };
     let a = worker("a", &recorder_a);
     seen_len(&recorder_a, 1).await;
@@ -1539,7 +1586,10 @@ async fn memory_store_projection_catch_up_and_live() {
     let head = append_accounts(&store, 0, 700, 7, 5).await;
     let runner = ProjectionRunner::new(Balances::new("bal", "m"), store.clone(), db.clone())
         .options(options(64).poll_interval(Duration::from_secs(3600)));
-    let worker = Worker::new().add_subscriber(runner).start();
+    let worker = Worker::new()
+        .add_subscriber(runner)
+        .start()
+        .expect("unique subscriber names");
     live_at(&worker, "bal", head).await;
     let head = append_accounts(&store, 700, 3, 1, 5).await;
     applied_through(&db, "bal", head).await;
@@ -1566,14 +1616,16 @@ async fn memory_leases_one_active_worker_and_failover() {
         .owner("a")
         .with_leases(leases.clone(), ttl)
         .add_subscriber(runner(&recorder_a))
-        .start();
+        .start()
+        .expect("unique subscriber names");
     let head = append_accounts(&store, 0, 50, 5, 2).await;
     live_at(&a, "ext", head).await;
     let b = Worker::new()
         .owner("b")
         .with_leases(leases.clone(), ttl)
         .add_subscriber(runner(&recorder_b))
-        .start();
+        .start()
+        .expect("unique subscriber names");
     until("`b` standing by", WAIT, || {
         (status(&b, "ext").state == SubscriberState::Standby).then_some(())
     })

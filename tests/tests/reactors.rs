@@ -655,7 +655,7 @@ where
     assert!(store.held(NAME).await.unwrap().is_empty());
 
     // A reset checkpoint does not bring it back.
-    CheckpointStore::save(&store, NAME, Position::ORIGIN, None)
+    CheckpointStore::save(&store, NAME, None, Position::ORIGIN, None)
         .await
         .unwrap();
     runner.catch_up().await.unwrap();
@@ -833,7 +833,7 @@ where
     assert_eq!(calls, 30);
     for _ in 0..2 {
         checkpoints
-            .save(NAME, Position::ORIGIN, None)
+            .save(NAME, None, Position::ORIGIN, None)
             .await
             .unwrap();
         runner.catch_up().await.unwrap();
@@ -1113,6 +1113,7 @@ async fn worker_graceful_shutdown_mid_stream() {
                 options().concurrency(4).batch_size(50),
             ))
             .start()
+            .expect("unique subscriber names")
     };
 
     let worker = start();
@@ -1169,7 +1170,8 @@ async fn worker_picks_up_operator_retry() {
     service.fail_key(&key(&poison));
     let worker = Worker::new()
         .add_subscriber(notifier_runner(&store, &service, options()))
-        .start();
+        .start()
+        .expect("unique subscriber names");
     eventually("the poison parked", WAIT, || async {
         (store.parked(Some(NAME)).await.unwrap().len() == 1 && service.applied_counts().len() == 8)
             .then_some(())
@@ -1361,7 +1363,8 @@ async fn shutdown_during_backoff_resumes_attempts() {
     let slow = options().retry_delay(Duration::from_secs(5), Duration::from_secs(10));
     let worker = Worker::new()
         .add_subscriber(notifier_runner(&store, &service, slow))
-        .start();
+        .start()
+        .expect("unique subscriber names");
     eventually("the first attempt failed", WAIT, || async {
         (service.calls() == 1 && state(&store, &events[0]).await == EffectState::Failed)
             .then_some(())
@@ -1387,7 +1390,8 @@ async fn shutdown_during_backoff_resumes_attempts() {
 
     let worker = Worker::new()
         .add_subscriber(notifier_runner(&store, &service, options()))
-        .start();
+        .start()
+        .expect("unique subscriber names");
     until("the effect applied", WAIT, || {
         (service.applied(&key(&events[0])) == 1).then_some(())
     })

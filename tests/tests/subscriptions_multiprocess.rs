@@ -4,7 +4,7 @@
 //! projection killed at random moments.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aftermath::projection::{ProjectionOptions, ProjectionRunner, ReadModelDb};
 use aftermath::worker::{SubscriberState, Worker};
@@ -65,7 +65,10 @@ async fn appends_by_another_process_reach_the_subscriber() {
                     .batch_size(100)
                     .poll_interval(Duration::from_millis(50)),
             );
-    let worker = Worker::new().add_subscriber(runner).start();
+    let worker = Worker::new()
+        .add_subscriber(runner)
+        .start()
+        .expect("unique subscriber names");
     let mut appender = Helper::spawn(
         HELPER,
         "appender",
@@ -111,7 +114,7 @@ async fn appends_by_another_process_reach_the_subscriber() {
 
 /// Two worker processes run the same projection with leases: one is
 /// active, the other stands by and writes nothing. The owner is SIGKILLed;
-/// the standby takes over once the lease expires, and the read model ends
+/// the standby takes over (at once: its process is gone), and the read model ends
 /// complete with every event applied exactly once.
 #[test]
 fn lease_takeover_after_owner_is_killed() {
@@ -165,19 +168,16 @@ fn lease_takeover_after_owner_is_killed() {
     assert_eq!(lease_row(&conn, "bal"), Some(("a".to_owned(), 1)));
 
     a.kill();
-    let killed = Instant::now();
     let at_kill = rt
         .block_on(ReadModelDb::load_state(&store, "bal"))
         .unwrap()
         .unwrap()
         .position;
     assert!(at_kill < Position(3000), "a finished before it was killed");
+    // The store sees a's process gone: b takes over without waiting for
+    // the lease to expire (`fencing::restart_after_sigkill_*` asserts it
+    // with a long TTL).
     b.expect_any(&["STATE CatchingUp", "STATE Live"], ttl * 4);
-    let took = killed.elapsed();
-    assert!(
-        took >= ttl / 3,
-        "b took over {took:?} after the kill, before a's lease (ttl {ttl:?}) could expire"
-    );
     assert_eq!(lease_row(&conn, "bal"), Some(("b".to_owned(), 2)));
 
     // b is the owner now and keeps up with new appends (made by this process).

@@ -71,7 +71,8 @@ async fn main() -> Result<(), Error> {
             store.clone(),
             store.clone(),
         ))
-        .start();
+        .start()
+        .expect("unique subscriber names");
 
     let orders = Repository::<Order, _>::new(store.clone());
     let shipping = Repository::<Shipping, _>::new(store.clone());

@@ -129,7 +129,7 @@ async fn run(db: &Path) -> Result<(), Box<dyn Error>> {
         reactors.push(OUTBOX);
     }
     println!("\n== a worker runs the reactors: {}", reactors.join(", "));
-    let running = worker.start();
+    let running = worker.start().expect("unique subscriber names");
     // Three orders placed, three paid: six events, each settled by every reactor.
     wait_for("the reactors to settle every event", || async {
         let events = events(&store).await?;

@@ -276,11 +276,24 @@ where
                 return Ok(saved);
             }
             if page.through > saved {
-                self.checkpoints
-                    .save(P::NAME, page.through, ctx.lease.as_ref())
+                match self
+                    .checkpoints
+                    .save(P::NAME, Some(saved), page.through, ctx.lease.as_ref())
                     .await
-                    .map_err(|e| self.store_error(e))?;
-                saved = page.through;
+                {
+                    Ok(()) => saved = page.through,
+                    // Another runner moved it (inputs are idempotent per
+                    // instance stream): continue from what is stored.
+                    Err(StoreError::CheckpointMoved { .. }) => {
+                        saved = self
+                            .checkpoints
+                            .load(P::NAME)
+                            .await
+                            .map_err(|e| self.store_error(e))?
+                            .unwrap_or(saved);
+                    }
+                    Err(e) => return Err(self.store_error(e)),
+                }
             }
             reader.advance(page.through);
             let lag = reader.lag();

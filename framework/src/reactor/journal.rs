@@ -115,6 +115,12 @@ pub trait EffectJournal: Send + Sync + 'static {
     async fn effects_for(&self, event_ids: &[Uuid]) -> Result<Vec<Effect>, StoreError>;
 
     /// Inserts or replaces an entry, fenced by `lease` when given.
+    ///
+    /// Transitions never go backwards: `done` and `skipped` are final. A
+    /// write to an entry in either state (a late `started` or `failed` of
+    /// a stale runner, a retry racing a skip) leaves it as it is and
+    /// returns `Ok` (there is nothing to fail: the effect is settled),
+    /// checked atomically with the write on every backend.
     async fn record(&self, effect: &Effect, lease: Option<&Lease>) -> Result<(), StoreError>;
 
     /// Entries that are not finished: parked, retry-requested and blocked
@@ -220,6 +226,13 @@ impl EffectJournal for MemoryJournal {
         }
         let mut entries = self.lock();
         let key = (effect.reactor.clone(), effect.event_id);
+        // Final entries stay as they are.
+        if entries
+            .get(&key)
+            .is_some_and(|e| matches!(e.state, EffectState::Done | EffectState::Skipped))
+        {
+            return Ok(());
+        }
         // Like the SQL journals: an update keeps the entry's creation time.
         let created_at = entries
             .get(&key)

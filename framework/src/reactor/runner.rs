@@ -184,15 +184,17 @@ where
             let (through, interrupted) = if page.events.is_empty() {
                 (page.through, false)
             } else {
-                let (prefix, interrupted) = self.process_page(ctx, &page.events).await?;
+                let (prefix, interrupted) = self.process_page(ctx, saved, &page.events).await?;
                 match prefix {
                     _ if interrupted => (prefix.unwrap_or(reader.position()), true),
                     _ => (page.through, false),
                 }
             };
             if through > saved {
+                // Fenced: from the checkpoint this run saved last (a lost
+                // race fails with `CheckpointMoved`; the worker re-reads).
                 self.checkpoints
-                    .save(&name, through, ctx.lease.as_ref())
+                    .save(&name, Some(saved), through, ctx.lease.as_ref())
                     .await
                     .map_err(|e| self.store_error(e))?;
                 saved = through;
@@ -220,6 +222,7 @@ where
     async fn process_page(
         &self,
         ctx: &RunContext,
+        saved: Position,
         events: &[StoredEvent],
     ) -> Result<(Option<Position>, bool), SubscriberError> {
         let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
@@ -295,7 +298,7 @@ where
                 if let Some(p) = prefix {
                     let _ = self
                         .checkpoints
-                        .save(&self.key, p, ctx.lease.as_ref())
+                        .save(&self.key, Some(saved), p, ctx.lease.as_ref())
                         .await;
                 }
                 Err(e)

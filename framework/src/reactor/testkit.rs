@@ -350,11 +350,12 @@ impl<C: CheckpointStore> CheckpointStore for FaultyCheckpoints<C> {
     async fn save(
         &self,
         subscriber: &str,
+        expected: Option<Position>,
         position: Position,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
         self.faults.hit(Step::BeforeCheckpoint, None)?;
-        self.inner.save(subscriber, position, lease).await
+        self.inner.save(subscriber, expected, position, lease).await
     }
 }
 
@@ -872,7 +873,9 @@ impl<R: Reactor> ReactorTest<R> {
                     .await?;
                 faults.forget_done();
             }
-            checkpoints.save(&name, Position::ORIGIN, None).await?;
+            checkpoints
+                .save(&name, None, Position::ORIGIN, None)
+                .await?;
             trace.lock().unwrap_or_else(|e| e.into_inner()).phase = Phase::Redelivery;
             run.drive(&runner, self.max_restarts).await?;
         }

@@ -182,6 +182,24 @@ pub enum StoreError {
         /// The token it held.
         token: u64,
     },
+    /// A fenced checkpoint write found the checkpoint (or the layout row
+    /// guarding it) no longer where the writer started: another writer
+    /// committed in between (a second process without leases, a stale
+    /// owner, a rebuild or layout change). Nothing was written. Runners
+    /// treat it as a lost race, not a failure: they re-read the checkpoint
+    /// and continue from there.
+    #[error(
+        "checkpoint `{name}` moved: the write expected {expected}, the store holds {}",
+        found.as_deref().unwrap_or("nothing")
+    )]
+    CheckpointMoved {
+        /// The checkpoint (or layout row) name.
+        name: String,
+        /// What the writer expected to find.
+        expected: String,
+        /// What the store holds (`None`: no row).
+        found: Option<String>,
+    },
     /// The store was closed or its writer stopped.
     #[error("event store is closed: {0}")]
     Closed(String),

@@ -1,11 +1,45 @@
 //! Leases: one active owner per subscriber across processes.
 //!
-//! A lease row holds the subscriber name, the owner, a fencing token and an
-//! expiry. The owner renews it well before it expires; another process takes
-//! it over only after it expired, which increments the token. Every
-//! checkpoint write of a leased subscriber checks its token in the same
-//! transaction, so a stale owner (paused, partitioned) cannot move the
-//! checkpoint after losing the lease.
+//! A lease row holds the subscriber name, the holder (an owner name and an
+//! instance id), a fencing token and an expiry. The holder renews it well
+//! before it expires; another instance takes it over only after it expired,
+//! or at once when the store can tell that the holder is gone, which
+//! increments the token. Every checkpoint and journal write of a leased
+//! subscriber checks its token in the same transaction, so a stale holder
+//! (paused, partitioned, or a second process with the same owner name)
+//! cannot move the checkpoint after losing the lease.
+//!
+//! # Owner names and instances
+//!
+//! The owner name is for people: it says in the lease table (and in logs)
+//! which worker holds what, e.g. a host or pod name, and may be fixed
+//! across restarts. It does not fence anything. The fencing identity is the
+//! [`Holder::instance`], unique per running worker (a random id drawn when
+//! the worker is built): two processes configured with the same owner name
+//! are two instances, so at most one of them holds a lease, and the other's
+//! renewals and fenced writes fail with
+//! [`StoreError::LeaseLost`](crate::store::StoreError::LeaseLost). Only the
+//! same instance re-acquires its own lease without a takeover.
+//!
+//! # Fast takeover
+//!
+//! Where the store can tell that a holder is gone, a new instance takes its
+//! lease over at once instead of waiting for it to expire:
+//! - SQLite records the holder's OS process (pid, plus the machine's boot
+//!   id and the process's start time, so a reused pid is not mistaken for
+//!   it) and takes over when that process no longer exists. Only on Linux,
+//!   and only on the same machine (a SQLite file is local; another boot id
+//!   means another machine, which waits for the expiry).
+//! - PostgreSQL records the backend pid and start time of a presence
+//!   session: one connection per store handle (and its clones) kept open
+//!   while it holds leases. When the holder's process dies its session ends,
+//!   and an acquirer that no longer finds it in `pg_stat_activity` takes
+//!   over.
+//! - Elsewhere (memory, or when the store cannot tell), after the TTL.
+//!
+//! A wrong "gone" (the presence session dropped while its process lives)
+//! costs only a takeover: the old holder's next fenced write or renewal
+//! fails with `LeaseLost` and it stands by.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,23 +55,50 @@ use crate::store::StoreError;
 pub struct Lease {
     /// The subscriber (or partition) it is for.
     pub name: String,
-    /// Who holds it (unique per worker process).
+    /// Who holds it: the holder's owner name (for people, see
+    /// [`Holder::owner`]).
     pub owner: String,
+    /// The holder's instance id: what fences (see [`Holder::instance`]).
+    pub instance: String,
     /// Fencing token: increases every time the lease changes owner.
     pub token: u64,
     /// When it expires unless renewed.
     pub expires_at: DateTime<Utc>,
 }
 
+/// Who asks for a lease: an owner name for people and an instance id that
+/// fences (see the [module docs](self)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The owner name shown in the lease table and logs: may be fixed
+    /// (a host or pod name), and may be shared by several processes.
+    pub owner: String,
+    /// Unique per running instance: two holders with the same owner name
+    /// but different instances are different holders.
+    pub instance: String,
+}
+
+impl Holder {
+    /// A holder named `owner` with a fresh random instance id.
+    pub fn new(owner: impl Into<String>) -> Self {
+        Holder {
+            owner: owner.into(),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+}
+
 /// Storage of leases.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + 'static {
-    /// Takes the lease `name` for `owner` for `ttl` if it is free, expired,
-    /// or already `owner`'s. `None` when another owner holds it.
+    /// Takes the lease `name` for `holder` for `ttl` if it is free,
+    /// expired, held by an instance the store knows is gone, or already
+    /// this instance's. `None` when another instance holds it (also one
+    /// with the same owner name).
     async fn acquire(
         &self,
         name: &str,
-        owner: &str,
+        holder: &Holder,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError>;
 
@@ -64,7 +125,7 @@ impl MemoryLeases {
     pub fn check(&self, lease: &Lease) -> Result<(), StoreError> {
         let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         match rows.get(&lease.name) {
-            Some(row) if row.token == lease.token && row.owner == lease.owner => Ok(()),
+            Some(row) if row.token == lease.token && row.instance == lease.instance => Ok(()),
             _ => Err(StoreError::LeaseLost {
                 name: lease.name.clone(),
                 owner: lease.owner.clone(),
@@ -83,20 +144,21 @@ impl LeaseStore for MemoryLeases {
     async fn acquire(
         &self,
         name: &str,
-        owner: &str,
+        holder: &Holder,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
         let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         let now = Utc::now();
         let token = match rows.get(name) {
-            Some(row) if row.owner == owner => row.token,
+            Some(row) if row.instance == holder.instance => row.token,
             Some(row) if row.expires_at > now => return Ok(None),
             Some(row) => row.token + 1,
             None => 1,
         };
         let lease = Lease {
             name: name.to_owned(),
-            owner: owner.to_owned(),
+            owner: holder.owner.clone(),
+            instance: holder.instance.clone(),
             token,
             expires_at: expiry(ttl),
         };
@@ -119,7 +181,7 @@ impl LeaseStore for MemoryLeases {
         let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(row) = rows.get_mut(&lease.name)
             && row.token == lease.token
-            && row.owner == lease.owner
+            && row.instance == lease.instance
         {
             row.expires_at = Utc::now();
         }

@@ -29,7 +29,7 @@ pub mod lease;
 pub mod partition;
 
 pub use checkpoint::{CheckpointStore, MemoryCheckpoints, resume};
-pub use lease::{Lease, LeaseStore, MemoryLeases};
+pub use lease::{Holder, Lease, LeaseStore, MemoryLeases};
 pub use partition::{Partition, stream_hash};
 
 /// Where a subscriber without a saved checkpoint starts.

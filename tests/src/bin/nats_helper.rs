@@ -91,7 +91,7 @@ fn main() {
             }
             other => panic!("unknown mode `{other}`"),
         };
-        let running = worker.start();
+        let running = worker.start().expect("unique subscriber names");
         println!("STARTED");
         // Until stdin closes.
         let _ = tokio::task::spawn_blocking(|| {

@@ -176,7 +176,8 @@ fn main() {
             })
             .add_subscriber(saga)
             .add_subscriber(carrier)
-            .start();
+            .start()
+            .expect("unique subscriber names");
         println!("STARTED {}", worker.owner());
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::spawn(move || {

@@ -19,6 +19,9 @@
 //!     on stdin; until a line "stop" (or EOF) -> "STATE <key> <kind>" on
 //!     every change, "LIVE <key> <position>" when caught up, "STOPPED"
 //!     after shutdown
+//! sub_helper pgproject <url> <schema> <name> <tag> <batch>
+//!     PostgreSQL, no leases: catches the PgBalances projection `name`
+//!     (rows tagged `tag`) up once            -> "CAUGHT_UP <position>"
 //! ```
 
 use std::io::BufRead;
@@ -85,7 +88,7 @@ async fn pg_worker(args: &[String]) -> Result<(), StoreError> {
                     .partition(index, count),
             );
         }
-        worker.start()
+        worker.start().expect("unique subscriber names")
     };
     let others: Vec<u32> = (0..count).filter(|i| !first.contains(i)).collect();
     let mut workers: Vec<RunningWorker> = vec![worker(first)];
@@ -155,6 +158,27 @@ fn main() -> Result<(), StoreError> {
     if mode == "pgworker" {
         return runtime.block_on(pg_worker(&args));
     }
+    if mode == "pgproject" {
+        return runtime.block_on(async {
+            let url: String = arg(&args, 1, "url");
+            let schema: String = arg(&args, 2, "schema");
+            let name: String = arg(&args, 3, "name");
+            let tag: String = arg(&args, 4, "tag");
+            let batch: usize = arg(&args, 5, "batch");
+            let store = aftermath_tests::postgres::connect(&url, &schema).await;
+            let runner =
+                ProjectionRunner::new(PgBalances::new(&schema, &name, &tag), store.clone(), store)
+                    .options(ProjectionOptions::default().batch_size(batch));
+            match runner.catch_up().await {
+                Ok(position) => println!("CAUGHT_UP {position}"),
+                Err(e) => {
+                    println!("ERROR {e}");
+                    std::process::exit(2);
+                }
+            }
+            Ok(())
+        });
+    }
     let db: String = arg(&args, 1, "database path");
     runtime.block_on(async move {
         let store = SqliteStore::open(&db).await?;
@@ -201,7 +225,8 @@ fn main() -> Result<(), StoreError> {
                         max: Duration::from_millis(500),
                     })
                     .add_subscriber(runner)
-                    .start();
+                    .start()
+                    .expect("unique subscriber names");
                 let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
                 std::thread::spawn(move || {
                     for line in std::io::stdin().lock().lines() {

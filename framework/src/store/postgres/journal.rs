@@ -127,7 +127,8 @@ impl EffectJournal for PostgresStore {
         Ok(found)
     }
 
-    /// One statement: the fence check and the upsert commit together.
+    /// One statement: the fence check and the upsert commit together; a
+    /// final entry (done, skipped) is left as it is.
     async fn record(&self, effect: &Effect, lease: Option<&Lease>) -> Result<(), StoreError> {
         let query = stmt(&self.shared.statements.effects_record)
             .bind(&effect.reactor)
@@ -140,12 +141,13 @@ impl EffectJournal for PostgresStore {
             .bind(&effect.last_error)
             .bind(Timestamp(effect.created_at))
             .bind(Timestamp(effect.updated_at));
-        let done = bind_fence(query, lease)
-            .execute(self.pool())
+        let fenced: bool = bind_fence(query, lease)
+            .fetch_one(self.pool())
             .await
+            .and_then(|row| row.try_get(0))
             .map_err(db("recording an effect"))?;
         match lease {
-            Some(lease) if done.rows_affected() == 0 => Err(lease_lost(lease)),
+            Some(lease) if !fenced => Err(lease_lost(lease)),
             _ => Ok(()),
         }
     }

@@ -22,6 +22,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_unsettled_effects.sql"),
     include_str!("migrations/0005_process.sql"),
     include_str!("migrations/0006_append_horizon.sql"),
+    include_str!("migrations/0007_lease_holders.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -36,7 +36,7 @@ use crate::projection::{
     Commit, HandlerFailure, ProjectionState, ReadModelDb, SkippedEvent, TxWork,
 };
 use crate::store::StoreError;
-use crate::subscription::{CheckpointStore, Lease, LeaseStore};
+use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore};
 
 /// A projection's view of the open transaction: a connection of the store's
 /// pool inside `BEGIN`, whose writes commit together with the projection's
@@ -149,6 +149,8 @@ impl DerefMut for PgTx {
 pub(super) struct Statements {
     load_state: Arc<str>,
     save_checkpoint: Arc<str>,
+    lock_layout: Arc<str>,
+    fence_check: Arc<str>,
     record_skip: Arc<str>,
     skipped: Arc<str>,
     acquire: Arc<str>,
@@ -169,6 +171,17 @@ pub(super) struct Statements {
     pub(super) inbox_parked: Arc<str>,
     #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     pub(super) inbox_cleanup: Arc<str>,
+    /// This store handle's presence session (shared by its clones): a
+    /// connection kept out of the pool while leases are held, whose
+    /// backend pid the lease rows record (see [`PostgresStore`]'s
+    /// `LeaseStore` impl).
+    presence: tokio::sync::Mutex<Option<Presence>>,
+}
+
+/// A dedicated connection whose session stands for this process.
+struct Presence {
+    conn: PgConnection,
+    pid: i32,
 }
 
 /// The columns [`super::journal`] reads, in its order.
@@ -176,11 +189,11 @@ pub(super) const EFFECT_COLUMNS: &str = "reactor, event_id, position::text, stre
                                          state, attempts, last_error, created_at, updated_at";
 
 /// `WITH fence AS (...)`: the lease row, share-locked, when the lease named
-/// by parameters `$n`, `$n+1`, `$n+2` (name, owner, token) is current.
+/// by parameters `$n`, `$n+1`, `$n+2` (name, instance, token) is current.
 fn fence_cte(schema: &str, n: usize) -> String {
     format!(
         "WITH fence AS (SELECT 1 FROM {schema}.leases \
-         WHERE name = ${n} AND owner = ${} AND token = ${} FOR SHARE) ",
+         WHERE name = ${n} AND instance = ${} AND token = ${} FOR SHARE) ",
         n + 1,
         n + 2
     )
@@ -197,12 +210,34 @@ impl Statements {
                 "SELECT position::text, version FROM {schema}.checkpoints WHERE name = $1"
             )),
             // Fenced when $4 (the lease name) is not NULL: one statement, so
-            // the share lock is held until it commits.
+            // the share lock is held until it commits. Compare-and-set when
+            // $7 (the expected position) is not NULL: a missing row is
+            // inserted only when the origin is expected; an existing one is
+            // updated only while it holds $7 (and, when $8, version $3).
+            // ON CONFLICT locks the row and evaluates the update's WHERE on
+            // its newest committed version, so of two writers expecting the
+            // same position (also two inserting a new row at once: the
+            // second waits for the first and then takes the update path),
+            // exactly one writes.
             save_checkpoint: s(format!(
-                "{}INSERT INTO {schema}.checkpoints (name, position, version, updated_at) \
+                "{}INSERT INTO {schema}.checkpoints AS c (name, position, version, updated_at) \
                  SELECT $1, $2::numeric, $3, now() \
-                 WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM fence) {upsert_checkpoint}",
+                 WHERE ($4::text IS NULL OR EXISTS (SELECT 1 FROM fence)) \
+                   AND ($7::numeric IS NULL OR $7::numeric = 0 \
+                        OR EXISTS (SELECT 1 FROM {schema}.checkpoints WHERE name = $1)) \
+                 {upsert_checkpoint} \
+                 WHERE $7::numeric IS NULL OR (c.position = $7::numeric \
+                   AND ($8::bool IS NOT TRUE OR c.version IS NOT DISTINCT FROM $3))",
                 fence_cte(schema, 4)
+            )),
+            // The layout row a projection commit is guarded by, share-locked
+            // until the commit: a rebuild's update of it waits for commits in
+            // flight, and commits after it see the new layout.
+            lock_layout: s(format!(
+                "SELECT position::text, version FROM {schema}.checkpoints WHERE name = $1 FOR SHARE"
+            )),
+            fence_check: s(format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.leases WHERE name = $1 AND instance = $2 AND token = $3)"
             )),
             record_skip: s(format!(
                 "INSERT INTO {schema}.skipped \
@@ -217,25 +252,37 @@ impl Statements {
                  FROM {schema}.skipped WHERE $1::text IS NULL OR subscriber = $1 \
                  ORDER BY skipped_at, subscriber, position"
             )),
-            // Free, expired, or already ours: take it; a new owner bumps the
-            // token. The row lock of the update waits for fenced writes in
-            // flight (their share lock).
+            // Free, expired, ours (this instance), or its holder's presence
+            // session is gone: take it; another instance bumps the token.
+            // The row lock of the update waits for fenced writes in flight
+            // (their share lock). $5 is the acquirer's presence session.
             acquire: s(format!(
-                "INSERT INTO {schema}.leases AS l (name, owner, token, expires_at) \
-                 VALUES ($1, $2, 1, now() + $3::bigint * interval '1 microsecond') \
+                "INSERT INTO {schema}.leases AS l \
+                   (name, owner, instance, token, expires_at, holder_pid, holder_start) \
+                 VALUES ($1, $2, $4, 1, now() + $3::bigint * interval '1 microsecond', $5, \
+                   (SELECT backend_start FROM pg_stat_activity WHERE pid = $5)) \
                  ON CONFLICT (name) DO UPDATE SET \
-                   token = CASE WHEN l.owner = excluded.owner THEN l.token ELSE l.token + 1 END, \
-                   owner = excluded.owner, expires_at = excluded.expires_at \
-                 WHERE l.owner = excluded.owner OR l.expires_at <= now() \
+                   token = CASE WHEN l.instance = excluded.instance THEN l.token ELSE l.token + 1 END, \
+                   owner = excluded.owner, instance = excluded.instance, \
+                   expires_at = excluded.expires_at, holder_pid = excluded.holder_pid, \
+                   holder_start = excluded.holder_start \
+                 WHERE l.instance = excluded.instance OR l.expires_at <= now() \
+                   OR (l.holder_pid IS NOT NULL AND l.holder_start IS NOT NULL \
+                       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
+                       WHERE a.pid = l.holder_pid AND a.backend_start = l.holder_start)) \
                  RETURNING token, expires_at"
             )),
+            // Also points the row at the current presence session ($5), in
+            // case it was reconnected.
             renew: s(format!(
-                "UPDATE {schema}.leases SET expires_at = now() + $4::bigint * interval '1 microsecond' \
-                 WHERE name = $1 AND owner = $2 AND token = $3 RETURNING expires_at"
+                "UPDATE {schema}.leases SET expires_at = now() + $4::bigint * interval '1 microsecond', \
+                   holder_pid = $5, \
+                   holder_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = $5) \
+                 WHERE name = $1 AND instance = $2 AND token = $3 RETURNING expires_at"
             )),
             release: s(format!(
                 "UPDATE {schema}.leases SET expires_at = 'epoch' \
-                 WHERE name = $1 AND owner = $2 AND token = $3"
+                 WHERE name = $1 AND instance = $2 AND token = $3"
             )),
             effects_load: s(format!(
                 "SELECT {EFFECT_COLUMNS} FROM {schema}.effects \
@@ -248,16 +295,21 @@ impl Statements {
                  WHERE event_id = ANY($1) ORDER BY position, reactor COLLATE \"C\""
             )),
             // Fenced like `save_checkpoint` when $11 is not NULL; an update
-            // keeps the entry's creation time.
+            // keeps the entry's creation time, and never touches a final
+            // entry (done, skipped): ON CONFLICT evaluates that WHERE on the
+            // newest committed row, under its lock. Returns whether the
+            // fence held (a write to a final entry is not an error).
             effects_record: s(format!(
-                "{}INSERT INTO {schema}.effects (reactor, event_id, position, stream, event_type, \
-                   state, attempts, last_error, created_at, updated_at) \
+                "{}, written AS (INSERT INTO {schema}.effects AS e (reactor, event_id, position, stream, \
+                   event_type, state, attempts, last_error, created_at, updated_at) \
                  SELECT $1, $2, $3::numeric, $4, $5, $6, $7, $8, $9, $10 \
                  WHERE $11::text IS NULL OR EXISTS (SELECT 1 FROM fence) \
                  ON CONFLICT (reactor, event_id) DO UPDATE SET state = excluded.state, \
                    attempts = excluded.attempts, last_error = excluded.last_error, \
-                   updated_at = excluded.updated_at",
-                fence_cte(schema, 11)
+                   updated_at = excluded.updated_at \
+                 WHERE e.state NOT IN ('done', 'skipped') RETURNING 1) \
+                 SELECT $11::text IS NULL OR EXISTS (SELECT 1 FROM fence)",
+                fence_cte(schema, 11).trim_end()
             )),
             // Byte order of stream names (as SQLite): one stream's entries
             // are together, by position.
@@ -295,6 +347,7 @@ impl Statements {
             inbox_cleanup: s(format!(
                 "DELETE FROM {schema}.inbox_parked WHERE parked_at < $1"
             )),
+            presence: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -341,7 +394,7 @@ pub(super) fn bind_fence<'q>(
 ) -> Query<'q, Postgres, PgArguments> {
     query
         .bind(lease.map(|l| l.name.clone()))
-        .bind(lease.map(|l| l.owner.clone()))
+        .bind(lease.map(|l| l.instance.clone()))
         .bind(lease.map(token))
 }
 
@@ -350,44 +403,131 @@ impl PostgresStore {
         &self.shared.statements
     }
 
-    /// Saves a checkpoint (fenced by `lease` when given) in one statement.
+    /// Saves a checkpoint (fenced by `lease` when given, compared with
+    /// `expected` when given) in one statement.
     async fn save_checkpoint(
         &self,
         name: &str,
+        expected: Option<Position>,
         at: Position,
-        version: Option<u32>,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
         let query = stmt(&self.statements().save_checkpoint)
             .bind(name)
             .bind(position_text(at))
-            .bind(version.map(|v| v as i32));
+            .bind(None::<i32>);
         let done = bind_fence(query, lease)
+            .bind(expected.map(position_text))
+            .bind(false)
             .execute(self.pool())
             .await
             .map_err(db("saving a checkpoint"))?;
-        match lease {
-            Some(lease) if done.rows_affected() == 0 => Err(lease_lost(lease)),
-            _ => Ok(()),
+        if done.rows_affected() > 0 {
+            return Ok(());
+        }
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(db("saving a checkpoint"))?;
+        Err(self.not_saved(&mut conn, name, expected, None, lease).await)
+    }
+
+    /// Why a fenced checkpoint write wrote nothing: the lease is gone
+    /// ([`StoreError::LeaseLost`]) or the checkpoint moved
+    /// ([`StoreError::CheckpointMoved`]).
+    async fn not_saved(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        expected: Option<Position>,
+        version: Option<u32>,
+        lease: Option<&Lease>,
+    ) -> StoreError {
+        if let Some(lease) = lease {
+            let current: Result<bool, _> = stmt(&self.statements().fence_check)
+                .bind(&lease.name)
+                .bind(&lease.instance)
+                .bind(token(lease))
+                .fetch_one(&mut *conn)
+                .await
+                .and_then(|row| row.try_get(0));
+            match current {
+                Ok(true) => {}
+                Ok(false) => return lease_lost(lease),
+                Err(e) => return StoreError::database("checking a lease", e),
+            }
+        }
+        let found = match self.load_row(&mut *conn, name).await {
+            Ok(found) => found,
+            Err(e) => return e,
+        };
+        let expected = expected.unwrap_or(Position::ORIGIN);
+        StoreError::CheckpointMoved {
+            name: name.to_owned(),
+            expected: match version {
+                Some(v) => format!("position {expected} at version {v}"),
+                None => expected.to_string(),
+            },
+            found: found.map(|s| match version {
+                Some(_) => format!("position {} at version {}", s.position, s.version),
+                None => s.position.to_string(),
+            }),
         }
     }
 
-    /// The commit of a projection batch, inside its transaction: fence,
-    /// checkpoint, skip record.
+    /// The row of checkpoint `name`, read through `conn`.
+    async fn load_row(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<Option<ProjectionState>, StoreError> {
+        let row = stmt(&self.statements().load_state)
+            .bind(name)
+            .fetch_optional(conn)
+            .await
+            .map_err(db("loading a checkpoint"))?;
+        row.as_ref().map(state_from_row).transpose()
+    }
+
+    /// The commit of a projection batch, inside its transaction: layout
+    /// guard, fence, compared checkpoint, skip record.
     async fn finish(&self, tx: &mut PgTx, commit: &Commit) -> Result<(), StoreError> {
+        if let Some(guard) = &commit.layout {
+            let row = stmt(&self.statements().lock_layout)
+                .bind(&guard.key)
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db("checking a projection's layout"))?;
+            let found = row.as_ref().map(state_from_row).transpose()?;
+            // Only the layout part of the check (no expected position).
+            Commit {
+                expected: None,
+                ..commit.clone()
+            }
+            .check(None, found)?;
+        }
         // The fenced upsert share-locks the lease row until the commit.
         let query = stmt(&self.statements().save_checkpoint)
             .bind(&commit.projection)
             .bind(position_text(commit.position))
             .bind(commit.version as i32);
         let done = bind_fence(query, commit.lease.as_ref())
+            .bind(commit.expected.map(position_text))
+            .bind(true)
             .execute(tx.conn())
             .await
             .map_err(db("saving a checkpoint"))?;
-        if let Some(lease) = &commit.lease
-            && done.rows_affected() == 0
-        {
-            return Err(lease_lost(lease));
+        if done.rows_affected() == 0 {
+            return Err(self
+                .not_saved(
+                    tx.conn(),
+                    &commit.projection,
+                    commit.expected,
+                    Some(commit.version),
+                    commit.lease.as_ref(),
+                )
+                .await);
         }
         if let Some(skip) = &commit.skipped {
             stmt(&self.statements().record_skip)
@@ -404,6 +544,17 @@ impl PostgresStore {
         }
         Ok(())
     }
+}
+
+/// A checkpoint row (`position::text, version`) as a state.
+fn state_from_row(row: &PgRow) -> Result<ProjectionState, StoreError> {
+    let failed = || db("loading a checkpoint");
+    let position: String = row.try_get(0).map_err(failed())?;
+    let version: Option<i32> = row.try_get(1).map_err(failed())?;
+    Ok(ProjectionState {
+        position: parse_position(&position, "checkpoints")?,
+        version: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+    })
 }
 
 fn skipped_from_row(row: &PgRow) -> Result<SkippedEvent, StoreError> {
@@ -430,21 +581,12 @@ impl ReadModelDb for PostgresStore {
     type Tx = PgTx;
 
     async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError> {
-        let Some(row) = stmt(&self.statements().load_state)
+        let row = stmt(&self.statements().load_state)
             .bind(projection)
             .fetch_optional(self.pool())
             .await
-            .map_err(db("loading a projection's checkpoint"))?
-        else {
-            return Ok(None);
-        };
-        let failed = || db("loading a projection's checkpoint");
-        let position: String = row.try_get(0).map_err(failed())?;
-        let version: Option<i32> = row.try_get(1).map_err(failed())?;
-        Ok(Some(ProjectionState {
-            position: parse_position(&position, "checkpoints")?,
-            version: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
-        }))
+            .map_err(db("loading a projection's checkpoint"))?;
+        row.as_ref().map(state_from_row).transpose()
     }
 
     /// `BEGIN`, the work, then (if it succeeded) the fence check, checkpoint
@@ -512,31 +654,82 @@ impl CheckpointStore for PostgresStore {
             .map(|s| s.position))
     }
 
-    /// One statement: the fence check and the upsert commit together.
+    /// One statement: the fence check, the compare and the upsert commit
+    /// together.
     async fn save(
         &self,
         subscriber: &str,
+        expected: Option<Position>,
         at: Position,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
-        self.save_checkpoint(subscriber, at, None, lease).await
+        self.save_checkpoint(subscriber, expected, at, lease).await
+    }
+}
+
+impl PostgresStore {
+    /// The backend pid of this handle's presence session, opening (or
+    /// reopening) it when needed. The session stays open for as long as
+    /// the store (any clone) lives: while it exists, lease rows that name
+    /// it are held by a live process.
+    async fn presence(&self) -> Result<i32, StoreError> {
+        let mut presence = self.statements().presence.lock().await;
+        if let Some(p) = presence.as_mut() {
+            // Still alive? (A dropped connection is replaced.)
+            let alive = sqlx_core::query::query("SELECT 1")
+                .execute(&mut p.conn)
+                .await
+                .is_ok();
+            if alive {
+                return Ok(p.pid);
+            }
+            tracing::warn!(
+                pid = p.pid,
+                "the lease presence session was lost; opening another"
+            );
+            *presence = None;
+        }
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(db("opening the lease presence session"))?
+            .detach();
+        let pid: i32 = sqlx_core::query::query("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(db("opening the lease presence session"))?;
+        *presence = Some(Presence { conn, pid });
+        Ok(pid)
     }
 }
 
 /// Leases in the store's schema, timed by the database's clock: one
-/// statement each, no session state, so they work through poolers.
+/// statement each, no session state in them, so they work through poolers.
+///
+/// A row also records the holder's presence session (the backend pid and
+/// start of a connection this store handle keeps open, outside the pool):
+/// when its process dies, the session ends, and the next acquirer that does
+/// not find it in `pg_stat_activity` takes the lease over at once rather
+/// than after the TTL. The presence session needs a direct connection (a
+/// transaction-pooling proxy would not keep it); without one, takeover
+/// falls back to the TTL in effect, never to two holders: the token fences.
 #[async_trait]
 impl LeaseStore for PostgresStore {
     async fn acquire(
         &self,
         name: &str,
-        owner: &str,
+        holder: &Holder,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
+        let pid = self.presence().await?;
         let Some(row) = stmt(&self.statements().acquire)
             .bind(name)
-            .bind(owner)
+            .bind(&holder.owner)
             .bind(micros(ttl))
+            .bind(&holder.instance)
+            .bind(pid)
             .fetch_optional(self.pool())
             .await
             .map_err(db("acquiring a lease"))?
@@ -548,18 +741,21 @@ impl LeaseStore for PostgresStore {
         let Timestamp(expires_at) = row.try_get(1).map_err(failed())?;
         Ok(Some(Lease {
             name: name.to_owned(),
-            owner: owner.to_owned(),
+            owner: holder.owner.clone(),
+            instance: holder.instance.clone(),
             token: u64::try_from(token).unwrap_or(0),
             expires_at,
         }))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StoreError> {
+        let pid = self.presence().await?;
         let row = stmt(&self.statements().renew)
             .bind(&lease.name)
-            .bind(&lease.owner)
+            .bind(&lease.instance)
             .bind(token(lease))
             .bind(micros(ttl))
+            .bind(pid)
             .fetch_optional(self.pool())
             .await
             .map_err(db("renewing a lease"))?
@@ -574,7 +770,7 @@ impl LeaseStore for PostgresStore {
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         stmt(&self.statements().release)
             .bind(&lease.name)
-            .bind(&lease.owner)
+            .bind(&lease.instance)
             .bind(token(lease))
             .execute(self.pool())
             .await

@@ -153,7 +153,8 @@ impl EffectJournal for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (reactor, event_id) DO UPDATE SET state = excluded.state,
                      attempts = excluded.attempts, last_error = excluded.last_error,
-                     updated_at = excluded.updated_at",
+                     updated_at = excluded.updated_at
+                 WHERE aftermath_effects.state NOT IN ('done', 'skipped')",
             )
             .and_then(|mut s| {
                 s.execute((

@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_inbox.sql"),
     include_str!("migrations/0005_unsettled_effects.sql"),
     include_str!("migrations/0006_process.sql"),
+    include_str!("migrations/0007_lease_holders.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -14,7 +14,7 @@ use super::SqliteStore;
 use crate::event::Position;
 use crate::projection::{Commit, ProjectionState, ReadModelDb, SkippedEvent, TxWork};
 use crate::store::StoreError;
-use crate::subscription::{CheckpointStore, Lease, LeaseStore};
+use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore};
 
 /// A projection's view of the open transaction: the writer's connection,
 /// whose writes commit together with the projection's checkpoint.
@@ -75,11 +75,13 @@ pub(super) fn position(p: Position) -> i64 {
 pub(super) fn fence(conn: &Connection, lease: &Lease) -> Result<(), StoreError> {
     let current = conn
         .prepare_cached(
-            "SELECT 1 FROM aftermath_leases WHERE name = ?1 AND owner = ?2 AND token = ?3",
+            "SELECT 1 FROM aftermath_leases WHERE name = ?1 AND instance = ?2 AND token = ?3",
         )
         .and_then(|mut s| {
-            s.query_row((&lease.name, &lease.owner, lease.token as i64), |_| Ok(()))
-                .optional()
+            s.query_row((&lease.name, &lease.instance, lease.token as i64), |_| {
+                Ok(())
+            })
+            .optional()
         })
         .map_err(db("checking the lease"))?;
     match current {
@@ -90,6 +92,21 @@ pub(super) fn fence(conn: &Connection, lease: &Lease) -> Result<(), StoreError> 
             token: lease.token,
         }),
     }
+}
+
+/// The row of checkpoint `name`, if any.
+fn load_row(conn: &Connection, name: &str) -> Result<Option<ProjectionState>, StoreError> {
+    conn.prepare_cached("SELECT position, version FROM aftermath_checkpoints WHERE name = ?1")
+        .and_then(|mut s| {
+            s.query_row([name], |row| {
+                Ok(ProjectionState {
+                    position: Position(row.get::<_, i64>(0)?.max(0) as u64),
+                    version: row.get::<_, Option<u32>>(1)?.unwrap_or(0),
+                })
+            })
+            .optional()
+        })
+        .map_err(db("loading a checkpoint"))
 }
 
 fn save_checkpoint(
@@ -135,22 +152,7 @@ impl ReadModelDb for SqliteStore {
 
     async fn load_state(&self, projection: &str) -> Result<Option<ProjectionState>, StoreError> {
         let name = projection.to_owned();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT position, version FROM aftermath_checkpoints WHERE name = ?1",
-            )
-            .and_then(|mut s| {
-                s.query_row([&name], |row| {
-                    Ok(ProjectionState {
-                        position: Position(row.get::<_, i64>(0)?.max(0) as u64),
-                        version: row.get::<_, Option<u32>>(1)?.unwrap_or(0),
-                    })
-                })
-                .optional()
-            })
-            .map_err(db("loading a projection's checkpoint"))
-        })
-        .await
+        self.read(move |conn| load_row(conn, &name)).await
     }
 
     async fn transact<T: Send + 'static>(
@@ -162,6 +164,20 @@ impl ReadModelDb for SqliteStore {
             if let Some(lease) = &commit.lease {
                 fence(conn, lease)?;
             }
+            // The compare of the fenced commit: the writer is the only
+            // connection that writes, and this job holds it until the
+            // commit, so nothing moves the rows between this check and the
+            // checkpoint write below.
+            let found = if commit.expected.is_some() {
+                load_row(conn, &commit.projection)?
+            } else {
+                None
+            };
+            let found_layout = match &commit.layout {
+                Some(guard) => load_row(conn, &guard.key)?,
+                None => None,
+            };
+            commit.check(found, found_layout)?;
             conn.execute_batch("SAVEPOINT aftermath_projection")
                 .map_err(db("opening the projection's savepoint"))?;
             // The work only runs SQL on this thread's connection, so its
@@ -235,14 +251,21 @@ impl CheckpointStore for SqliteStore {
     async fn save(
         &self,
         subscriber: &str,
+        expected: Option<Position>,
         at: Position,
         lease: Option<&Lease>,
     ) -> Result<(), StoreError> {
         let name = subscriber.to_owned();
         let lease = lease.cloned();
+        // One writer job: the compare and the write cannot interleave with
+        // another write.
         self.write(move |conn| {
             if let Some(lease) = &lease {
                 fence(conn, lease)?;
+            }
+            if expected.is_some() {
+                let found = load_row(conn, &name)?.map(|s| s.position);
+                crate::subscription::checkpoint::check_expected(&name, expected, found)?;
             }
             save_checkpoint(conn, &name, at, None)
         })
@@ -254,39 +277,118 @@ fn expiry(ttl: Duration) -> i64 {
     micros(Utc::now()).saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
 }
 
+/// This machine's boot id and the start time of process `pid` (clock ticks
+/// since boot), as `<boot id>:<start>`: with the pid, names one process
+/// for as long as the machine runs (a reused pid has another start time).
+/// `None` where `/proc` does not tell (not Linux) or the process is gone.
+fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime); the command name (field 2) may hold spaces, so
+    // count from its closing parenthesis.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let start = after_name.split_whitespace().nth(19)?;
+    Some(format!("{}:{start}", boot.trim()))
+}
+
+/// This machine's boot id, if known.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|b| b.trim().to_owned())
+}
+
+/// Whether the lease holder recorded as (`pid`, `identity`) is known to be
+/// gone: it ran on this machine since its last boot, and no process with
+/// that pid and start time exists any more. `false` when it cannot be told
+/// (another machine, not Linux, an old row without a holder).
+fn holder_gone(pid: Option<i64>, identity: Option<&str>) -> bool {
+    let (Some(pid), Some(identity), Some(boot)) = (pid, identity, boot_id()) else {
+        return false;
+    };
+    let Some((recorded_boot, _)) = identity.split_once(':') else {
+        return false;
+    };
+    if recorded_boot != boot {
+        return false;
+    }
+    let Ok(pid) = u32::try_from(pid) else {
+        return false;
+    };
+    process_identity(pid).as_deref() != Some(identity)
+}
+
+/// Leases in the SQLite file. Besides the owner name and instance, a row
+/// records the holder's OS process (pid, boot id and start time): an
+/// acquirer on the same machine takes a lease over at once when that
+/// process is gone (see [`crate::subscription::lease`]).
 #[async_trait]
 impl LeaseStore for SqliteStore {
     async fn acquire(
         &self,
         name: &str,
-        owner: &str,
+        holder: &Holder,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
-        let (name, owner) = (name.to_owned(), owner.to_owned());
+        let name = name.to_owned();
+        let holder = holder.clone();
+        let pid = std::process::id();
+        let identity = process_identity(pid);
+        // One writer job in the writer's `BEGIN IMMEDIATE` transaction: the
+        // read and the write below cannot interleave with another process's.
         self.write(move |conn| {
+            let now = micros(Utc::now());
             let expires_at = expiry(ttl);
-            // Free, expired, or already ours: take it; a new owner bumps the token.
-            let token = conn
+            type Row = (String, i64, i64, Option<i64>, Option<String>);
+            let row: Option<Row> = conn
                 .prepare_cached(
-                    "INSERT INTO aftermath_leases (name, owner, token, expires_at) VALUES (?1, ?2, 1, ?3)
-                     ON CONFLICT (name) DO UPDATE SET
-                         token = CASE WHEN aftermath_leases.owner = excluded.owner
-                                      THEN aftermath_leases.token ELSE aftermath_leases.token + 1 END,
-                         owner = excluded.owner,
-                         expires_at = excluded.expires_at
-                     WHERE aftermath_leases.owner = excluded.owner OR aftermath_leases.expires_at <= ?4
-                     RETURNING token",
+                    "SELECT instance, token, expires_at, holder_pid, holder_start
+                     FROM aftermath_leases WHERE name = ?1",
                 )
                 .and_then(|mut s| {
-                    s.query_row((&name, &owner, expires_at, micros(Utc::now())), |row| {
-                        row.get::<_, i64>(0)
+                    s.query_row([&name], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                     })
                     .optional()
                 })
                 .map_err(db("acquiring a lease"))?;
-            Ok(token.map(|token| Lease {
+            let token = match row {
+                None => 1,
+                // Ours: keep the token.
+                Some((instance, token, ..)) if instance == holder.instance => token,
+                // Expired, or its holder's process is gone: take it over.
+                Some((_, token, expires, pid, identity))
+                    if expires <= now || holder_gone(pid, identity.as_deref()) =>
+                {
+                    token + 1
+                }
+                Some(_) => return Ok(None),
+            };
+            conn.prepare_cached(
+                "INSERT INTO aftermath_leases
+                     (name, owner, instance, token, expires_at, holder_pid, holder_start)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,
+                     instance = excluded.instance, token = excluded.token,
+                     expires_at = excluded.expires_at, holder_pid = excluded.holder_pid,
+                     holder_start = excluded.holder_start",
+            )
+            .and_then(|mut s| {
+                s.execute((
+                    &name,
+                    &holder.owner,
+                    &holder.instance,
+                    token,
+                    expires_at,
+                    i64::from(pid),
+                    &identity,
+                ))
+            })
+            .map_err(db("acquiring a lease"))?;
+            Ok(Some(Lease {
                 name,
-                owner,
+                owner: holder.owner,
+                instance: holder.instance,
                 token: token as u64,
                 expires_at: from_micros(expires_at),
             }))
@@ -300,9 +402,9 @@ impl LeaseStore for SqliteStore {
             let expires_at = expiry(ttl);
             let updated = conn
                 .prepare_cached(
-                    "UPDATE aftermath_leases SET expires_at = ?4 WHERE name = ?1 AND owner = ?2 AND token = ?3",
+                    "UPDATE aftermath_leases SET expires_at = ?4 WHERE name = ?1 AND instance = ?2 AND token = ?3",
                 )
-                .and_then(|mut s| s.execute((&lease.name, &lease.owner, lease.token as i64, expires_at)))
+                .and_then(|mut s| s.execute((&lease.name, &lease.instance, lease.token as i64, expires_at)))
                 .map_err(db("renewing a lease"))?;
             if updated == 0 {
                 return Err(StoreError::LeaseLost {
@@ -323,9 +425,9 @@ impl LeaseStore for SqliteStore {
         let lease = lease.clone();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE aftermath_leases SET expires_at = 0 WHERE name = ?1 AND owner = ?2 AND token = ?3",
+                "UPDATE aftermath_leases SET expires_at = 0 WHERE name = ?1 AND instance = ?2 AND token = ?3",
             )
-            .and_then(|mut s| s.execute((&lease.name, &lease.owner, lease.token as i64)))
+            .and_then(|mut s| s.execute((&lease.name, &lease.instance, lease.token as i64)))
             .map_err(db("releasing a lease"))?;
             Ok(())
         })
