@@ -107,7 +107,7 @@ pub use bus::{CommandBus, DispatchError, Dispatched};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use deadline::{Deadline, DeadlineStore, MemoryDeadlines};
 pub use input::{CommandSpec, DeadlineReached, Input, Rejection, Route};
-pub use instance::Instance;
+pub use instance::{Instance, Parking};
 pub use outputs::Outputs;
 pub use record::ProcessRecord;
 pub use runner::ProcessRunner;
@@ -162,6 +162,11 @@ pub struct ProcessOptions {
     pub dispatch_attempts: u32,
     /// First delay between dispatch attempts (doubles each time).
     pub dispatch_retry_delay: Duration,
+    /// How long one dispatch attempt may take before it counts as a
+    /// transient failure (retried with the same command id, so a target
+    /// that finished it meanwhile recognises it). A command still failing
+    /// after `dispatch_attempts` parks its instance. Default 30 s.
+    pub call_timeout: Duration,
 }
 
 impl Default for ProcessOptions {
@@ -174,6 +179,7 @@ impl Default for ProcessOptions {
             skip_misrouted: false,
             dispatch_attempts: 5,
             dispatch_retry_delay: Duration::from_millis(50),
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -212,6 +218,20 @@ impl ProcessOptions {
     /// Skip misrouted events instead of stopping.
     pub fn skip_misrouted(mut self, skip: bool) -> Self {
         self.skip_misrouted = skip;
+        self
+    }
+
+    /// How long one dispatch attempt may take (see [`ProcessOptions::call_timeout`]).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Dispatch attempts before the instance is parked (at least 1), and
+    /// the first delay between them.
+    pub fn dispatch_retries(mut self, attempts: u32, first_delay: Duration) -> Self {
+        self.dispatch_attempts = attempts.max(1);
+        self.dispatch_retry_delay = first_delay;
         self
     }
 
