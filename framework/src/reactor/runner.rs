@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::Utc;
+use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use uuid::Uuid;
@@ -16,7 +17,7 @@ use super::{
 use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::subscription::{CatchUp, CheckpointStore, Partition, resume, stopped};
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
+use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
 /// `journal`, position in `checkpoints` (for SQLite, all three can be the
@@ -44,7 +45,17 @@ struct LaneOutcome {
 enum Ran {
     Done,
     Parked,
-    Interrupted,
+    /// Failed transiently: recorded `Failed`, runs again after its backoff
+    /// (from `release_held`); the stream waits behind it meanwhile.
+    Waiting,
+}
+
+/// What `release_held` left.
+struct Release {
+    /// Shutdown interrupted it.
+    interrupted: bool,
+    /// When the earliest effect waiting out a backoff is due.
+    next_due: Option<chrono::DateTime<Utc>>,
 }
 
 impl<R, S, J, C> ReactorRunner<R, S, J, C>
@@ -167,7 +178,8 @@ where
             if ctx.stopping() {
                 return Ok(saved);
             }
-            if !self.release_held(ctx).await? {
+            let released = self.release_held(ctx).await?;
+            if released.interrupted {
                 return Ok(saved);
             }
             let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
@@ -204,11 +216,39 @@ where
             let lag = reader.lag();
             ctx.report_progress(lag);
             if caught_up {
+                // Wake for new events, or when an effect's backoff is over.
+                let wait = released.next_due.map(|due| {
+                    (due - Utc::now())
+                        .to_std()
+                        .unwrap_or(std::time::Duration::ZERO)
+                });
                 if until_caught_up {
-                    return Ok(saved);
+                    match wait {
+                        // `catch_up` includes the retries of what failed.
+                        Some(wait) => {
+                            let mut stop = ctx.shutdown.clone();
+                            tokio::select! {
+                                _ = stopped(&mut stop) => return Ok(saved),
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            continue;
+                        }
+                        None => return Ok(saved),
+                    }
                 }
-                if !reader.wait_for_more(&mut ctx.shutdown).await {
-                    return Ok(saved);
+                let mut stop = ctx.shutdown.clone();
+                tokio::select! {
+                    more = reader.wait_for_more(&mut stop) => {
+                        if !more {
+                            return Ok(saved);
+                        }
+                    }
+                    _ = async {
+                        match wait {
+                            Some(wait) => tokio::time::sleep(wait).await,
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {}
                 }
             }
         }
@@ -239,7 +279,10 @@ where
                 .filter(|e| {
                     matches!(
                         e.state,
-                        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
+                        EffectState::Parked
+                            | EffectState::RetryRequested
+                            | EffectState::Blocked
+                            | EffectState::Failed
                     )
                 })
                 .map(|e| e.stream)
@@ -314,13 +357,17 @@ where
         let mut settled = Vec::with_capacity(events.len());
         for stored in events {
             let existing = journal.get(&stored.id);
+            // A `Failed` entry waits out its backoff in `release_held`.
             if let Some(entry) = existing
-                && entry.state.is_settled()
+                && (entry.state.is_settled() || entry.state == EffectState::Failed)
             {
                 if self.options.park_policy == ParkPolicy::HoldStream
                     && matches!(
                         entry.state,
-                        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
+                        EffectState::Parked
+                            | EffectState::RetryRequested
+                            | EffectState::Blocked
+                            | EffectState::Failed
                     )
                 {
                     blocked = true;
@@ -348,15 +395,9 @@ where
             }
             match self.run_effect(ctx, stored, attempts).await? {
                 Ran::Done => settled.push(stored.id),
-                Ran::Parked => {
+                Ran::Parked | Ran::Waiting => {
                     settled.push(stored.id);
                     blocked = self.options.park_policy == ParkPolicy::HoldStream;
-                }
-                Ran::Interrupted => {
-                    return Ok(LaneOutcome {
-                        settled,
-                        interrupted: true,
-                    });
                 }
             }
         }
@@ -428,8 +469,24 @@ where
             }
         };
         let key = idempotency_key(self.name(), stored.id);
-        let mut stop = ctx.shutdown.clone();
-        loop {
+        if attempts >= self.options.max_attempts {
+            // Every attempt so far was started and none finished: the
+            // process stopped during the call each time (a crash, an abort,
+            // an OOM kill). Running it again could only loop.
+            let message = format!(
+                "gave up after {attempts} attempts: the last one(s) started and never finished \
+                 (the process stopped during the call)"
+            );
+            tracing::error!(reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, error = %message, "effect parked");
+            self.record(
+                &self.entry(stored, EffectState::Parked, attempts, Some(message)),
+                ctx,
+            )
+            .await?;
+            ctx.report(|s| s.skipped += 1);
+            return Ok(Ran::Parked);
+        }
+        {
             attempts += 1;
             self.record(
                 &self.entry(stored, EffectState::Started, attempts, None),
@@ -445,27 +502,41 @@ where
                 idempotency_key: key.clone(),
             };
             let span = tracing::info_span!("effect", reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, attempt = attempts);
-            let result =
-                tracing::Instrument::instrument(self.reactor.react(&event, &effect_ctx), span)
-                    .await;
+            let timeout = self.options.call_timeout;
+            let call = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
+                self.reactor.react(&event, &effect_ctx),
+                span,
+            ))
+            .catch_unwind();
+            // A panic is a fatal failure of this event; a hung call a
+            // transient one: neither stops the runner.
+            let result = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(ReactError::Fatal(format!(
+                    "react panicked: {}",
+                    panic_message(panic.as_ref())
+                ))),
+                Err(_) => Err(ReactError::Retry(format!(
+                    "react timed out after {timeout:?}"
+                ))),
+            };
             match result {
                 Ok(()) => {
                     self.record(&self.entry(stored, EffectState::Done, attempts, None), ctx)
                         .await?;
                     ctx.report(|s| s.handled += 1);
-                    return Ok(Ran::Done);
+                    Ok(Ran::Done)
                 }
                 Err(ReactError::Retry(message)) if attempts < self.options.max_attempts => {
                     tracing::warn!(reactor = %self.name(), event_id = %stored.id, attempts, error = %message, "effect failed; retrying");
+                    // Recorded and left: the backoff runs in `release_held`,
+                    // so it holds this stream only, never the page.
                     self.record(
                         &self.entry(stored, EffectState::Failed, attempts, Some(message)),
                         ctx,
                     )
                     .await?;
-                    tokio::select! {
-                        _ = stopped(&mut stop) => return Ok(Ran::Interrupted),
-                        _ = tokio::time::sleep(self.options.delay(attempts)) => {}
-                    }
+                    Ok(Ran::Waiting)
                 }
                 Err(error) => {
                     let message = match &error {
@@ -479,7 +550,7 @@ where
                     )
                     .await?;
                     ctx.report(|s| s.skipped += 1);
-                    return Ok(Ran::Parked);
+                    Ok(Ran::Parked)
                 }
             }
         }
@@ -488,8 +559,15 @@ where
     /// Runs what operators released (retried parked effects, then the events
     /// held behind them) and effects left started or failed by a stopped run,
     /// per stream in order. Returns false on shutdown.
-    async fn release_held(&self, ctx: &RunContext) -> Result<bool, SubscriberError> {
+    async fn release_held(&self, ctx: &RunContext) -> Result<Release, SubscriberError> {
         let held = self.held().await?;
+        let mut next_due: Option<chrono::DateTime<Utc>> = None;
+        let interrupted = |next_due| {
+            Ok(Release {
+                interrupted: true,
+                next_due,
+            })
+        };
         let mut current_stream: Option<String> = None;
         let mut stream_blocked = false;
         for entry in held {
@@ -509,7 +587,20 @@ where
                 // Under way when a run stopped (crash, failed journal write,
                 // shutdown during a backoff): run again with the same key,
                 // even if the checkpoint is already past it.
-                EffectState::Started | EffectState::Failed => true,
+                EffectState::Started => true,
+                // A failed attempt runs again once its backoff is over.
+                EffectState::Failed => {
+                    let due = entry.updated_at
+                        + chrono::Duration::from_std(self.options.delay(entry.attempts))
+                            .unwrap_or(chrono::Duration::MAX);
+                    if due > Utc::now() {
+                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                        // Later events of its stream wait behind it.
+                        stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                        continue;
+                    }
+                    true
+                }
                 EffectState::Done | EffectState::Skipped => continue,
             };
             if !runnable {
@@ -517,7 +608,7 @@ where
                 continue;
             }
             if ctx.stopping() {
-                return Ok(false);
+                return interrupted(next_due);
             }
             let Some(stored) = self
                 .store
@@ -544,10 +635,19 @@ where
             match self.run_effect(ctx, &stored, attempts).await? {
                 Ran::Done => {}
                 Ran::Parked => stream_blocked = self.options.park_policy == ParkPolicy::HoldStream,
-                Ran::Interrupted => return Ok(false),
+                Ran::Waiting => {
+                    let due = Utc::now()
+                        + chrono::Duration::from_std(self.options.delay(attempts + 1))
+                            .unwrap_or(chrono::Duration::MAX);
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                }
             }
         }
-        Ok(true)
+        Ok(Release {
+            interrupted: false,
+            next_due,
+        })
     }
 }
 
