@@ -31,6 +31,9 @@ pub struct ReactorRunner<R, S, J, C> {
     partition: Option<Partition>,
     /// The checkpoint and lease key: the name, or `<name>#<i>of<n>`.
     key: String,
+    /// Whether an effect may be waiting out a backoff (spares the journal
+    /// query while nothing failed).
+    failed_any: std::sync::atomic::AtomicBool,
 }
 
 /// How a lane (one stream's events of a page) ended.
@@ -50,13 +53,6 @@ enum Ran {
     Waiting,
 }
 
-/// What `release_held` left.
-struct Release {
-    /// Shutdown interrupted it.
-    interrupted: bool,
-    /// When the earliest effect waiting out a backoff is due.
-    next_due: Option<chrono::DateTime<Utc>>,
-}
 
 impl<R, S, J, C> ReactorRunner<R, S, J, C>
 where
@@ -76,6 +72,8 @@ where
             options: ReactorOptions::default(),
             partition: None,
             key,
+            // A previous run may have left `Failed` entries.
+            failed_any: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -178,8 +176,7 @@ where
             if ctx.stopping() {
                 return Ok(saved);
             }
-            let released = self.release_held(ctx).await?;
-            if released.interrupted {
+            if !self.release_held(ctx).await? {
                 return Ok(saved);
             }
             let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
@@ -216,8 +213,10 @@ where
             let lag = reader.lag();
             ctx.report_progress(lag);
             if caught_up {
-                // Wake for new events, or when an effect's backoff is over.
-                let wait = released.next_due.map(|due| {
+                // Wake for new events, or when an effect's backoff is over
+                // (a `Failed` entry of this page or of `release_held`).
+                let next_due = self.next_due().await?;
+                let wait = next_due.map(|due| {
                     (due - Utc::now())
                         .to_std()
                         .unwrap_or(std::time::Duration::ZERO)
@@ -359,7 +358,7 @@ where
             let existing = journal.get(&stored.id);
             // A `Failed` entry waits out its backoff in `release_held`.
             if let Some(entry) = existing
-                && (entry.state.is_settled() || entry.state == EffectState::Failed)
+                && entry.state.is_settled()
             {
                 if self.options.park_policy == ParkPolicy::HoldStream
                     && matches!(
@@ -536,6 +535,8 @@ where
                         ctx,
                     )
                     .await?;
+                    self.failed_any
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     Ok(Ran::Waiting)
                 }
                 Err(error) => {
@@ -556,18 +557,37 @@ where
         }
     }
 
+    /// When the earliest effect waiting out its backoff is due.
+    async fn next_due(&self) -> Result<Option<chrono::DateTime<Utc>>, SubscriberError> {
+        if !self.failed_any.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let due = self
+            .held()
+            .await?
+            .into_iter()
+            .filter(|e| e.state == EffectState::Failed)
+            .map(|e| self.due(&e))
+            .min();
+        if due.is_some() {
+            self.failed_any
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(due)
+    }
+
+    /// When a `Failed` entry's next attempt is due.
+    fn due(&self, entry: &Effect) -> chrono::DateTime<Utc> {
+        entry.updated_at
+            + chrono::Duration::from_std(self.options.delay(entry.attempts))
+                .unwrap_or(chrono::Duration::MAX)
+    }
+
     /// Runs what operators released (retried parked effects, then the events
     /// held behind them) and effects left started or failed by a stopped run,
     /// per stream in order. Returns false on shutdown.
-    async fn release_held(&self, ctx: &RunContext) -> Result<Release, SubscriberError> {
+    async fn release_held(&self, ctx: &RunContext) -> Result<bool, SubscriberError> {
         let held = self.held().await?;
-        let mut next_due: Option<chrono::DateTime<Utc>> = None;
-        let interrupted = |next_due| {
-            Ok(Release {
-                interrupted: true,
-                next_due,
-            })
-        };
         let mut current_stream: Option<String> = None;
         let mut stream_blocked = false;
         for entry in held {
@@ -590,11 +610,9 @@ where
                 EffectState::Started => true,
                 // A failed attempt runs again once its backoff is over.
                 EffectState::Failed => {
-                    let due = entry.updated_at
-                        + chrono::Duration::from_std(self.options.delay(entry.attempts))
-                            .unwrap_or(chrono::Duration::MAX);
-                    if due > Utc::now() {
-                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    self.failed_any
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if self.due(&entry) > Utc::now() {
                         // Later events of its stream wait behind it.
                         stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
                         continue;
@@ -608,7 +626,7 @@ where
                 continue;
             }
             if ctx.stopping() {
-                return interrupted(next_due);
+                return Ok(false);
             }
             let Some(stored) = self
                 .store
@@ -636,18 +654,11 @@ where
                 Ran::Done => {}
                 Ran::Parked => stream_blocked = self.options.park_policy == ParkPolicy::HoldStream,
                 Ran::Waiting => {
-                    let due = Utc::now()
-                        + chrono::Duration::from_std(self.options.delay(attempts + 1))
-                            .unwrap_or(chrono::Duration::MAX);
-                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
                     stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
                 }
             }
         }
-        Ok(Release {
-            interrupted: false,
-            next_due,
-        })
+        Ok(true)
     }
 }
 
