@@ -986,6 +986,34 @@ where
         .await
         .map_err(|e| self.store_error(e))?;
         let floor = Some(from_version);
+        // The parked input first: every input held after it came later.
+        let Some(parked) = passed.iter().find(|e| e.version == parked_version) else {
+            return Err(self.instance_error(
+                inst,
+                "aftermath.process.Released",
+                format!("released parking at version {parked_version} is not a `Parked` record"),
+            ));
+        };
+        let ProcessRecord::Parked { input, stop, command, .. } = parked
+            .decode_known::<ProcessRecord>()
+            .map_err(|e| self.event_error(parked, e.message))?
+            .event
+        else {
+            return Err(self.event_error(
+                parked,
+                format!("released parking at version {parked_version} is not a `Parked` record"),
+            ));
+        };
+        if let Some(input) = input
+            && !skip
+        {
+            let typed = input
+                .decode::<P::Input>(&|e| self.store.upcast(e))
+                .map_err(|m| self.event_error(parked, m))?;
+            let correlation = inst.correlation_id;
+            self.handle_input(ctx, inst, typed, input, stop, correlation, floor)
+                .await?;
+        }
         for earlier in passed {
             if inst.parked.is_some() {
                 break;
@@ -998,15 +1026,8 @@ where
                 .map_err(|e| self.event_error(&earlier, e.message))?
                 .event;
             let held = match record {
-                ProcessRecord::Parked {
-                    input: Some(input),
-                    stop,
-                    ..
-                } if earlier.version == parked_version && !skip => Some((input, stop)),
                 ProcessRecord::Held { input, stop } => Some((input, stop)),
-                ProcessRecord::CommandSent { .. }
-                    if skip && earlier.version == from_version && earlier.version < parked_version =>
-                {
+                ProcessRecord::CommandSent { .. } if skip && command == Some(earlier.id) => {
                     tracing::warn!(process = P::NAME, instance = %inst.id, command_id = %earlier.id, "parked command skipped by an operator: not dispatched");
                     None
                 }
