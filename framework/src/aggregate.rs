@@ -398,16 +398,16 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                 }]
             } else {
                 events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let event_id = match meta.command_id {
-                        Some(c) => derived_event_id(c, i),
-                        None => Uuid::now_v7(),
-                    };
-                    EventData::encode(e, event_id, metadata.clone())
-                })
-                .collect::<Result<Vec<_>, _>>()?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let event_id = match meta.command_id {
+                            Some(c) => derived_event_id(c, i),
+                            None => Uuid::now_v7(),
+                        };
+                        EventData::encode(e, event_id, metadata.clone())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
             };
             let expected = ExpectedVersion::Exact(loaded.version);
             match self.store.append(&stream, expected, data).await {

@@ -2482,7 +2482,12 @@ pub async fn deadline_never_beats_an_input_recorded_before_it_is_due<B: ProcessB
             "round {round}: the deadline beat the cancellation recorded before it was due: {recs:#?}"
         );
         assert!(
-            parts.deadlines.pending("hooked", &r).await.unwrap().is_empty(),
+            parts
+                .deadlines
+                .pending("hooked", &r)
+                .await
+                .unwrap()
+                .is_empty(),
             "round {round}"
         );
     }
@@ -2530,7 +2535,10 @@ pub async fn panicking_instance_is_parked_others_flow<B: ProcessBackend>() {
     .await;
     settle(&parts.store, &first).await;
     // The others flow.
-    assert_eq!(first.instance("good").await.unwrap().state.ticks, vec![0, 1]);
+    assert_eq!(
+        first.instance("good").await.unwrap().state.ticks,
+        vec![0, 1]
+    );
     // The culprits are parked at the panicking input, listed with the panic.
     let mut parked = first.parked().await.unwrap();
     parked.sort_by(|a, b| a.0.cmp(&b.0));
@@ -2570,9 +2578,15 @@ pub async fn panicking_instance_is_parked_others_flow<B: ProcessBackend>() {
     hooked.panic_on("bad", 1, false);
     assert!(second.retry("bad").await.unwrap());
     settle(&parts.store, &second).await;
-    assert_eq!(second.instance("bad").await.unwrap().state.ticks, vec![0, 1, 2]);
+    assert_eq!(
+        second.instance("bad").await.unwrap().state.ticks,
+        vec![0, 1, 2]
+    );
     let counter = Repository::<Counter, _>::new(parts.store.clone());
-    assert_eq!(counter.load("bad").await.unwrap().state.added, vec![0, 1, 2]);
+    assert_eq!(
+        counter.load("bad").await.unwrap().state.added,
+        vec![0, 1, 2]
+    );
 
     // Skip: the panicking input is given up, the held one runs (the
     // counter refuses 2 after 0: recorded as a rejection).
@@ -2598,7 +2612,10 @@ pub async fn panicking_instance_is_parked_others_flow<B: ProcessBackend>() {
     third.catch_up().await.unwrap();
     assert_eq!(hooked.times("lost", 1), 1);
     assert_eq!(hooked.times("bad", 1), 3);
-    assert_eq!(counter.load("bad").await.unwrap().state.added, vec![0, 1, 2]);
+    assert_eq!(
+        counter.load("bad").await.unwrap().state.added,
+        vec![0, 1, 2]
+    );
 }
 
 /// A lamp: turning it on when it is on is accepted without events.
@@ -2736,7 +2753,11 @@ impl Reactor for Touchy {
         "touchy"
     }
 
-    async fn react(&self, event: &Recorded<TallyEvent>, ctx: &EffectContext) -> Result<(), ReactError> {
+    async fn react(
+        &self,
+        event: &Recorded<TallyEvent>,
+        ctx: &EffectContext,
+    ) -> Result<(), ReactError> {
         self.calls
             .lock()
             .unwrap()
@@ -2841,7 +2862,11 @@ pub async fn reactor_failures_are_isolated<B: ProcessBackend>() {
     let panicked = state("touchy-panic", 1).await;
     assert_eq!(panicked.state, EffectState::Parked);
     assert!(
-        panicked.last_error.as_deref().unwrap().contains("boom in react"),
+        panicked
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("boom in react"),
         "{panicked:?}"
     );
     assert_eq!(state("touchy-panic", 2).await.state, EffectState::Blocked);
@@ -2885,9 +2910,27 @@ pub async fn reactor_failures_are_isolated<B: ProcessBackend>() {
     touchy
         .broken
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(parts.journal.retry("touchy", id("touchy-panic", 1)).await.unwrap());
-    assert!(parts.journal.retry("touchy", id("touchy-crash", 1)).await.unwrap());
-    assert!(parts.journal.skip("touchy", id("touchy-hang", 1)).await.unwrap());
+    assert!(
+        parts
+            .journal
+            .retry("touchy", id("touchy-panic", 1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        parts
+            .journal
+            .retry("touchy", id("touchy-crash", 1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        parts
+            .journal
+            .skip("touchy", id("touchy-hang", 1))
+            .await
+            .unwrap()
+    );
     runner().catch_up().await.unwrap();
     assert_eq!(state("touchy-panic", 1).await.state, EffectState::Done);
     assert_eq!(state("touchy-panic", 2).await.state, EffectState::Done);
@@ -2899,5 +2942,12 @@ pub async fn reactor_failures_are_isolated<B: ProcessBackend>() {
         2,
         "skipped: not called again"
     );
-    assert!(parts.journal.parked(Some("touchy")).await.unwrap().is_empty());
+    assert!(
+        parts
+            .journal
+            .parked(Some("touchy"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

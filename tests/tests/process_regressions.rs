@@ -386,7 +386,11 @@ async fn a_deadline_out_of_range_parks_the_instance_naming_the_deadline() {
     let (instance, parking) = &parked[0];
     assert_eq!(instance, "t");
     assert!(parking.input.is_some());
-    assert!(parking.error.contains("deadline `ring`"), "{}", parking.error);
+    assert!(
+        parking.error.contains("deadline `ring`"),
+        "{}",
+        parking.error
+    );
     assert!(parking.error.contains("out of range"), "{}", parking.error);
 }
 

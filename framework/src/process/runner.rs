@@ -17,8 +17,7 @@ use super::deadline::{Deadline, DeadlineStore};
 use super::input::{CommandSpec, DeadlineReached, Input, Rejection, Route};
 use super::instance::{Decision, Instance, Parking};
 use super::record::{
-    DISPATCHED_TYPES, InputRecord, ProcessRecord, check_name, control_id, instance_of,
-    rejection_id,
+    DISPATCHED_TYPES, InputRecord, ProcessRecord, check_name, control_id, instance_of, rejection_id,
 };
 use super::{ProcessManager, ProcessOptions};
 use crate::aggregate::CommandMeta;
@@ -994,7 +993,12 @@ where
                 format!("released parking at version {parked_version} is not a `Parked` record"),
             ));
         };
-        let ProcessRecord::Parked { input, stop, command, .. } = parked
+        let ProcessRecord::Parked {
+            input,
+            stop,
+            command,
+            ..
+        } = parked
             .decode_known::<ProcessRecord>()
             .map_err(|e| self.event_error(parked, e.message))?
             .event

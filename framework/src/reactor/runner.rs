@@ -53,7 +53,6 @@ enum Ran {
     Waiting,
 }
 
-
 impl<R, S, J, C> ReactorRunner<R, S, J, C>
 where
     R: Reactor,
@@ -559,7 +558,10 @@ where
 
     /// When the earliest effect waiting out its backoff is due.
     async fn next_due(&self) -> Result<Option<chrono::DateTime<Utc>>, SubscriberError> {
-        if !self.failed_any.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        if !self
+            .failed_any
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(None);
         }
         let due = self
