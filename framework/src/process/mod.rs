@@ -19,7 +19,16 @@
 //!   Each command's id is derived from (process, instance, input id, index),
 //!   so the target's idempotent append absorbs the repeat. A command the
 //!   target refuses comes back as [`Input::Rejected`], recorded like any
-//!   input, so the process can compensate. Store errors are retried.
+//!   input, so the process can compensate. Store errors and timeouts
+//!   ([`ProcessOptions::call_timeout`]) are retried. A command accepted
+//!   without events leaves a marker in the target's stream, so a resend is
+//!   recognised like one that had events (never decided again).
+//! - **Failure isolation**: a panic in `apply`/`handle` or `dispatch`, an
+//!   output error, or a permanent dispatch failure parks that instance
+//!   ([`ProcessRecord::Parked`]): its later inputs are recorded `Held`,
+//!   other instances go on. Operators list parked instances with
+//!   [`ProcessRunner::parked`] and release them with
+//!   [`ProcessRunner::retry`] or [`ProcessRunner::skip`].
 //! - **Compensation**: as steps succeed, `handle` registers the command that
 //!   undoes each ([`Outputs::register_compensation`]); on failure
 //!   [`Outputs::compensate`] sends them newest first. All of it is visible
@@ -29,9 +38,11 @@
 //!   [`Input::Deadline`] at least once (also after a restart). The stream
 //!   decides: a cancelled or replaced deadline, or one of a completed
 //!   instance, is dropped when it comes due. Tests move a [`ManualClock`].
-//!   Inputs already in the log are handled before deadlines fire; a
-//!   runner that is behind fires only deadlines due by the last event it
-//!   handled, so after an outage a cancellation waiting in the log wins.
+//!   Deadlines never beat the log: a deadline due at `t` fires only after
+//!   every input recorded before `t` is handled (the runner fires deadlines
+//!   due by its clock as read *before* the page it just handled was read;
+//!   a runner that is behind fires only deadlines due by the last event it
+//!   handled), so a cancellation recorded before the deadline wins.
 //! - **One input at a time per instance**; different instances run in
 //!   parallel (up to [`ProcessOptions::concurrency`]). A completed instance
 //!   receives nothing more.
