@@ -107,6 +107,13 @@ impl CommandMeta {
     }
 }
 
+/// The type name of the marker a command with an id leaves in its
+/// aggregate's stream when it is accepted without events (see
+/// [`Repository::execute_with`]). Skipped when the aggregate is loaded;
+/// subscribers do not receive it (they read their own event types; the
+/// `aftermath.` prefix is the framework's, do not name events with it).
+pub const COMMAND_ACCEPTED: &str = "aftermath.CommandAccepted";
+
 /// The id of event number `index` decided by command `command_id`.
 pub fn derived_event_id(command_id: Uuid, index: usize) -> Uuid {
     Uuid::new_v5(&command_id, &(index as u64).to_be_bytes())
@@ -285,6 +292,11 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             self.page
         ));
         while let Some(stored) = events.try_next().await? {
+            if stored.event_type == COMMAND_ACCEPTED {
+                // A command accepted without events: nothing to fold.
+                version = stored.version;
+                continue;
+            }
             let recorded = stored.decode_known::<A::Event>()?;
             state.apply(&recorded.event);
             version = recorded.version;
@@ -313,7 +325,11 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     /// Executes `command` on aggregate `id` with the given ids and metadata.
     ///
     /// With a command id, a command that was already executed returns its
-    /// first result (`duplicate: true`) without deciding again.
+    /// first result (`duplicate: true`) without deciding again. That holds
+    /// for a command accepted without events too: it leaves a marker event
+    /// of type [`COMMAND_ACCEPTED`] in the stream (one version; skipped by
+    /// `load`, not delivered to subscribers, which read their own types
+    /// only). Without a command id nothing is recorded.
     pub async fn execute_with(
         &self,
         id: &str,
@@ -356,7 +372,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     return Err(ExecuteError::Rejected(reason));
                 }
             };
-            if events.is_empty() {
+            if events.is_empty() && meta.command_id.is_none() {
                 return Ok(Executed {
                     state,
                     events,
@@ -366,17 +382,33 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     retries: attempt - 1,
                 });
             }
-            let data = events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let event_id = match meta.command_id {
-                        Some(c) => derived_event_id(c, i),
-                        None => Uuid::now_v7(),
-                    };
-                    EventData::encode(e, event_id, metadata.clone())
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            // A command with an id accepted without events still leaves a
+            // trace: a marker event (type `COMMAND_ACCEPTED`, the command's
+            // first derived id), appended against the version it was
+            // decided on. A resend (a process re-dispatching after a crash)
+            // finds it like it finds the events of a command that had some,
+            // and is not decided again against newer state.
+            let data = if events.is_empty() {
+                let command_id = meta.command_id.unwrap_or_else(Uuid::now_v7);
+                vec![EventData {
+                    id: derived_event_id(command_id, 0),
+                    event_type: COMMAND_ACCEPTED.to_owned(),
+                    payload: b"{}".to_vec(),
+                    metadata: metadata.clone(),
+                }]
+            } else {
+                events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let event_id = match meta.command_id {
+                            Some(c) => derived_event_id(c, i),
+                            None => Uuid::now_v7(),
+                        };
+                        EventData::encode(e, event_id, metadata.clone())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
             let expected = ExpectedVersion::Exact(loaded.version);
             match self.store.append(&stream, expected, data).await {
                 Ok(result) => {
@@ -456,6 +488,10 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                 break;
             }
             last = (event.version, event.position);
+            if event.event_type == COMMAND_ACCEPTED {
+                // Accepted without events.
+                break;
+            }
             events.push(event.decode_known::<A::Event>()?.event);
         }
         let loaded = self.load(id).await?;

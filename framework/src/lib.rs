@@ -71,7 +71,9 @@ pub mod upcast;
 pub mod worker;
 
 pub use aftermath_derive::{Event, EventUnion};
-pub use aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Loaded, Repository};
+pub use aggregate::{
+    Aggregate, COMMAND_ACCEPTED, CommandMeta, ExecuteError, Executed, Loaded, Repository,
+};
 pub use event::{
     DecodeError, EncodeError, Event, EventData, Metadata, PayloadError, Position, Recorded,
     StoredEvent,

@@ -2335,6 +2335,10 @@ macro_rules! process_tests {
             strict_start_of_existing_instance_stops_the_runner,
             misrouted_event_skipped_and_counted,
             instances_run_in_parallel_inputs_in_order,
+            deadline_never_beats_an_input_recorded_before_it_is_due,
+            panicking_instance_is_parked_others_flow,
+            noop_command_redispatched_after_a_crash_is_not_decided_again,
+            reactor_failures_are_isolated,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {
@@ -2345,4 +2349,609 @@ macro_rules! process_tests {
             }
         )*
     };
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12: deadlines never beat the log, failure isolation, recorded
+// dispatch outcomes
+// ---------------------------------------------------------------------------
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// [`Tally`] with hooks: handling `Ticked { tally, n }` first runs the hook
+/// registered for `(tally, n)` once, and panics while `(tally, n)` is in
+/// `panics`.
+#[derive(Clone, Default)]
+pub struct Hooked {
+    hooks: Arc<Mutex<HashMap<(String, u64), Hook>>>,
+    panics: Arc<Mutex<HashSet<(String, u64)>>>,
+    /// Every `handle` of a `Ticked` input: (tally, n).
+    pub handled: Arc<Mutex<Vec<(String, u64)>>>,
+}
+
+impl Hooked {
+    /// Runs `hook` (once) when `Ticked { tally, n }` is handled.
+    pub fn hook(&self, tally: &str, n: u64, hook: impl FnOnce() + Send + 'static) {
+        self.hooks
+            .lock()
+            .unwrap()
+            .insert((tally.to_owned(), n), Box::new(hook));
+    }
+
+    /// Makes handling `Ticked { tally, n }` panic (or stop panicking).
+    pub fn panic_on(&self, tally: &str, n: u64, panics: bool) {
+        let mut set = self.panics.lock().unwrap();
+        if panics {
+            set.insert((tally.to_owned(), n));
+        } else {
+            set.remove(&(tally.to_owned(), n));
+        }
+    }
+
+    /// How often `Ticked { tally, n }` was handled (including panics).
+    pub fn times(&self, tally: &str, n: u64) -> usize {
+        self.handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, m)| t == tally && *m == n)
+            .count()
+    }
+}
+
+impl ProcessManager for Hooked {
+    const NAME: &'static str = "hooked";
+    type Input = TallyEvent;
+    type State = TallyState;
+
+    fn route(&self, event: &Recorded<TallyEvent>) -> Route {
+        Tally.route(event)
+    }
+
+    fn apply(&self, state: &mut TallyState, input: &Input<TallyEvent>) {
+        Tally.apply(state, input)
+    }
+
+    fn handle(&self, state: &TallyState, input: &Input<TallyEvent>, out: &mut Outputs) {
+        if let Input::Event(e) = input
+            && let TallyEvent::Ticked { tally, n } = &e.event
+        {
+            let key = (tally.clone(), *n);
+            self.handled.lock().unwrap().push(key.clone());
+            let hook = self.hooks.lock().unwrap().remove(&key);
+            if let Some(hook) = hook {
+                hook();
+            }
+            if self.panics.lock().unwrap().contains(&key) {
+                panic!("boom: {tally} #{n}");
+            }
+        }
+        Tally.handle(state, input, out)
+    }
+}
+
+/// Issue 12, item 4. Instance `r` has a deadline due at t. While the runner
+/// is busy with a large page (many instances ticking) that it read as caught
+/// up, the cancellation of `r`'s deadline is recorded and the clock passes
+/// t. The cancellation was recorded before the deadline was due, so it
+/// wins: the deadline is never delivered. (Before the fix the cutoff was the
+/// clock after the page: the deadline fired first.) Ten rounds.
+pub async fn deadline_never_beats_an_input_recorded_before_it_is_due<B: ProcessBackend>() {
+    let parts = parts!(B, "deadline_never_beats_an_input_recorded_before_it_is_due");
+    let clock = ManualClock::at(t0());
+    let hooked = Hooked::default();
+    let runner = Arc::new(runner(
+        &parts,
+        hooked.clone(),
+        tally_bus(&parts.store),
+        &clock,
+        // One lane at a time: while the hook blocks its lane, no other lane
+        // of the runner's task holds a connection or the append lock.
+        options().batch_size(500).concurrency(1),
+    ));
+    for round in 0..10 {
+        let r = format!("r-{round}");
+        let input = format!("tally-in-{r}");
+        feed(&parts.store, &input, &[opened(&r), timer(&r, "wake", 60)]).await;
+        settle(&parts.store, &runner).await;
+        // The cancellation lands while the busy page is being handled, a
+        // moment before the deadline is due; then the clock passes it.
+        let busy = format!("busy-{round}");
+        let (store, moved, cancelled) = (parts.store.clone(), clock.clone(), r.clone());
+        hooked.hook(&busy, 0, move || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(feed(
+                    &store,
+                    &format!("tally-in-{cancelled}"),
+                    &[TallyEvent::TimerCancelled {
+                        tally: cancelled.clone(),
+                        name: "wake".into(),
+                    }],
+                ))
+            });
+            moved.advance(Duration::seconds(61));
+        });
+        let mut page = vec![opened(&busy), ticked(&busy, 0)];
+        for i in 0..40 {
+            let other = format!("{busy}-{i}");
+            page.push(opened(&other));
+            page.push(ticked(&other, 0));
+        }
+        feed(&parts.store, &format!("tally-in-{busy}"), &page).await;
+        settle(&parts.store, &runner).await;
+        assert_eq!(hooked.times(&busy, 0), 1, "round {round}: the hook ran");
+        let recs = records(&parts.store, "hooked", &r).await;
+        assert!(
+            deadlines_received(&recs).is_empty(),
+            "round {round}: the deadline beat the cancellation recorded before it was due: {recs:#?}"
+        );
+        assert!(
+            parts
+                .deadlines
+                .pending("hooked", &r)
+                .await
+                .unwrap()
+                .is_empty(),
+            "round {round}"
+        );
+    }
+}
+
+/// Issue 12, item 5. An instance whose `handle` panics is parked; the
+/// runner goes on with the other instances; the parked instance's later
+/// inputs are held; it is listed for operators with the panic's message; a
+/// restart does not run the panicking input again; an operator retry runs
+/// it and the held inputs in order (after the bug is fixed), and a skip
+/// gives it up and runs the held inputs.
+pub async fn panicking_instance_is_parked_others_flow<B: ProcessBackend>() {
+    let parts = parts!(B, "panicking_instance_is_parked_others_flow");
+    let clock = ManualClock::at(t0());
+    let hooked = Hooked::default();
+    hooked.panic_on("bad", 1, true);
+    hooked.panic_on("lost", 1, true);
+    let new_runner = || {
+        Arc::new(runner(
+            &parts,
+            hooked.clone(),
+            tally_bus(&parts.store),
+            &clock,
+            options(),
+        ))
+    };
+    let first = new_runner();
+    feed(
+        &parts.store,
+        "tally-in-1",
+        &[
+            opened("good"),
+            opened("bad"),
+            opened("lost"),
+            ticked("bad", 0),
+            ticked("lost", 0),
+            ticked("bad", 1),
+            ticked("lost", 1),
+            ticked("good", 0),
+            ticked("bad", 2),
+            ticked("lost", 2),
+            ticked("good", 1),
+        ],
+    )
+    .await;
+    settle(&parts.store, &first).await;
+    // The others flow.
+    assert_eq!(
+        first.instance("good").await.unwrap().state.ticks,
+        vec![0, 1]
+    );
+    // The culprits are parked at the panicking input, listed with the panic.
+    let mut parked = first.parked().await.unwrap();
+    parked.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        parked.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+        vec!["bad", "lost"]
+    );
+    for (instance, parking) in &parked {
+        assert!(parking.error.contains("panicked"), "{}", parking.error);
+        assert!(
+            parking.error.contains(&format!("boom: {instance} #1")),
+            "{}",
+            parking.error
+        );
+        assert_eq!(parking.held, 1, "{instance}: #2 waits behind #1");
+    }
+    let bad = first.instance("bad").await.unwrap();
+    assert_eq!(bad.state.ticks, vec![0]);
+    assert_eq!(hooked.times("bad", 1), 1);
+    assert_eq!(hooked.times("bad", 2), 0, "held, not handled");
+
+    // A restart does not run the panicking input again.
+    drop(first);
+    let second = new_runner();
+    settle(&parts.store, &second).await;
+    assert_eq!(hooked.times("bad", 1), 1);
+    assert_eq!(second.parked().await.unwrap().len(), 2);
+
+    // A retry while still broken parks it again, once.
+    assert!(second.retry("bad").await.unwrap());
+    settle(&parts.store, &second).await;
+    assert_eq!(hooked.times("bad", 1), 2);
+    assert_eq!(hooked.times("bad", 2), 0);
+    assert_eq!(second.parked().await.unwrap().len(), 2);
+
+    // Fixed: a retry runs the input, then the held one, in order.
+    hooked.panic_on("bad", 1, false);
+    assert!(second.retry("bad").await.unwrap());
+    settle(&parts.store, &second).await;
+    assert_eq!(
+        second.instance("bad").await.unwrap().state.ticks,
+        vec![0, 1, 2]
+    );
+    let counter = Repository::<Counter, _>::new(parts.store.clone());
+    assert_eq!(
+        counter.load("bad").await.unwrap().state.added,
+        vec![0, 1, 2]
+    );
+
+    // Skip: the panicking input is given up, the held one runs (the
+    // counter refuses 2 after 0: recorded as a rejection).
+    assert!(second.skip("lost").await.unwrap());
+    settle(&parts.store, &second).await;
+    let lost = second.instance("lost").await.unwrap();
+    assert_eq!(lost.state.ticks, vec![0, 2]);
+    assert_eq!(lost.state.rejections.len(), 1, "{:?}", lost.state);
+    assert_eq!(hooked.times("lost", 1), 1, "skipped, not run again");
+    assert!(second.parked().await.unwrap().is_empty());
+    assert!(!second.retry("lost").await.unwrap(), "nothing to release");
+    // Redelivered from the start: nothing runs twice.
+    let third = ProcessRunner::new(
+        hooked.clone(),
+        parts.store.clone(),
+        tally_bus(&parts.store),
+        parts.deadlines.clone(),
+        aftermath::subscription::MemoryCheckpoints::new(),
+    )
+    .clock(clock.clone())
+    .options(options());
+    third.catch_up().await.unwrap();
+    third.catch_up().await.unwrap();
+    assert_eq!(hooked.times("lost", 1), 1);
+    assert_eq!(hooked.times("bad", 1), 3);
+    assert_eq!(
+        counter.load("bad").await.unwrap().state.added,
+        vec![0, 1, 2]
+    );
+}
+
+/// A lamp: turning it on when it is on is accepted without events.
+#[derive(Debug, Default)]
+pub struct Lamp {
+    /// Whether it is on.
+    pub on: bool,
+}
+
+/// What a lamp is asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LampCommand {
+    /// Turn it on.
+    On,
+    /// Turn it off.
+    Off,
+}
+
+/// What a lamp records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+pub enum LampEvent {
+    /// Turned on.
+    #[event(name = "LampOn")]
+    On {},
+    /// Turned off.
+    #[event(name = "LampOff")]
+    Off {},
+}
+
+impl Aggregate for Lamp {
+    const CATEGORY: &'static str = "lamp";
+    type Command = LampCommand;
+    type Event = LampEvent;
+    type Error = std::convert::Infallible;
+
+    fn decide(&self, command: LampCommand) -> Result<Vec<LampEvent>, Self::Error> {
+        Ok(match command {
+            LampCommand::On if !self.on => vec![LampEvent::On {}],
+            LampCommand::Off if self.on => vec![LampEvent::Off {}],
+            _ => vec![],
+        })
+    }
+
+    fn apply(&mut self, event: &LampEvent) {
+        self.on = matches!(event, LampEvent::On {});
+    }
+}
+
+/// Turns lamp `tally` on when tally `tally` opens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lighter;
+
+impl ProcessManager for Lighter {
+    const NAME: &'static str = "lighter";
+    type Input = TallyEvent;
+    type State = ();
+
+    fn route(&self, event: &Recorded<TallyEvent>) -> Route {
+        match &event.event {
+            TallyEvent::Opened { tally } => Route::Start(tally.clone()),
+            _ => Route::Ignore,
+        }
+    }
+
+    fn apply(&self, _: &mut (), _: &Input<TallyEvent>) {}
+
+    fn handle(&self, _: &(), input: &Input<TallyEvent>, out: &mut Outputs) {
+        if let Some(TallyEvent::Opened { tally }) = input.event() {
+            out.send::<Lamp>(tally.clone(), LampCommand::On);
+        }
+    }
+}
+
+/// Issue 12, item 8. A process's command is accepted without events (the
+/// lamp is on already); the lamp is then turned off; the process runner
+/// crashes and loses its checkpoint, so it dispatches the command again.
+/// It is recognised as executed, not decided again against the newer
+/// state (which would turn the lamp on late).
+pub async fn noop_command_redispatched_after_a_crash_is_not_decided_again<B: ProcessBackend>() {
+    let parts = parts!(
+        B,
+        "noop_command_redispatched_after_a_crash_is_not_decided_again"
+    );
+    let clock = ManualClock::at(t0());
+    let lamps = Repository::<Lamp, _>::new(parts.store.clone());
+    let bus = || CommandBus::new().register(Repository::<Lamp, _>::new(parts.store.clone()));
+    lamps.execute("l-1", LampCommand::On).await.unwrap();
+    feed(&parts.store, "tally-in-1", &[opened("l-1")]).await;
+    let first = Arc::new(runner(&parts, Lighter, bus(), &clock, options()));
+    settle(&parts.store, &first).await;
+    lamps.execute("l-1", LampCommand::Off).await.unwrap();
+    // The restart after a crash that lost the checkpoint reads the command
+    // again and dispatches it (without the "fresh" hint).
+    let restarted = ProcessRunner::new(
+        Lighter,
+        parts.store.clone(),
+        bus(),
+        parts.deadlines.clone(),
+        aftermath::subscription::MemoryCheckpoints::new(),
+    )
+    .clock(clock.clone())
+    .options(options());
+    restarted.catch_up().await.unwrap();
+    restarted.catch_up().await.unwrap();
+    let types: Vec<String> = stream(&parts.store, "lamp-l-1")
+        .await
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(
+        types,
+        vec!["LampOn", aftermath::COMMAND_ACCEPTED, "LampOff"],
+        "the resent command was decided again"
+    );
+    let lamp = lamps.load("l-1").await.unwrap();
+    assert!(!lamp.state.on);
+    assert_eq!(lamp.version, 3);
+}
+
+/// A reactor for the isolation test: panics on stream `touchy-panic` and
+/// hangs on `touchy-hang` while `broken`; fails once on `touchy-slow`.
+#[derive(Clone, Default)]
+pub struct Touchy {
+    /// (stream, attempt) of every call, in order.
+    pub calls: Arc<Mutex<Vec<(String, u32)>>>,
+    /// Whether the panicking and hanging streams misbehave.
+    pub broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Reactor for Touchy {
+    type Event = TallyEvent;
+
+    fn name(&self) -> &str {
+        "touchy"
+    }
+
+    async fn react(
+        &self,
+        event: &Recorded<TallyEvent>,
+        ctx: &EffectContext,
+    ) -> Result<(), ReactError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((event.stream.clone(), ctx.attempt));
+        let broken = self.broken.load(std::sync::atomic::Ordering::SeqCst);
+        match event.stream.as_str() {
+            "touchy-panic" if broken => panic!("boom in react"),
+            "touchy-hang" if broken => std::future::pending().await,
+            "touchy-slow" if ctx.attempt == 1 => Err(ReactError::retry("busy")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Issue 12, item 5, reactors. A panicking `react` parks its event (with
+/// the panic's message) and holds its stream; a hanging one times out and
+/// is parked after its attempts; a transient failure's backoff does not
+/// hold the other streams; an effect whose attempts all started and never
+/// finished (the process died during each call) is parked on restart
+/// instead of being run again; operator retry and skip release them.
+pub async fn reactor_failures_are_isolated<B: ProcessBackend>() {
+    let parts = parts!(B, "reactor_failures_are_isolated");
+    let touchy = Touchy::default();
+    touchy
+        .broken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let runner = || {
+        ReactorRunner::new(
+            touchy.clone(),
+            parts.store.clone(),
+            parts.journal.clone(),
+            parts.checkpoints.clone(),
+        )
+        .options(
+            aftermath::reactor::ReactorOptions::default()
+                .max_attempts(2)
+                .retry_delay(StdDuration::from_millis(300), StdDuration::from_millis(300))
+                .call_timeout(StdDuration::from_millis(200))
+                .poll_interval(StdDuration::from_millis(50)),
+        )
+    };
+    feed(&parts.store, "touchy-slow", &[opened("s")]).await;
+    feed(&parts.store, "touchy-panic", &[opened("p"), ticked("p", 0)]).await;
+    feed(&parts.store, "touchy-hang", &[opened("h")]).await;
+    feed(&parts.store, "touchy-ok", &[opened("o"), ticked("o", 0)]).await;
+    let crashed = feed(&parts.store, "touchy-crash", &[opened("c")]).await[0];
+    // The process died during each of the 2 attempts of this effect.
+    let crashed_event = parts.store.find_event(crashed).await.unwrap().unwrap();
+    let now = Utc::now();
+    parts
+        .journal
+        .record(
+            &aftermath::reactor::Effect {
+                reactor: "touchy".into(),
+                event_id: crashed,
+                position: crashed_event.position,
+                stream: crashed_event.stream.clone(),
+                event_type: crashed_event.event_type.clone(),
+                state: EffectState::Started,
+                attempts: 2,
+                last_error: None,
+                created_at: now,
+                updated_at: now,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let events = all_events(&parts.store).await;
+    let id = |stream: &str, version: u64| {
+        events
+            .iter()
+            .find(|e| e.stream == stream && e.version == version)
+            .unwrap()
+            .id
+    };
+    runner().catch_up().await.expect("the runner survives");
+    let state = |stream: &'static str, version: u64| {
+        let journal = parts.journal.clone();
+        let event = id(stream, version);
+        async move {
+            let entries = journal.load("touchy", &[event]).await.unwrap();
+            entries.get(&event).cloned().expect("journaled")
+        }
+    };
+    // The others flow.
+    assert_eq!(state("touchy-ok", 1).await.state, EffectState::Done);
+    assert_eq!(state("touchy-ok", 2).await.state, EffectState::Done);
+    let slow = state("touchy-slow", 1).await;
+    assert_eq!((slow.state, slow.attempts), (EffectState::Done, 2));
+    // The backoff of touchy-slow did not hold the page: touchy-ok ran
+    // before its second attempt.
+    let calls = touchy.calls.lock().unwrap().clone();
+    let at = |stream: &str, attempt: u32| {
+        calls
+            .iter()
+            .position(|(s, a)| s == stream && *a == attempt)
+            .unwrap_or_else(|| panic!("{stream} attempt {attempt} in {calls:?}"))
+    };
+    assert!(at("touchy-ok", 1) < at("touchy-slow", 2), "{calls:?}");
+    // The culprits are parked and listed.
+    let panicked = state("touchy-panic", 1).await;
+    assert_eq!(panicked.state, EffectState::Parked);
+    assert!(
+        panicked
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("boom in react"),
+        "{panicked:?}"
+    );
+    assert_eq!(state("touchy-panic", 2).await.state, EffectState::Blocked);
+    let hung = state("touchy-hang", 1).await;
+    assert_eq!((hung.state, hung.attempts), (EffectState::Parked, 2));
+    assert!(
+        hung.last_error.as_deref().unwrap().contains("timed out"),
+        "{hung:?}"
+    );
+    let gave_up = state("touchy-crash", 1).await;
+    assert_eq!(gave_up.state, EffectState::Parked);
+    assert!(
+        !calls.iter().any(|(s, _)| s == "touchy-crash"),
+        "an effect that started {} times and never finished ran again",
+        gave_up.attempts
+    );
+    let mut listed: Vec<Uuid> = parts
+        .journal
+        .parked(Some("touchy"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    listed.sort();
+    let mut expected = vec![
+        id("touchy-panic", 1),
+        id("touchy-hang", 1),
+        id("touchy-crash", 1),
+    ];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // A restart does not run them again.
+    let before = touchy.calls.lock().unwrap().len();
+    runner().catch_up().await.unwrap();
+    assert_eq!(touchy.calls.lock().unwrap().len(), before);
+
+    // Operators: retry the panicking one (fixed) and the crashed one, skip
+    // the hanging one.
+    touchy
+        .broken
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        parts
+            .journal
+            .retry("touchy", id("touchy-panic", 1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        parts
+            .journal
+            .retry("touchy", id("touchy-crash", 1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        parts
+            .journal
+            .skip("touchy", id("touchy-hang", 1))
+            .await
+            .unwrap()
+    );
+    runner().catch_up().await.unwrap();
+    assert_eq!(state("touchy-panic", 1).await.state, EffectState::Done);
+    assert_eq!(state("touchy-panic", 2).await.state, EffectState::Done);
+    assert_eq!(state("touchy-crash", 1).await.state, EffectState::Done);
+    assert_eq!(state("touchy-hang", 1).await.state, EffectState::Skipped);
+    let calls = touchy.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().filter(|(s, _)| s == "touchy-hang").count(),
+        2,
+        "skipped: not called again"
+    );
+    assert!(
+        parts
+            .journal
+            .parked(Some("touchy"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -279,10 +279,10 @@ fn a_firing_deadline_is_no_longer_set() {
     assert!(fired.deadlines_cancelled().is_empty(), "{fired:?}");
 }
 
-// --- permanent failures stop with the place named, not retried forever ------
+// --- permanent failures park the instance with the place named, not retried forever --
 
 #[tokio::test]
-async fn unreadable_target_stream_stops_the_runner_naming_the_command() {
+async fn unreadable_target_stream_parks_the_instance_naming_the_command() {
     let store = MemoryStore::new();
     // The gate's stream holds an event its aggregate cannot decode.
     store
@@ -320,20 +320,15 @@ async fn unreadable_target_stream_stops_the_runner_naming_the_command() {
     );
     runner.catch_up().await.unwrap();
     let started = std::time::Instant::now();
-    match runner.catch_up().await {
-        Err(aftermath::worker::SubscriberError::Event {
-            stream,
-            event_type,
-            message,
-            ..
-        }) => {
-            assert_eq!(stream, "closing.process-s-1");
-            assert_eq!(event_type, "aftermath.process.CommandSent");
-            assert!(message.contains("gate-main"), "{message}");
-        }
-        other => panic!("expected an event error naming the command, got {other:?}"),
-    }
-    // Not retried with backoff: a permanent error comes back at once.
+    // The runner goes on; the instance is parked, listed with the error.
+    runner.catch_up().await.unwrap();
+    let parked = runner.parked().await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let (instance, parking) = &parked[0];
+    assert_eq!(instance, "s-1");
+    assert!(parking.command.is_some() && parking.input.is_none());
+    assert!(parking.error.contains("gate-main"), "{}", parking.error);
+    // Not retried with backoff: a permanent error parks at once.
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
 
@@ -362,7 +357,7 @@ impl ProcessManager for Timers {
 }
 
 #[tokio::test]
-async fn a_deadline_out_of_range_is_an_error_naming_the_instance() {
+async fn a_deadline_out_of_range_parks_the_instance_naming_the_deadline() {
     let store = MemoryStore::new();
     store
         .append(
@@ -385,16 +380,18 @@ async fn a_deadline_out_of_range_is_an_error_naming_the_instance() {
         MemoryDeadlines::new(),
         MemoryCheckpoints::new(),
     );
-    match runner.catch_up().await {
-        Err(aftermath::worker::SubscriberError::Event {
-            stream, message, ..
-        }) => {
-            assert_eq!(stream, "timers.process-t");
-            assert!(message.contains("deadline `ring`"), "{message}");
-            assert!(message.contains("out of range"), "{message}");
-        }
-        other => panic!("expected an event error, got {other:?}"),
-    }
+    runner.catch_up().await.unwrap();
+    let parked = runner.parked().await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let (instance, parking) = &parked[0];
+    assert_eq!(instance, "t");
+    assert!(parking.input.is_some());
+    assert!(
+        parking.error.contains("deadline `ring`"),
+        "{}",
+        parking.error
+    );
+    assert!(parking.error.contains("out of range"), "{}", parking.error);
 }
 
 #[tokio::test]

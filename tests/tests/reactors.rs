@@ -102,7 +102,7 @@ async fn all_done<J: EffectJournal>(journal: &J, events: &[StoredEvent]) {
     assert!(not_done.is_empty(), "not done: {not_done:#?}");
 }
 
-/// The checkpoint only passes settled events.
+/// The checkpoint only passes journaled events (settled, or re-run from the journal).
 async fn checkpoint_passes_settled_only<J: EffectJournal, C: CheckpointStore>(
     journal: &J,
     checkpoints: &C,
@@ -119,7 +119,9 @@ async fn checkpoint_passes_settled_only<J: EffectJournal, C: CheckpointStore>(
     for e in passed {
         let state = entries.get(&e.id).map(|x| x.state);
         assert!(
-            state.is_some_and(EffectState::is_settled),
+            // `Started`: re-run from the journal (a failed attempt waiting
+            // out its backoff, then interrupted): the journal tracks it.
+            state.is_some_and(|s| s.is_settled() || s == EffectState::Started),
             "checkpoint {checkpoint} passed {} v{} at {} whose effect is {state:?}",
             e.stream,
             e.version,
@@ -1379,14 +1381,10 @@ async fn shutdown_during_backoff_resumes_attempts() {
     );
     let failed = entry(&store, &events[0]).await;
     assert_eq!((failed.state, failed.attempts), (EffectState::Failed, 1));
+    // The checkpoint may pass the failed event: its next attempt runs
+    // from the journal, so the backoff holds neither the page nor other
+    // streams.
     checkpoint_passes_settled_only(&store, &store, &events).await;
-    assert!(
-        CheckpointStore::load(&store, NAME)
-            .await
-            .unwrap()
-            .unwrap_or(Position::ORIGIN)
-            < events[0].position
-    );
 
     let worker = Worker::new()
         .add_subscriber(notifier_runner(&store, &service, options()))

@@ -26,6 +26,10 @@ pub struct Instance<P: ProcessManager> {
     /// Whether it completed.
     pub completed: bool,
     handled: HashSet<Uuid>,
+    /// Inputs recorded `Held` (waiting for a release).
+    held: HashSet<Uuid>,
+    /// Set while the instance is parked.
+    pub parked: Option<Parking>,
     deadlines: BTreeMap<String, (Uuid, DateTime<Utc>)>,
     registered: Vec<CommandSpec>,
 }
@@ -40,10 +44,31 @@ where
             .field("state", &self.state)
             .field("version", &self.version)
             .field("completed", &self.completed)
+            .field("parked", &self.parked)
             .field("deadlines", &self.deadlines)
             .field("registered", &self.registered)
             .finish()
     }
+}
+
+/// Why and where a process instance is parked (see
+/// [`ProcessRecord::Parked`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parking {
+    /// The input that failed, if an input failed.
+    pub input: Option<InputRecord>,
+    /// Whether that input came by a stopping route.
+    pub stop: bool,
+    /// The command whose dispatch failed, if a dispatch failed.
+    pub command: Option<Uuid>,
+    /// Records from this version on are passed over until the release.
+    pub from_version: u64,
+    /// The version of the `Parked` record.
+    pub parked_version: u64,
+    /// What went wrong.
+    pub error: String,
+    /// Inputs held behind the parking, in order.
+    pub held: usize,
 }
 
 /// What handling an input amounts to.
@@ -70,6 +95,8 @@ impl<P: ProcessManager> Instance<P> {
             correlation_id: instance_uuid(P::NAME, id),
             completed: false,
             handled: HashSet::new(),
+            held: HashSet::new(),
+            parked: None,
             deadlines: BTreeMap::new(),
             registered: Vec::new(),
         }
@@ -83,6 +110,11 @@ impl<P: ProcessManager> Instance<P> {
     /// Whether the input with this id was handled.
     pub fn has_handled(&self, input_id: Uuid) -> bool {
         self.handled.contains(&input_id)
+    }
+
+    /// Whether the input with this id is recorded `Held` behind a parking.
+    pub fn is_held(&self, input_id: Uuid) -> bool {
+        self.held.contains(&input_id)
     }
 
     /// The deadlines set and not yet fired or cancelled: name -> (id, due).
@@ -124,8 +156,8 @@ impl<P: ProcessManager> Instance<P> {
             let typed = input.decode::<P::Input>(upcast)?;
             process.apply(&mut self.state, &typed);
         }
-        self.fold_meta(record);
         self.version = version;
+        self.fold_meta(record);
         Ok(())
     }
 
@@ -152,6 +184,42 @@ impl<P: ProcessManager> Instance<P> {
             ProcessRecord::Completed {} => {
                 self.completed = true;
                 self.deadlines.clear();
+            }
+            ProcessRecord::Parked {
+                input,
+                stop,
+                command,
+                from_version,
+                error,
+            } => {
+                self.parked = Some(Parking {
+                    input: input.clone(),
+                    stop: *stop,
+                    command: *command,
+                    from_version: *from_version,
+                    parked_version: self.version,
+                    error: error.clone(),
+                    held: 0,
+                })
+            }
+            ProcessRecord::Held { input, .. } => {
+                self.held.insert(input.id());
+                if let Some(p) = &mut self.parked {
+                    p.held += 1;
+                }
+            }
+            ProcessRecord::Released {
+                parked_version,
+                skip,
+                ..
+            } => {
+                if let Some(p) = self.parked.take_if(|p| p.parked_version == *parked_version)
+                    && *skip
+                    && let Some(input) = p.input
+                {
+                    // Given up: a redelivery is not handled either.
+                    self.handled.insert(input.id());
+                }
             }
         }
     }
@@ -259,7 +327,9 @@ impl<P: ProcessManager> Instance<P> {
             self.correlation_id = correlation_id;
         }
         self.state = state;
-        for r in records {
+        let first = (version + 1).saturating_sub(records.len() as u64);
+        for (i, r) in records.iter().enumerate() {
+            self.version = first + i as u64;
             self.fold_meta(r);
         }
         self.version = version;

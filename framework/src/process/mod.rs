@@ -19,7 +19,16 @@
 //!   Each command's id is derived from (process, instance, input id, index),
 //!   so the target's idempotent append absorbs the repeat. A command the
 //!   target refuses comes back as [`Input::Rejected`], recorded like any
-//!   input, so the process can compensate. Store errors are retried.
+//!   input, so the process can compensate. Store errors and timeouts
+//!   ([`ProcessOptions::call_timeout`]) are retried. A command accepted
+//!   without events leaves a marker in the target's stream, so a resend is
+//!   recognised like one that had events (never decided again).
+//! - **Failure isolation**: a panic in `apply`/`handle` or `dispatch`, an
+//!   output error, or a permanent dispatch failure parks that instance
+//!   ([`ProcessRecord::Parked`]): its later inputs are recorded `Held`,
+//!   other instances go on. Operators list parked instances with
+//!   [`ProcessRunner::parked`] and release them with
+//!   [`ProcessRunner::retry`] or [`ProcessRunner::skip`].
 //! - **Compensation**: as steps succeed, `handle` registers the command that
 //!   undoes each ([`Outputs::register_compensation`]); on failure
 //!   [`Outputs::compensate`] sends them newest first. All of it is visible
@@ -29,9 +38,11 @@
 //!   [`Input::Deadline`] at least once (also after a restart). The stream
 //!   decides: a cancelled or replaced deadline, or one of a completed
 //!   instance, is dropped when it comes due. Tests move a [`ManualClock`].
-//!   Inputs already in the log are handled before deadlines fire; a
-//!   runner that is behind fires only deadlines due by the last event it
-//!   handled, so after an outage a cancellation waiting in the log wins.
+//!   Deadlines never beat the log: a deadline due at `t` fires only after
+//!   every input recorded before `t` is handled (the runner fires deadlines
+//!   due by its clock as read *before* the page it just handled was read;
+//!   a runner that is behind fires only deadlines due by the last event it
+//!   handled), so a cancellation recorded before the deadline wins.
 //! - **One input at a time per instance**; different instances run in
 //!   parallel (up to [`ProcessOptions::concurrency`]). A completed instance
 //!   receives nothing more.
@@ -107,7 +118,7 @@ pub use bus::{CommandBus, DispatchError, Dispatched};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use deadline::{Deadline, DeadlineStore, MemoryDeadlines};
 pub use input::{CommandSpec, DeadlineReached, Input, Rejection, Route};
-pub use instance::Instance;
+pub use instance::{Instance, Parking};
 pub use outputs::Outputs;
 pub use record::ProcessRecord;
 pub use runner::ProcessRunner;
@@ -162,6 +173,11 @@ pub struct ProcessOptions {
     pub dispatch_attempts: u32,
     /// First delay between dispatch attempts (doubles each time).
     pub dispatch_retry_delay: Duration,
+    /// How long one dispatch attempt may take before it counts as a
+    /// transient failure (retried with the same command id, so a target
+    /// that finished it meanwhile recognises it). A command still failing
+    /// after `dispatch_attempts` parks its instance. Default 30 s.
+    pub call_timeout: Duration,
 }
 
 impl Default for ProcessOptions {
@@ -174,6 +190,7 @@ impl Default for ProcessOptions {
             skip_misrouted: false,
             dispatch_attempts: 5,
             dispatch_retry_delay: Duration::from_millis(50),
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -212,6 +229,20 @@ impl ProcessOptions {
     /// Skip misrouted events instead of stopping.
     pub fn skip_misrouted(mut self, skip: bool) -> Self {
         self.skip_misrouted = skip;
+        self
+    }
+
+    /// How long one dispatch attempt may take (see [`ProcessOptions::call_timeout`]).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Dispatch attempts before the instance is parked (at least 1), and
+    /// the first delay between them.
+    pub fn dispatch_retries(mut self, attempts: u32, first_delay: Duration) -> Self {
+        self.dispatch_attempts = attempts.max(1);
+        self.dispatch_retry_delay = first_delay;
         self
     }
 

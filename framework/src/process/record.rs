@@ -61,6 +61,48 @@ pub enum ProcessRecord {
     /// The instance is finished: later inputs are ignored.
     #[event(name = "aftermath.process.Completed")]
     Completed {},
+    /// The instance is parked: handling `input` (or dispatching command
+    /// `command`) failed permanently, panicked or timed out. Nothing of the
+    /// instance runs until an operator releases it (`Released`); its later
+    /// inputs are recorded as `Held` and handled, in order, after the
+    /// release. Other instances go on.
+    #[event(name = "aftermath.process.Parked")]
+    Parked {
+        /// The input that failed (not handled: no `Received` for it).
+        input: Option<InputRecord>,
+        /// Whether `input` came by a stopping route.
+        stop: bool,
+        /// The `CommandSent` record (its event id = the command id) whose
+        /// dispatch failed.
+        command: Option<Uuid>,
+        /// The version the parking starts at: the failed `CommandSent`
+        /// record, or this record itself. Records of the stream from there
+        /// on are passed over until the release.
+        from_version: u64,
+        /// What went wrong (a panic's message, the error, the timeout).
+        error: String,
+    },
+    /// An input that reached a parked instance: handled after the release.
+    #[event(name = "aftermath.process.Held")]
+    Held {
+        /// The input.
+        input: InputRecord,
+        /// Whether it came by a stopping route.
+        stop: bool,
+    },
+    /// An operator released the parking that starts at `from_version`:
+    /// the runner handles the parked input again (or dispatches the parked
+    /// command again), unless `skip`, then carries out what was passed over
+    /// and handles the held inputs, in stream order.
+    #[event(name = "aftermath.process.Released")]
+    Released {
+        /// The parking's `from_version`.
+        from_version: u64,
+        /// The version of the `Parked` record.
+        parked_version: u64,
+        /// Give up the parked input or command instead of retrying it.
+        skip: bool,
+    },
 }
 
 /// The types a runner reads back from its own streams to dispatch them.
@@ -69,6 +111,7 @@ pub(crate) const DISPATCHED_TYPES: &[&str] = &[
     "aftermath.process.DeadlineSet",
     "aftermath.process.DeadlineCancelled",
     "aftermath.process.Completed",
+    "aftermath.process.Released",
 ];
 
 /// A handled input as stored: enough to fold it again without the log.
@@ -228,6 +271,19 @@ pub fn record_id(process: &str, instance: &str, input_id: Uuid, index: usize) ->
         instance.as_bytes(),
         input_id.as_bytes(),
         &(index as u64).to_be_bytes(),
+    ])
+}
+
+/// The id of a `Parked`, `Held` or `Released` record (`kind`) appended to
+/// `instance` of `process` at `version`: the same on a repeated append, so
+/// a retry after a lost reply is recognised as a duplicate.
+pub fn control_id(process: &str, instance: &str, kind: &str, version: u64) -> Uuid {
+    derive(&[
+        b"control",
+        kind.as_bytes(),
+        process.as_bytes(),
+        instance.as_bytes(),
+        &version.to_be_bytes(),
     ])
 }
 

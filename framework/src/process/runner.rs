@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use futures::StreamExt;
 use futures::TryStreamExt;
 use futures::stream::FuturesUnordered;
@@ -14,16 +15,16 @@ use super::bus::{CommandBus, DispatchError, Dispatched};
 use super::clock::{Clock, SystemClock};
 use super::deadline::{Deadline, DeadlineStore};
 use super::input::{CommandSpec, DeadlineReached, Input, Rejection, Route};
-use super::instance::{Decision, Instance};
+use super::instance::{Decision, Instance, Parking};
 use super::record::{
-    DISPATCHED_TYPES, InputRecord, ProcessRecord, check_name, instance_of, rejection_id,
+    DISPATCHED_TYPES, InputRecord, ProcessRecord, check_name, control_id, instance_of, rejection_id,
 };
 use super::{ProcessManager, ProcessOptions};
 use crate::aggregate::CommandMeta;
-use crate::event::{Event, Position, Recorded, StoredEvent};
+use crate::event::{Event, EventData, Metadata, Position, Recorded, StoredEvent};
 use crate::store::{Direction, EventStore, ExpectedVersion, StoreError, read_stream_all};
 use crate::subscription::{CatchUp, CheckpointStore, resume, stopped};
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
+use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
 
 /// Appends retried after a version conflict on an instance's stream.
 const CONFLICT_ATTEMPTS: u32 = 5;
@@ -186,13 +187,23 @@ where
             let record = stored
                 .decode_known::<ProcessRecord>()
                 .map_err(|e| self.event_error(&stored, e.message))?;
-            inst.fold_stored(
-                &self.process,
-                &record.event,
-                &stored.metadata,
-                stored.version,
-                &|e| self.store.upcast(e),
-            )
+            // `apply` is user code: a panic is an error of this instance's
+            // load (the runner restarts with backoff), never a crash.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                inst.fold_stored(
+                    &self.process,
+                    &record.event,
+                    &stored.metadata,
+                    stored.version,
+                    &|e| self.store.upcast(e),
+                )
+            }))
+            .unwrap_or_else(|panic| {
+                Err(format!(
+                    "apply panicked while loading: {}",
+                    panic_message(panic.as_ref())
+                ))
+            })
             .map_err(|m| self.event_error(&stored, m))?;
         }
         Ok(inst)
@@ -261,6 +272,9 @@ where
             if ctx.stopping() {
                 return Ok(saved);
             }
+            // Deadlines never beat the log: the cutoff is the clock BEFORE
+            // the page is read (see `fire_deadlines`).
+            let read_started = self.clock.now();
             let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
             let caught_up = page.caught_up;
             let lag = reader.lag();
@@ -298,13 +312,26 @@ where
             reader.advance(page.through);
             let lag = reader.lag();
             ctx.report_progress(lag);
-            // Deadlines come after the inputs recorded before they were due:
-            // while behind, only those due by the last event handled fire (a
-            // cancellation waiting in the log must win over its deadline).
-            let now = self.clock.now();
+            // Deadlines never beat the log. A deadline due at `t` fires only
+            // once every input recorded before `t` has been handled:
+            // - caught up: the cutoff is the clock taken before this page
+            //   was read. An input recorded before that instant was visible
+            //   to the read, so it is on this page (handled above); one
+            //   recorded later is read by the next round before any deadline
+            //   due after the cutoff fires. Taking the clock after the page
+            //   (as before) let an input recorded while a large page was
+            //   being dispatched lose to a deadline that fell due meanwhile.
+            // - behind: also no later than the last event handled (a
+            //   cancellation waiting further on in the log must win).
+            // On PostgreSQL "visible to the read" is the store's horizon: an
+            // append committed before the read but behind a still-running
+            // earlier append is read next round, and the caught-up page that
+            // reaches it is read after it is final, so it still wins unless
+            // the deadline fell due before that earlier append finished.
+            // The instance's own time stays `now()` of the input it handles.
             let cutoff = match page.events.last() {
-                Some(last) if !caught_up => now.min(last.recorded_at),
-                _ => now,
+                Some(last) if !caught_up => read_started.min(last.recorded_at),
+                _ => read_started,
             };
             if !self.fire_deadlines(ctx, cutoff).await? {
                 return Ok(saved);
@@ -396,6 +423,7 @@ where
                 record,
                 false,
                 correlation,
+                None,
             )
             .await?;
         }
@@ -555,11 +583,16 @@ where
             record,
             route.stops(),
             correlation,
+            None,
         )
         .await
     }
 
-    /// Decides and appends one input, reloading on a version conflict.
+    /// Decides and appends one input, reloading on a version conflict. An
+    /// input for a parked instance is recorded `Held`; an input whose
+    /// `apply`/`handle` fails or panics, or whose outputs do not serialize,
+    /// parks the instance (`floor`: see [`Self::park`]).
+    #[allow(clippy::too_many_arguments)]
     async fn handle_input(
         &self,
         ctx: &RunContext,
@@ -568,14 +601,56 @@ where
         record: InputRecord,
         stop: bool,
         correlation_if_new: uuid::Uuid,
+        floor: Option<u64>,
     ) -> Result<(), SubscriberError> {
         let input_id = record.id();
         for _ in 0..CONFLICT_ATTEMPTS {
-            let decision = inst
-                .decide(&self.process, &input, record.clone(), stop)
-                .map_err(|m| {
-                    self.instance_error(inst, "handle", format!("input {input_id}: {m}"))
-                })?;
+            if inst.has_handled(input_id) {
+                return Ok(());
+            }
+            if inst.parked.is_some() {
+                if inst.is_held(input_id) {
+                    return Ok(());
+                }
+                let held = ProcessRecord::Held {
+                    input: record.clone(),
+                    stop,
+                };
+                if self
+                    .append_control(inst, "held", held, record.cause(), correlation_if_new)
+                    .await?
+                {
+                    tracing::info!(process = P::NAME, instance = %inst.id, input = %input_id, "input held behind a parked instance");
+                    return Ok(());
+                }
+                continue;
+            }
+            let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                inst.decide(&self.process, &input, record.clone(), stop)
+            }))
+            .unwrap_or_else(|panic| {
+                Err(format!(
+                    "apply/handle panicked: {}",
+                    panic_message(panic.as_ref())
+                ))
+            });
+            let decision = match decided {
+                Ok(d) => d,
+                Err(m) => {
+                    let error = format!("input {input_id}: {m}");
+                    return self
+                        .park(
+                            ctx,
+                            inst,
+                            Some((record, stop)),
+                            None,
+                            error,
+                            correlation_if_new,
+                            floor,
+                        )
+                        .await;
+                }
+            };
             let (records, state) = match decision {
                 Decision::Duplicate => return Ok(()),
                 Decision::Ignored(why) => {
@@ -589,9 +664,23 @@ where
             } else {
                 correlation_if_new
             };
-            let data = inst
-                .event_data(correlation, &records)
-                .map_err(|e| self.instance_error(inst, "encode", e.to_string()))?;
+            let data = match inst.event_data(correlation, &records) {
+                Ok(data) => data,
+                Err(e) => {
+                    let error = format!("input {input_id}: an output does not serialize: {e}");
+                    return self
+                        .park(
+                            ctx,
+                            inst,
+                            Some((record, stop)),
+                            None,
+                            error,
+                            correlation_if_new,
+                            floor,
+                        )
+                        .await;
+                }
+            };
             let stream = inst.stream();
             let ids: Vec<uuid::Uuid> = data.iter().map(|d| d.id).collect();
             match self
@@ -644,6 +733,35 @@ where
             .decode_known::<ProcessRecord>()
             .map_err(|e| self.event_error(stored, e.message))?
             .event;
+        if let ProcessRecord::Released {
+            from_version,
+            parked_version,
+            skip,
+        } = record
+        {
+            return self
+                .release(ctx, inst, stored, from_version, parked_version, skip)
+                .await;
+        }
+        // A parked instance does nothing from its parking on: what is
+        // passed over here is carried out when an operator releases it.
+        if let Some(p) = &inst.parked
+            && stored.version >= p.from_version
+        {
+            return Ok(true);
+        }
+        self.carry_out(ctx, inst, stored, record, None).await
+    }
+
+    /// Carries out one decoded record (see [`Self::on_record`]).
+    async fn carry_out(
+        &self,
+        ctx: &RunContext,
+        inst: &mut Instance<P>,
+        stored: &StoredEvent,
+        record: ProcessRecord,
+        floor: Option<u64>,
+    ) -> Result<bool, SubscriberError> {
         let db = |e| self.store_error(e);
         match record {
             ProcessRecord::CommandSent {
@@ -665,8 +783,23 @@ where
                 {
                     meta = meta.fresh();
                 }
-                let Some(outcome) = self.dispatch(ctx, stored, &command, meta).await? else {
-                    return Ok(false);
+                let outcome = match self.dispatch(ctx, stored, &command, meta).await? {
+                    None => return Ok(false),
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(error)) => {
+                        let correlation = inst.correlation_id;
+                        self.park(
+                            ctx,
+                            inst,
+                            None,
+                            Some((stored.id, stored.version)),
+                            error,
+                            correlation,
+                            floor,
+                        )
+                        .await?;
+                        return Ok(true);
+                    }
                 };
                 if let Dispatched::Rejected(error) = outcome {
                     tracing::info!(process = P::NAME, instance = %inst.id, command_id = %stored.id, target = %command.target, id = %command.id, %error, "command rejected");
@@ -692,6 +825,7 @@ where
                         record,
                         false,
                         correlation,
+                        floor,
                     )
                     .await?;
                 }
@@ -720,42 +854,348 @@ where
                 .map_err(db)?,
             ProcessRecord::Received { .. }
             | ProcessRecord::CompensationRegistered { .. }
-            | ProcessRecord::Compensating { .. } => {}
+            | ProcessRecord::Compensating { .. }
+            | ProcessRecord::Parked { .. }
+            | ProcessRecord::Held { .. }
+            | ProcessRecord::Released { .. } => {}
         }
         Ok(true)
     }
 
-    /// Dispatches with retries of transient failures; `None` on shutdown.
+    /// Appends one `Parked`/`Held`/`Released` record at the instance's
+    /// version. `Ok(false)` after a version conflict: `inst` is reloaded.
+    async fn append_control(
+        &self,
+        inst: &mut Instance<P>,
+        kind: &str,
+        record: ProcessRecord,
+        causation: uuid::Uuid,
+        correlation_if_new: uuid::Uuid,
+    ) -> Result<bool, SubscriberError> {
+        let correlation = if inst.exists() {
+            inst.correlation_id
+        } else {
+            correlation_if_new
+        };
+        let id = control_id(P::NAME, &inst.id, kind, inst.version + 1);
+        let metadata = Metadata {
+            correlation_id: correlation,
+            causation_id: causation,
+            extra: Default::default(),
+        };
+        let data = EventData::encode(&record, id, metadata)
+            .map_err(|e| self.instance_error(inst, kind, e.to_string()))?;
+        match self
+            .store
+            .append(
+                &inst.stream(),
+                ExpectedVersion::Exact(inst.version),
+                vec![data],
+            )
+            .await
+        {
+            Ok(done) => {
+                let state = inst.state.clone();
+                inst.commit(&[record], state, correlation, done.last_version);
+                Ok(true)
+            }
+            Err(StoreError::WrongExpectedVersion { .. } | StoreError::DuplicateEventId { .. }) => {
+                *inst = self.load(&inst.id).await?;
+                Ok(false)
+            }
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Parks the instance: `input` (with its stop flag) failed, or the
+    /// dispatch of command `(id, version of its CommandSent record)` did.
+    /// `floor`: the parking being released when this failure happened
+    /// (its `from_version`), so the new parking passes over (and its
+    /// release carries out again) everything the first one did.
+    #[allow(clippy::too_many_arguments)]
+    async fn park(
+        &self,
+        ctx: &RunContext,
+        inst: &mut Instance<P>,
+        input: Option<(InputRecord, bool)>,
+        command: Option<(uuid::Uuid, u64)>,
+        error: String,
+        correlation_if_new: uuid::Uuid,
+        floor: Option<u64>,
+    ) -> Result<(), SubscriberError> {
+        let causation = match (&input, command) {
+            (Some((r, _)), _) => r.cause(),
+            (None, Some((c, _))) => c,
+            (None, None) => inst.correlation_id,
+        };
+        for _ in 0..CONFLICT_ATTEMPTS {
+            if inst.parked.is_some() {
+                return Ok(());
+            }
+            if let Some((r, _)) = &input
+                && inst.has_handled(r.id())
+            {
+                // Another runner handled it meanwhile.
+                return Ok(());
+            }
+            let from = command.map_or(inst.version + 1, |(_, v)| v);
+            let from = floor.map_or(from, |f| f.min(from));
+            let record = ProcessRecord::Parked {
+                input: input.as_ref().map(|(r, _)| r.clone()),
+                stop: input.as_ref().is_some_and(|(_, s)| *s),
+                command: command.map(|(c, _)| c),
+                from_version: from,
+                error: error.clone(),
+            };
+            if self
+                .append_control(inst, "parked", record, causation, correlation_if_new)
+                .await?
+            {
+                tracing::error!(process = P::NAME, instance = %inst.id, %error, "process instance parked: its later inputs wait for an operator's retry or skip; other instances go on");
+                ctx.report(|s| s.skipped += 1);
+                return Ok(());
+            }
+        }
+        Err(self.store_error(StoreError::database(
+            "parking a process instance",
+            std::io::Error::other(format!(
+                "stream `{}` kept changing: gave up after {CONFLICT_ATTEMPTS} attempts",
+                inst.stream()
+            )),
+        )))
+    }
+
+    /// Carries out an operator's release (the `Released` record `stored`):
+    /// the parked input again (unless skipped), what was passed over, the
+    /// held inputs, in stream order. Repeating it (a crash before the
+    /// checkpoint moved) repeats nothing: inputs are recognised by id,
+    /// commands by the target's inbox. Returns false on shutdown.
+    async fn release(
+        &self,
+        ctx: &RunContext,
+        inst: &mut Instance<P>,
+        stored: &StoredEvent,
+        from_version: u64,
+        parked_version: u64,
+        skip: bool,
+    ) -> Result<bool, SubscriberError> {
+        if inst.parked.is_some() {
+            // Parked again after this release (its retry failed): the next
+            // release carries it out from the same floor.
+            return Ok(true);
+        }
+        tracing::info!(process = P::NAME, instance = %inst.id, skip, "released by an operator");
+        let stream = inst.stream();
+        let passed: Vec<StoredEvent> = read_stream_all(
+            &self.store,
+            &stream,
+            from_version.max(1),
+            Direction::Forward,
+            self.options.subscription.batch_size.max(1),
+        )
+        .try_take_while(|e| std::future::ready(Ok(e.version < stored.version)))
+        .try_collect()
+        .await
+        .map_err(|e| self.store_error(e))?;
+        let floor = Some(from_version);
+        // The parked input first: every input held after it came later.
+        let Some(parked) = passed.iter().find(|e| e.version == parked_version) else {
+            return Err(self.instance_error(
+                inst,
+                "aftermath.process.Released",
+                format!("released parking at version {parked_version} is not a `Parked` record"),
+            ));
+        };
+        let ProcessRecord::Parked {
+            input,
+            stop,
+            command,
+            ..
+        } = parked
+            .decode_known::<ProcessRecord>()
+            .map_err(|e| self.event_error(parked, e.message))?
+            .event
+        else {
+            return Err(self.event_error(
+                parked,
+                format!("released parking at version {parked_version} is not a `Parked` record"),
+            ));
+        };
+        if let Some(input) = input
+            && !skip
+        {
+            let typed = input
+                .decode::<P::Input>(&|e| self.store.upcast(e))
+                .map_err(|m| self.event_error(parked, m))?;
+            let correlation = inst.correlation_id;
+            self.handle_input(ctx, inst, typed, input, stop, correlation, floor)
+                .await?;
+        }
+        for earlier in passed {
+            if inst.parked.is_some() {
+                break;
+            }
+            if ctx.stopping() {
+                return Ok(false);
+            }
+            let record = earlier
+                .decode_known::<ProcessRecord>()
+                .map_err(|e| self.event_error(&earlier, e.message))?
+                .event;
+            let held = match record {
+                ProcessRecord::Held { input, stop } => Some((input, stop)),
+                ProcessRecord::CommandSent { .. } if skip && command == Some(earlier.id) => {
+                    tracing::warn!(process = P::NAME, instance = %inst.id, command_id = %earlier.id, "parked command skipped by an operator: not dispatched");
+                    None
+                }
+                ProcessRecord::CommandSent { .. }
+                | ProcessRecord::DeadlineSet { .. }
+                | ProcessRecord::DeadlineCancelled { .. }
+                | ProcessRecord::Completed {} => {
+                    if !self.carry_out(ctx, inst, &earlier, record, floor).await? {
+                        return Ok(false);
+                    }
+                    None
+                }
+                _ => None,
+            };
+            if let Some((input, stop)) = held {
+                let typed = input
+                    .decode::<P::Input>(&|e| self.store.upcast(e))
+                    .map_err(|m| self.event_error(&earlier, m))?;
+                let correlation = inst.correlation_id;
+                self.handle_input(ctx, inst, typed, input, stop, correlation, floor)
+                    .await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The parked instances of this process, oldest parking first, for
+    /// operators. Scans the `Parked` records of the log (a parking is rare:
+    /// each is a failure someone has to look at) and keeps the instances
+    /// still parked.
+    pub async fn parked(&self) -> Result<Vec<(String, Parking)>, SubscriberError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut found = Vec::new();
+        let mut from = Position::ORIGIN;
+        let batch = self.options.subscription.batch_size.max(1);
+        loop {
+            let page = self
+                .store
+                .read_all(from, Some(&["aftermath.process.Parked"]), batch)
+                .await
+                .map_err(|e| self.store_error(e))?;
+            let n = page.len();
+            for e in page {
+                from = e.position;
+                if let Some(id) = instance_of(P::NAME, &e.stream)
+                    && seen.insert(id.to_owned())
+                {
+                    let inst = self.load(id).await?;
+                    if let Some(p) = inst.parked {
+                        found.push((inst.id, p));
+                    }
+                }
+            }
+            if n < batch {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Operator retry: the parked input (or command) of `instance` is
+    /// handled (dispatched) again, then what waited behind it. `false`
+    /// when the instance is not parked.
+    pub async fn retry(&self, instance: &str) -> Result<bool, SubscriberError> {
+        self.release_parked(instance, false).await
+    }
+
+    /// Operator skip: the parked input (or command) of `instance` is given
+    /// up, what waited behind it runs. `false` when it is not parked.
+    pub async fn skip(&self, instance: &str) -> Result<bool, SubscriberError> {
+        self.release_parked(instance, true).await
+    }
+
+    async fn release_parked(&self, instance: &str, skip: bool) -> Result<bool, SubscriberError> {
+        let mut inst = self.load(instance).await?;
+        for _ in 0..CONFLICT_ATTEMPTS {
+            let Some(p) = inst.parked.clone() else {
+                return Ok(false);
+            };
+            let record = ProcessRecord::Released {
+                from_version: p.from_version,
+                parked_version: p.parked_version,
+                skip,
+            };
+            let correlation = inst.correlation_id;
+            if self
+                .append_control(&mut inst, "released", record, correlation, correlation)
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+        Err(self.store_error(StoreError::database(
+            "releasing a process instance",
+            std::io::Error::other(format!(
+                "stream `{}` kept changing: gave up after {CONFLICT_ATTEMPTS} attempts",
+                inst.stream()
+            )),
+        )))
+    }
+
+    /// Dispatches with retries of transient failures: `Some(Ok(outcome))`,
+    /// `Some(Err(why))` when the instance must be parked (a permanent
+    /// error, a panic, timeouts on every attempt), `None` on shutdown. A
+    /// store error on the last attempt stops the runner (restarted with
+    /// the worker's backoff): the database is likely down for everyone.
     async fn dispatch(
         &self,
         ctx: &RunContext,
         stored: &StoredEvent,
         command: &CommandSpec,
         meta: CommandMeta,
-    ) -> Result<Option<Dispatched>, SubscriberError> {
+    ) -> Result<Option<Result<Dispatched, String>>, SubscriberError> {
         let attempts = self.options.dispatch_attempts.max(1);
         let mut delay = self.options.dispatch_retry_delay;
         let mut stop = ctx.shutdown.clone();
+        let timeout = self.options.call_timeout;
         for attempt in 1..=attempts {
             let span = tracing::info_span!("dispatch", process = P::NAME, command_id = %stored.id, target = %command.target, id = %command.id, attempt);
-            let result =
-                tracing::Instrument::instrument(self.bus.dispatch(command, meta.clone()), span)
-                    .await;
-            match result {
-                Ok(outcome) => return Ok(Some(outcome)),
-                Err(DispatchError::Store { source, .. }) if attempt == attempts => {
+            let call = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
+                self.bus.dispatch(command, meta.clone()),
+                span,
+            ))
+            .catch_unwind();
+            let why = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(Ok(outcome))) => return Ok(Some(Ok(outcome))),
+                Ok(Err(panic)) => {
+                    return Ok(Some(Err(format!(
+                        "command {}: dispatch panicked: {}",
+                        stored.id,
+                        panic_message(panic.as_ref())
+                    ))));
+                }
+                Ok(Ok(Err(DispatchError::Store { source, .. }))) if attempt == attempts => {
                     return Err(self.store_error(source));
                 }
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(process = P::NAME, command_id = %stored.id, attempt, error = %e, "dispatch failed; retrying");
-                    tokio::select! {
-                        _ = stopped(&mut stop) => return Ok(None),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = delay.saturating_mul(2);
+                Ok(Ok(Err(e))) if e.is_transient() => e.to_string(),
+                Ok(Ok(Err(e))) => return Ok(Some(Err(format!("command {}: {e}", stored.id)))),
+                Err(_) if attempt == attempts => {
+                    return Ok(Some(Err(format!(
+                        "command {}: dispatch timed out ({timeout:?}) on all {attempts} attempts",
+                        stored.id
+                    ))));
                 }
-                Err(e) => return Err(self.event_error(stored, e.to_string())),
+                Err(_) => format!("timed out after {timeout:?}"),
+            };
+            tracing::warn!(process = P::NAME, command_id = %stored.id, attempt, error = %why, "dispatch failed; retrying");
+            tokio::select! {
+                _ = stopped(&mut stop) => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
             }
+            delay = delay.saturating_mul(2);
         }
         Ok(None)
     }

@@ -187,6 +187,12 @@ fn describe(event: &StoredEvent, record: &ProcessRecord) -> String {
             format!("{instance} cancelled deadline `{name}`")
         }
         ProcessRecord::Completed {} => format!("{instance} COMPLETED"),
+        ProcessRecord::Parked { error, .. } => format!("{instance} PARKED: {error}"),
+        ProcessRecord::Held { input, .. } => format!("{instance} held input {}", input.id()),
+        ProcessRecord::Released { skip, .. } => format!(
+            "{instance} released by an operator ({})",
+            if *skip { "skip" } else { "retry" }
+        ),
     }
 }
 

@@ -59,8 +59,9 @@ impl EffectState {
         })
     }
 
-    /// Whether the runner is finished with it (it does not hold the
-    /// checkpoint back): done, skipped, or handed to an operator.
+    /// Whether it does not hold the checkpoint back: done, skipped, handed
+    /// to an operator, or failed and waiting out its backoff (the runner
+    /// runs it again from the journal, so the page need not wait for it).
     pub fn is_settled(self) -> bool {
         matches!(
             self,
@@ -69,6 +70,7 @@ impl EffectState {
                 | EffectState::Parked
                 | EffectState::RetryRequested
                 | EffectState::Blocked
+                | EffectState::Failed
         )
     }
 }

@@ -14,7 +14,17 @@
 //!   effect once.
 //! - [`ReactError::Retry`] is retried with exponential backoff and jitter up
 //!   to [`ReactorOptions::max_attempts`], then parked; [`ReactError::Fatal`]
-//!   parks at once. No database transaction or lock is held while the
+//!   parks at once. A panic in `react` is a fatal failure of that event
+//!   (parked with the panic's message), never of the runner; a call running
+//!   longer than [`ReactorOptions::call_timeout`] is abandoned and counts as
+//!   a transient failure. Attempts are counted when they start, so an effect
+//!   whose call keeps killing the process (an abort, an OOM kill) is parked
+//!   after `max_attempts` restarts instead of looping; operators then retry
+//!   or skip it like any parked effect.
+//! - A backoff never holds other streams: a failed attempt is recorded
+//!   `Failed` and the runner moves on (later events of that stream wait
+//!   behind it, as behind a parked one); the attempt runs again when its
+//!   delay is over. No database transaction or lock is held while the
 //!   external call runs: the journal records `Started` before the call and
 //!   `Done` after it, each in its own short write.
 //! - Parking is sequence-aware: while an event of stream S is parked, later
@@ -178,6 +188,10 @@ pub struct ReactorOptions {
     pub max_retry_delay: Duration,
     /// What parking does to the rest of the stream.
     pub park_policy: ParkPolicy,
+    /// How long one `react` call may take: a call still running then is
+    /// abandoned and counts as a transient failure (retried with the same
+    /// idempotency key, parked after `max_attempts`). Default 30 s.
+    pub call_timeout: Duration,
 }
 
 impl Default for ReactorOptions {
@@ -189,6 +203,7 @@ impl Default for ReactorOptions {
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(30),
             park_policy: ParkPolicy::HoldStream,
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -210,6 +225,12 @@ impl ReactorOptions {
     pub fn retry_delay(mut self, first: Duration, max: Duration) -> Self {
         self.retry_delay = first;
         self.max_retry_delay = max.max(first);
+        self
+    }
+
+    /// How long one `react` call may take (see [`ReactorOptions::call_timeout`]).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
         self
     }
 

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::Utc;
+use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use uuid::Uuid;
@@ -16,7 +17,7 @@ use super::{
 use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::subscription::{CatchUp, CheckpointStore, Partition, resume, stopped};
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState};
+use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
 /// `journal`, position in `checkpoints` (for SQLite, all three can be the
@@ -30,6 +31,9 @@ pub struct ReactorRunner<R, S, J, C> {
     partition: Option<Partition>,
     /// The checkpoint and lease key: the name, or `<name>#<i>of<n>`.
     key: String,
+    /// Whether an effect may be waiting out a backoff (spares the journal
+    /// query while nothing failed).
+    failed_any: std::sync::atomic::AtomicBool,
 }
 
 /// How a lane (one stream's events of a page) ended.
@@ -44,7 +48,9 @@ struct LaneOutcome {
 enum Ran {
     Done,
     Parked,
-    Interrupted,
+    /// Failed transiently: recorded `Failed`, runs again after its backoff
+    /// (from `release_held`); the stream waits behind it meanwhile.
+    Waiting,
 }
 
 impl<R, S, J, C> ReactorRunner<R, S, J, C>
@@ -65,6 +71,8 @@ where
             options: ReactorOptions::default(),
             partition: None,
             key,
+            // A previous run may have left `Failed` entries.
+            failed_any: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -206,11 +214,41 @@ where
             let lag = reader.lag();
             ctx.report_progress(lag);
             if caught_up {
+                // Wake for new events, or when an effect's backoff is over
+                // (a `Failed` entry of this page or of `release_held`).
+                let next_due = self.next_due().await?;
+                let wait = next_due.map(|due| {
+                    (due - Utc::now())
+                        .to_std()
+                        .unwrap_or(std::time::Duration::ZERO)
+                });
                 if until_caught_up {
-                    return Ok(saved);
+                    match wait {
+                        // `catch_up` includes the retries of what failed.
+                        Some(wait) => {
+                            let mut stop = ctx.shutdown.clone();
+                            tokio::select! {
+                                _ = stopped(&mut stop) => return Ok(saved),
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            continue;
+                        }
+                        None => return Ok(saved),
+                    }
                 }
-                if !reader.wait_for_more(&mut ctx.shutdown).await {
-                    return Ok(saved);
+                let mut stop = ctx.shutdown.clone();
+                tokio::select! {
+                    more = reader.wait_for_more(&mut stop) => {
+                        if !more {
+                            return Ok(saved);
+                        }
+                    }
+                    _ = async {
+                        match wait {
+                            Some(wait) => tokio::time::sleep(wait).await,
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {}
                 }
             }
         }
@@ -242,7 +280,10 @@ where
                 .filter(|e| {
                     matches!(
                         e.state,
-                        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
+                        EffectState::Parked
+                            | EffectState::RetryRequested
+                            | EffectState::Blocked
+                            | EffectState::Failed
                     )
                 })
                 .map(|e| e.stream)
@@ -317,13 +358,17 @@ where
         let mut settled = Vec::with_capacity(events.len());
         for stored in events {
             let existing = journal.get(&stored.id);
+            // A `Failed` entry waits out its backoff in `release_held`.
             if let Some(entry) = existing
                 && entry.state.is_settled()
             {
                 if self.options.park_policy == ParkPolicy::HoldStream
                     && matches!(
                         entry.state,
-                        EffectState::Parked | EffectState::RetryRequested | EffectState::Blocked
+                        EffectState::Parked
+                            | EffectState::RetryRequested
+                            | EffectState::Blocked
+                            | EffectState::Failed
                     )
                 {
                     blocked = true;
@@ -351,15 +396,9 @@ where
             }
             match self.run_effect(ctx, stored, attempts).await? {
                 Ran::Done => settled.push(stored.id),
-                Ran::Parked => {
+                Ran::Parked | Ran::Waiting => {
                     settled.push(stored.id);
                     blocked = self.options.park_policy == ParkPolicy::HoldStream;
-                }
-                Ran::Interrupted => {
-                    return Ok(LaneOutcome {
-                        settled,
-                        interrupted: true,
-                    });
                 }
             }
         }
@@ -431,8 +470,24 @@ where
             }
         };
         let key = idempotency_key(self.name(), stored.id);
-        let mut stop = ctx.shutdown.clone();
-        loop {
+        if attempts >= self.options.max_attempts {
+            // Every attempt so far was started and none finished: the
+            // process stopped during the call each time (a crash, an abort,
+            // an OOM kill). Running it again could only loop.
+            let message = format!(
+                "gave up after {attempts} attempts: the last one(s) started and never finished \
+                 (the process stopped during the call)"
+            );
+            tracing::error!(reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, error = %message, "effect parked");
+            self.record(
+                &self.entry(stored, EffectState::Parked, attempts, Some(message)),
+                ctx,
+            )
+            .await?;
+            ctx.report(|s| s.skipped += 1);
+            return Ok(Ran::Parked);
+        }
+        {
             attempts += 1;
             self.record(
                 &self.entry(stored, EffectState::Started, attempts, None),
@@ -448,27 +503,43 @@ where
                 idempotency_key: key.clone(),
             };
             let span = tracing::info_span!("effect", reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, attempt = attempts);
-            let result =
-                tracing::Instrument::instrument(self.reactor.react(&event, &effect_ctx), span)
-                    .await;
+            let timeout = self.options.call_timeout;
+            let call = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
+                self.reactor.react(&event, &effect_ctx),
+                span,
+            ))
+            .catch_unwind();
+            // A panic is a fatal failure of this event; a hung call a
+            // transient one: neither stops the runner.
+            let result = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(ReactError::Fatal(format!(
+                    "react panicked: {}",
+                    panic_message(panic.as_ref())
+                ))),
+                Err(_) => Err(ReactError::Retry(format!(
+                    "react timed out after {timeout:?}"
+                ))),
+            };
             match result {
                 Ok(()) => {
                     self.record(&self.entry(stored, EffectState::Done, attempts, None), ctx)
                         .await?;
                     ctx.report(|s| s.handled += 1);
-                    return Ok(Ran::Done);
+                    Ok(Ran::Done)
                 }
                 Err(ReactError::Retry(message)) if attempts < self.options.max_attempts => {
                     tracing::warn!(reactor = %self.name(), event_id = %stored.id, attempts, error = %message, "effect failed; retrying");
+                    // Recorded and left: the backoff runs in `release_held`,
+                    // so it holds this stream only, never the page.
                     self.record(
                         &self.entry(stored, EffectState::Failed, attempts, Some(message)),
                         ctx,
                     )
                     .await?;
-                    tokio::select! {
-                        _ = stopped(&mut stop) => return Ok(Ran::Interrupted),
-                        _ = tokio::time::sleep(self.options.delay(attempts)) => {}
-                    }
+                    self.failed_any
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok(Ran::Waiting)
                 }
                 Err(error) => {
                     let message = match &error {
@@ -482,10 +553,39 @@ where
                     )
                     .await?;
                     ctx.report(|s| s.skipped += 1);
-                    return Ok(Ran::Parked);
+                    Ok(Ran::Parked)
                 }
             }
         }
+    }
+
+    /// When the earliest effect waiting out its backoff is due.
+    async fn next_due(&self) -> Result<Option<chrono::DateTime<Utc>>, SubscriberError> {
+        if !self
+            .failed_any
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(None);
+        }
+        let due = self
+            .held()
+            .await?
+            .into_iter()
+            .filter(|e| e.state == EffectState::Failed)
+            .map(|e| self.due(&e))
+            .min();
+        if due.is_some() {
+            self.failed_any
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(due)
+    }
+
+    /// When a `Failed` entry's next attempt is due.
+    fn due(&self, entry: &Effect) -> chrono::DateTime<Utc> {
+        entry.updated_at
+            + chrono::Duration::from_std(self.options.delay(entry.attempts))
+                .unwrap_or(chrono::Duration::MAX)
     }
 
     /// Runs what operators released (retried parked effects, then the events
@@ -512,7 +612,18 @@ where
                 // Under way when a run stopped (crash, failed journal write,
                 // shutdown during a backoff): run again with the same key,
                 // even if the checkpoint is already past it.
-                EffectState::Started | EffectState::Failed => true,
+                EffectState::Started => true,
+                // A failed attempt runs again once its backoff is over.
+                EffectState::Failed => {
+                    self.failed_any
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if self.due(&entry) > Utc::now() {
+                        // Later events of its stream wait behind it.
+                        stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                        continue;
+                    }
+                    true
+                }
                 EffectState::Done | EffectState::Skipped => continue,
             };
             if !runnable {
@@ -547,7 +658,9 @@ where
             match self.run_effect(ctx, &stored, attempts).await? {
                 Ran::Done => {}
                 Ran::Parked => stream_blocked = self.options.park_policy == ParkPolicy::HoldStream,
-                Ran::Interrupted => return Ok(false),
+                Ran::Waiting => {
+                    stream_blocked = self.options.park_policy == ParkPolicy::HoldStream;
+                }
             }
         }
         Ok(true)

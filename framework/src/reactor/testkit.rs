@@ -970,7 +970,9 @@ impl<J: EffectJournal, C: CheckpointStore> Run<'_, J, C> {
         }
     }
 
-    /// The checkpoint may only pass settled events.
+    /// The checkpoint may only pass journaled events: settled ones, or
+    /// ones the runner runs again from the journal (`Started` by a re-run
+    /// of a failed, released or interrupted effect that has not finished).
     async fn check_checkpoint(&mut self) -> Result<(), StoreError> {
         let Some(checkpoint) = self.checkpoints.load(self.name).await? else {
             return Ok(());
@@ -984,7 +986,7 @@ impl<J: EffectJournal, C: CheckpointStore> Run<'_, J, C> {
         let entries = self.journal.load(self.name, &ids).await?;
         for e in passed {
             let state = entries.get(&e.id).map(|entry| entry.state);
-            if !state.is_some_and(EffectState::is_settled) {
+            if !state.is_some_and(|s| s.is_settled() || s == EffectState::Started) {
                 let violation = format!(
                     "the checkpoint ({checkpoint}) passed event #{} ({} at {}) while its effect was {}",
                     e.index,
