@@ -562,7 +562,7 @@ async fn live_latency_beside_a_projection(
         .options(ProjectionOptions::default().batch_size(100));
     let worker = aftermath::worker::Worker::new()
         .add_subscriber(runner)
-        .start();
+        .start()?;
     let stop = Arc::new(Notify::new());
     let load = {
         let (store, stop) = (store.clone(), stop.clone());
