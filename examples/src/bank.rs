@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// What happened to an account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "account")]
 pub enum AccountEvent {
     /// The account was opened for an owner.
     Opened {

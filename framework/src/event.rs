@@ -194,6 +194,7 @@ pub struct Recorded<E> {
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, PartialEq, Serialize, Deserialize, Event)]
+/// #[event(prefix = "account")]
 /// enum AccountEvent {
 ///     Opened { owner: String },
 ///     Deposited { amount: u64 },
@@ -227,12 +228,14 @@ pub struct Recorded<E> {
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// #[event(prefix = "order")]
 /// enum OrderEvent {
 ///     Placed { items: u32 },
 ///     Cancelled,
 /// }
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// #[event(prefix = "payment")]
 /// enum PaymentEvent {
 ///     Captured { cents: u64 },
 /// }
@@ -260,12 +263,23 @@ pub struct Recorded<E> {
 /// );
 /// ```
 pub trait Event: Sized + Send + Sync + 'static {
+    /// Every type name this enum decodes: current names, then aliases. A
+    /// constant, so that `#[derive(EventUnion)]` can refuse at compile time
+    /// two members that decode the same name.
+    const EVENT_TYPES: &'static [&'static str];
+
+    /// The first part of every stored type name (`#[event(prefix = "..")]`):
+    /// `Some("account")` when the names are `account.<name>`. `None` for
+    /// unions and impls without one.
+    const PREFIX: Option<&'static str> = None;
+
     /// The stable type name of this value's variant.
     fn event_type(&self) -> &'static str;
 
-    /// Every type name this enum decodes: current names and aliases. A
-    /// subscriber asks the store for just these.
-    fn event_types() -> &'static [&'static str];
+    /// [`Event::EVENT_TYPES`]: a subscriber asks the store for just these.
+    fn event_types() -> &'static [&'static str] {
+        Self::EVENT_TYPES
+    }
 
     /// The variant's content as JSON bytes.
     fn encode(&self) -> Result<Vec<u8>, EncodeError>;

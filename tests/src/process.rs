@@ -306,6 +306,7 @@ pub enum CounterCommand {
 
 /// What a counter records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "counter")]
 pub enum CounterEvent {
     /// `n` was added.
     #[event(name = "CounterAdded")]
@@ -351,6 +352,7 @@ impl Aggregate for Counter {
 
 /// The inputs of [`Tally`] (appended straight to the log by the tests).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "tally")]
 pub enum TallyEvent {
     /// Starts instance `tally` (strictly: an error if it exists).
     #[event(name = "TallyOpened")]
@@ -520,6 +522,7 @@ pub enum StepCommand {
 
 /// What a step records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "step")]
 pub enum StepEvent {
     /// It was done.
     #[event(name = "StepDone")]
@@ -577,6 +580,7 @@ impl Aggregate for Step {
 
 /// Starts a chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "chain")]
 pub enum ChainEvent {
     /// Start chain `chain`.
     #[event(name = "ChainStarted")]
@@ -1129,7 +1133,7 @@ pub async fn fulfillment_shipping_races_its_deadline<B: ProcessBackend>() {
         .expect("the deadline was delivered");
     let shipped_at = inputs
         .iter()
-        .position(|i| matches!(i, InputRecord::Event { event_type, .. } if event_type == "Shipped"))
+        .position(|i| matches!(i, InputRecord::Event { event_type, .. } if event_type == "shipping.Shipped"))
         .expect("the confirmation was handled");
     assert!(deadline_at < shipped_at, "{inputs:?}");
     assert_eq!(deadlines_received(&recs).len(), 1);

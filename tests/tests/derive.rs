@@ -11,6 +11,7 @@ struct Deposited {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "account")]
 enum AccountEvent {
     Opened {
         owner: String,
@@ -29,6 +30,7 @@ enum AccountEvent {
 
 /// A second enum reusing the same struct (a process manager's inputs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "saga_input")]
 enum SagaInput {
     Started,
     Deposited(Deposited),
@@ -37,6 +39,7 @@ enum SagaInput {
 /// Serde attributes at work: renamed variants, renamed and defaulted fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 #[serde(rename_all = "snake_case")]
+#[event(prefix = "tweaked")]
 enum Tweaked {
     #[serde(rename = "something-else-entirely")]
     Opened {
@@ -60,6 +63,7 @@ fn default_limit() -> u32 {
 
 /// A generic event enum.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "wrapped")]
 enum Wrapped<T> {
     Put(T),
     Cleared,
@@ -371,6 +375,7 @@ mod not_an_enum {
     use super::*;
 
     #[derive(Debug, PartialEq, Event)]
+    #[event(prefix = "odd")]
     pub enum Odd {
         A(u32),
     }
@@ -412,6 +417,7 @@ mod event_union {
     use super::*;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    #[event(prefix = "payment")]
     pub enum PaymentEvent {
         Authorized {
             cents: u64,
@@ -425,6 +431,7 @@ mod event_union {
     }
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    #[event(prefix = "inventory")]
     pub enum InventoryEvent {
         Reserved(u32),
         Released,

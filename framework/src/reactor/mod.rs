@@ -32,6 +32,7 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
+//! #[event(prefix = "order")]
 //! enum OrderEvent { Placed { email: String } }
 //!
 //! struct ConfirmationMail;
