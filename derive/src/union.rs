@@ -42,8 +42,9 @@ pub fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         errors.push(syn::Error::new_spanned(
             &input.generics.params,
             "#[derive(EventUnion)] does not support generic parameters: the joined \
-             `event_types()` list is cached in a static, which every instantiation of a \
-             generic type would share; remove the parameters and wrap concrete event types \
+             `EVENT_TYPES` list and the check that no two members decode the same name are \
+             computed at compile time, for concrete types only; remove the parameters and \
+             wrap concrete event types \
              (a generic event enum can still be a member at one type, e.g. \
              `Order(OrderEvent<Online>)`)",
         ));
@@ -176,7 +177,7 @@ fn generate(input: &DeriveInput, members: &[Member<'_>]) -> TokenStream {
     let union_name = ident.to_string();
     let member_names = members
         .iter()
-        .map(|member| format!("{} ({})", member.ident, quote_type(member.ty)));
+        .map(|member| format!("`{}` (`{}`)", member.ident, quote_type(member.ty)));
     let collision_check = quote! {
         const _: () = {
             const CHECK: ([u8; 1024], usize) = ::aftermath::__private::union_collision::<1024>(

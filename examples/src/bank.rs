@@ -30,8 +30,8 @@ pub enum AccountEvent {
         /// Amount in cents.
         amount: u64,
     },
-    /// Money was paid out. Stored as "Withdrawn"; early versions stored
-    /// "MoneyWithdrawn", which still decodes.
+    /// Money was paid out. Stored as "account.Withdrawn"; early versions stored
+    /// "account.MoneyWithdrawn", which still decodes.
     #[event(name = "Withdrawn", alias = "MoneyWithdrawn")]
     Withdrew {
         /// Amount in cents.

@@ -70,7 +70,7 @@ pub struct EventData {
     /// Unique id of the event. Appending the same ids again at the same place
     /// is an idempotent no-op; any other reuse is an error.
     pub id: Uuid,
-    /// Stable type name (the variant name or its `#[event(name = ..)]`).
+    /// Stable type name (`<prefix>.<variant name or its #[event(name = ..)]>`).
     pub event_type: String,
     /// The variant's content as JSON bytes.
     pub payload: Vec<u8>,
@@ -185,9 +185,13 @@ pub struct Recorded<E> {
 /// Implemented by `#[derive(Event)]` on an enum whose variants are the events.
 ///
 /// The stored payload is the variant's content only; the type name is stored
-/// beside it. A variant's type name is its name, or `#[event(name = "..")]`;
+/// beside it as `<prefix>.<name>`: the enum's `#[event(prefix = "..")]`
+/// (required, and stable: it does not follow renames of the Rust type), then
+/// the variant's name or its `#[event(name = "..")]`.
 /// `#[event(alias = "..")]` (repeatable) keeps decoding events stored under
-/// old names.
+/// old names. Qualified names are what keep subscribers apart: a reader of
+/// `AccountEvent` asks the store for `account.*` names only, so it never
+/// receives `OrderEvent::Opened` (stored as `order.Opened`).
 ///
 /// ```
 /// use aftermath::Event;
@@ -203,12 +207,12 @@ pub struct Recorded<E> {
 /// }
 ///
 /// let event = AccountEvent::Withdrew { amount: 5 };
-/// assert_eq!(event.event_type(), "Withdrawn");
+/// assert_eq!(event.event_type(), "account.Withdrawn");
 /// let bytes = event.encode().unwrap();
 /// assert_eq!(bytes, br#"{"amount":5}"#);
-/// assert_eq!(AccountEvent::decode("MoneyWithdrawn", &bytes).unwrap(), Some(event));
-/// assert_eq!(AccountEvent::decode("SomethingElse", &bytes).unwrap(), None);
-/// assert!(AccountEvent::event_types().contains(&"MoneyWithdrawn"));
+/// assert_eq!(AccountEvent::decode("account.MoneyWithdrawn", &bytes).unwrap(), Some(event));
+/// assert_eq!(AccountEvent::decode("Withdrawn", &bytes).unwrap(), None);
+/// assert!(AccountEvent::event_types().contains(&"account.MoneyWithdrawn"));
 /// ```
 ///
 /// # Unions of events
@@ -216,8 +220,8 @@ pub struct Recorded<E> {
 /// A reader of several aggregates' events (a process manager) takes an enum
 /// that joins their event enums, one tuple variant each, with
 /// `#[derive(EventUnion)]`. Every event keeps its member's type name and
-/// payload; `event_types()` is the members' lists joined in variant order
-/// (a name two members share is listed twice, not deduplicated); `decode`
+/// payload; `event_types()` is the members' lists joined in variant order;
+/// two members that decode the same name are a compile error; `decode`
 /// asks the members in variant order and returns the first answer that is
 /// not `Ok(None)`, so a member's `PayloadError` comes back unchanged. Each
 /// member type also gets a `From` impl into the union, and may appear in
@@ -247,19 +251,19 @@ pub struct Recorded<E> {
 /// }
 ///
 /// let input = FulfillmentInput::from(PaymentEvent::Captured { cents: 500 });
-/// assert_eq!(input.event_type(), "Captured");
+/// assert_eq!(input.event_type(), "payment.Captured");
 /// let bytes = input.encode().unwrap();
 /// assert_eq!(bytes, br#"{"cents":500}"#);
-/// assert_eq!(FulfillmentInput::decode("Captured", &bytes).unwrap(), Some(input));
+/// assert_eq!(FulfillmentInput::decode("payment.Captured", &bytes).unwrap(), Some(input));
 /// assert_eq!(
-///     FulfillmentInput::decode("Placed", br#"{"items":2}"#).unwrap(),
+///     FulfillmentInput::decode("order.Placed", br#"{"items":2}"#).unwrap(),
 ///     Some(FulfillmentInput::Order(OrderEvent::Placed { items: 2 }))
 /// );
-/// assert_eq!(FulfillmentInput::decode("Refunded", b"{}").unwrap(), None);
-/// assert!(FulfillmentInput::decode("Placed", b"{}").is_err());
+/// assert_eq!(FulfillmentInput::decode("payment.Refunded", b"{}").unwrap(), None);
+/// assert!(FulfillmentInput::decode("order.Placed", b"{}").is_err());
 /// assert_eq!(
 ///     FulfillmentInput::event_types(),
-///     ["Placed", "Cancelled", "Captured"]
+///     ["order.Placed", "order.Cancelled", "payment.Captured"]
 /// );
 /// ```
 pub trait Event: Sized + Send + Sync + 'static {
