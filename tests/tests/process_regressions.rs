@@ -212,7 +212,7 @@ async fn upcasters_apply_to_inputs_kept_by_an_instance() {
         assert_eq!(runner.instance("o1").await.unwrap().state, 250);
     }
     // v2 renamed the field; an upcaster brings old payloads along.
-    let upcasters = Upcasters::new().register("Requested", |mut v| {
+    let upcasters = Upcasters::new().register("pay.Requested", |mut v| {
         if let Some(cents) = v.get("cents").cloned() {
             v["amount"] = cents;
         }
