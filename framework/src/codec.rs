@@ -331,52 +331,6 @@ impl<'de> de::VariantAccess<'de> for VariantContentAccess<'_, 'de> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use serde::{Deserialize, Serialize};
-
-    use super::*;
-
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
-    enum Shapes {
-        Unit,
-        Newtype(u32),
-        Tuple(u8, String),
-        Struct { a: u8 },
-    }
-
-    #[test]
-    fn round_trips_every_shape_as_content_only() {
-        let cases = [
-            (Shapes::Unit, 0, "null"),
-            (Shapes::Newtype(7), 1, "7"),
-            (Shapes::Tuple(1, "x".into()), 2, r#"[1,"x"]"#),
-            (Shapes::Struct { a: 3 }, 3, r#"{"a":3}"#),
-        ];
-        for (value, index, json) in cases {
-            let bytes = encode_variant(&value, "T").unwrap();
-            assert_eq!(std::str::from_utf8(&bytes).unwrap(), json);
-            assert_eq!(decode_variant::<Shapes>(index, &bytes, "T").unwrap(), value);
-        }
-    }
-
-    #[test]
-    fn rejects_other_representations() {
-        let error = encode_variant(&5u32, "T").unwrap_err();
-        assert!(error.message.starts_with(NOT_EXTERNALLY_TAGGED), "{error}");
-        let error = decode_variant::<u32>(0, b"5", "T").unwrap_err();
-        assert!(error.message.starts_with(NOT_EXTERNALLY_TAGGED), "{error}");
-    }
-
-    #[test]
-    fn rejects_trailing_bytes_and_bad_index() {
-        let error = decode_variant::<Shapes>(1, b"7 8", "T").unwrap_err();
-        assert!(error.message.contains("trailing characters"), "{error}");
-        let error = decode_variant::<Shapes>(9, b"7", "T").unwrap_err();
-        assert!(error.message.contains("variant index"), "{error}");
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Compile-time support for `#[derive(EventUnion)]`: the joined type-name list
 // and the check that no two members decode the same name.
@@ -477,5 +431,51 @@ pub const fn collision_message<const N: usize>(buf: &[u8; N], len: usize) -> &st
     match std::str::from_utf8(bytes) {
         Ok(message) => message,
         Err(_) => "two members of a #[derive(EventUnion)] enum decode the same event type name",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Shapes {
+        Unit,
+        Newtype(u32),
+        Tuple(u8, String),
+        Struct { a: u8 },
+    }
+
+    #[test]
+    fn round_trips_every_shape_as_content_only() {
+        let cases = [
+            (Shapes::Unit, 0, "null"),
+            (Shapes::Newtype(7), 1, "7"),
+            (Shapes::Tuple(1, "x".into()), 2, r#"[1,"x"]"#),
+            (Shapes::Struct { a: 3 }, 3, r#"{"a":3}"#),
+        ];
+        for (value, index, json) in cases {
+            let bytes = encode_variant(&value, "T").unwrap();
+            assert_eq!(std::str::from_utf8(&bytes).unwrap(), json);
+            assert_eq!(decode_variant::<Shapes>(index, &bytes, "T").unwrap(), value);
+        }
+    }
+
+    #[test]
+    fn rejects_other_representations() {
+        let error = encode_variant(&5u32, "T").unwrap_err();
+        assert!(error.message.starts_with(NOT_EXTERNALLY_TAGGED), "{error}");
+        let error = decode_variant::<u32>(0, b"5", "T").unwrap_err();
+        assert!(error.message.starts_with(NOT_EXTERNALLY_TAGGED), "{error}");
+    }
+
+    #[test]
+    fn rejects_trailing_bytes_and_bad_index() {
+        let error = decode_variant::<Shapes>(1, b"7 8", "T").unwrap_err();
+        assert!(error.message.contains("trailing characters"), "{error}");
+        let error = decode_variant::<Shapes>(9, b"7", "T").unwrap_err();
+        assert!(error.message.contains("variant index"), "{error}");
     }
 }
