@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Events of an account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "account")]
 pub enum AccountEvent {
     /// The account was opened.
     Opened {
@@ -123,13 +124,13 @@ pub fn decode_raw(event_type: &str, payload: &[u8]) -> serde_json::Result<Option
         amount: u64,
     }
     Ok(Some(match event_type {
-        "Opened" => AccountEvent::Opened {
+        "account.Opened" => AccountEvent::Opened {
             owner: serde_json::from_slice::<Owner>(payload)?.owner,
         },
-        "Deposited" => AccountEvent::Deposited {
+        "account.Deposited" => AccountEvent::Deposited {
             amount: serde_json::from_slice::<Amount>(payload)?.amount,
         },
-        "Withdrawn" => AccountEvent::Withdrew {
+        "account.Withdrawn" => AccountEvent::Withdrew {
             amount: serde_json::from_slice::<Amount>(payload)?.amount,
         },
         _ => return Ok(None),

@@ -19,9 +19,91 @@ pub struct VariantAttrs {
     pub aliases: Vec<Name>,
 }
 
-const KNOWN_KEYS: &str = "the known keys are `name` (the stored type name, e.g. \
-     #[event(name = \"AccountOpened\")]) and `alias` (an old name that still decodes, \
-     e.g. #[event(alias = \"Opened\")])";
+const KNOWN_KEYS: &str = "the known keys on a variant are `name` (its type name after the \
+     enum's prefix, e.g. #[event(name = \"Opened\")]) and `alias` (an old name that still \
+     decodes, e.g. #[event(alias = \"Created\")])";
+
+/// What `#[event(...)]` attributes say about the enum itself.
+#[derive(Default)]
+pub struct EnumAttrs {
+    /// `prefix = ".."`, at most one.
+    pub prefix: Option<Name>,
+}
+
+/// Reads the `#[event(...)]` attributes of the enum: `prefix = ".."`.
+pub fn enum_attrs(attrs: &[Attribute]) -> syn::Result<EnumAttrs> {
+    let mut out = EnumAttrs::default();
+    for attr in attrs.iter().filter(|attr| attr.path().is_ident("event")) {
+        if !matches!(attr.meta, syn::Meta::List(_)) {
+            return Err(syn::Error::new_spanned(
+                attr,
+                "#[event] on the enum needs its prefix, like #[event(prefix = \"account\")]",
+            ));
+        }
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("name") || meta.path.is_ident("alias") {
+                return Err(meta.error(
+                    "`name` and `alias` go on a variant; the enum takes \
+                     #[event(prefix = \"..\")], the first part of every stored type name",
+                ));
+            }
+            if !meta.path.is_ident("prefix") {
+                let shown = meta
+                    .path
+                    .get_ident()
+                    .map_or_else(|| "this key".to_owned(), |ident| format!("`{ident}`"));
+                return Err(meta.error(format!(
+                    "unknown #[event] key {shown} on the enum; the enum takes \
+                     #[event(prefix = \"account\")], the first part of every stored type name"
+                )));
+            }
+            if !meta.input.peek(Token![=]) {
+                return Err(meta
+                    .error("`prefix` needs a string value, like #[event(prefix = \"account\")]"));
+            }
+            let value = string_value("prefix", &meta.value()?.parse::<Expr>()?)?;
+            if let Some(first) = &out.prefix {
+                let mut error = syn::Error::new(
+                    value.span,
+                    format!(
+                        "the enum already has `prefix = \"{}\"`; an enum has one prefix",
+                        first.value
+                    ),
+                );
+                error.combine(syn::Error::new(first.span, "first `prefix` given here"));
+                return Err(error);
+            }
+            check_prefix(&value)?;
+            out.prefix = Some(value);
+            Ok(())
+        })?;
+    }
+    Ok(out)
+}
+
+/// A prefix is dot-separated words: no spaces, no empty segment.
+fn check_prefix(prefix: &Name) -> syn::Result<()> {
+    let value = &prefix.value;
+    if value.chars().any(char::is_whitespace) {
+        return Err(syn::Error::new(
+            prefix.span,
+            format!(
+                "`prefix = \"{value}\"` contains whitespace; use e.g. \"account\" or \"bank.account\""
+            ),
+        ));
+    }
+    if value.split('.').any(str::is_empty) {
+        return Err(syn::Error::new(
+            prefix.span,
+            format!(
+                "`prefix = \"{value}\"` has an empty segment: the stored names are \
+                 `<prefix>.<name>`, so write it without leading, trailing or doubled dots, \
+                 e.g. \"account\" or \"bank.account\""
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Reads every `#[event(...)]` attribute of a variant.
 pub fn variant_attrs(attrs: &[Attribute]) -> syn::Result<VariantAttrs> {
@@ -40,6 +122,12 @@ pub fn variant_attrs(attrs: &[Attribute]) -> syn::Result<VariantAttrs> {
                 "name"
             } else if meta.path.is_ident("alias") {
                 "alias"
+            } else if meta.path.is_ident("prefix") {
+                return Err(meta.error(
+                    "`prefix` goes on the enum, not on a variant: \
+                     #[event(prefix = \"account\")] above `enum ..` gives every variant's \
+                     stored name that first part",
+                ));
             } else {
                 let shown = meta
                     .path
@@ -78,6 +166,7 @@ pub fn variant_attrs(attrs: &[Attribute]) -> syn::Result<VariantAttrs> {
 
 /// The non-empty string literal given to `key`.
 fn string_value(key: &str, expr: &Expr) -> syn::Result<Name> {
+    let example = if key == "prefix" { "account" } else { "Opened" };
     let lit: &LitStr = match expr {
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
@@ -86,7 +175,7 @@ fn string_value(key: &str, expr: &Expr) -> syn::Result<Name> {
             return Err(syn::Error::new(
                 expr.span(),
                 format!(
-                    "`{key}` takes a string literal, like #[event({key} = \"AccountOpened\")]: \
+                    "`{key}` takes a string literal, like #[event({key} = \"{example}\")]: \
                      type names are stored, so they are written out"
                 ),
             ));
@@ -105,12 +194,15 @@ fn string_value(key: &str, expr: &Expr) -> syn::Result<Name> {
     })
 }
 
-/// Rejects `#[event]` where it means nothing (on the enum, on fields).
+/// Rejects `#[event]` where it means nothing (on fields).
 pub fn reject_event_attrs(attrs: &[Attribute], place: &str) -> syn::Result<()> {
     match attrs.iter().find(|attr| attr.path().is_ident("event")) {
         Some(attr) => Err(syn::Error::new_spanned(
             attr,
-            format!("#[event(...)] goes on the variants of the enum, not on {place}"),
+            format!(
+                "#[event(...)] goes on the enum (`prefix`) and on its variants (`name`, \
+                 `alias`), not on {place}"
+            ),
         )),
         None => Ok(()),
     }

@@ -64,9 +64,19 @@ pub fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     }
 
     let mut errors = Errors::default();
-    if let Err(error) = attrs::reject_event_attrs(&input.attrs, "the enum itself") {
-        errors.push(error);
-    }
+    let prefix = match attrs::enum_attrs(&input.attrs) {
+        Ok(attrs::EnumAttrs {
+            prefix: Some(prefix),
+        }) => Some(prefix.value),
+        Ok(attrs::EnumAttrs { prefix: None }) => {
+            errors.push(missing_prefix(ident, data));
+            None
+        }
+        Err(error) => {
+            errors.push(error);
+            None
+        }
+    };
     if let Err(error) = attrs::check_serde_enum(&input.attrs) {
         errors.push(error);
     }
@@ -141,8 +151,48 @@ pub fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         });
     }
     errors.finish()?;
+    let prefix = prefix.unwrap_or_default();
+    for variant in &mut variants {
+        variant.name = format!("{prefix}.{}", variant.name);
+        for alias in &mut variant.aliases {
+            *alias = format!("{prefix}.{alias}");
+        }
+    }
 
-    Ok(generate(input, &variants))
+    Ok(generate(input, &prefix, &variants))
+}
+
+/// The error for an enum without `#[event(prefix = "..")]`, with a
+/// suggestion made from its name (`AccountEvent` -> "account").
+fn missing_prefix(ident: &Ident, data: &syn::DataEnum) -> syn::Error {
+    let name = ident.to_string();
+    let stem = name
+        .strip_suffix("Events")
+        .or_else(|| name.strip_suffix("Event"))
+        .filter(|stem| !stem.is_empty())
+        .unwrap_or(&name);
+    let mut suggested = String::new();
+    for (i, c) in stem.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            suggested.push('_');
+        }
+        suggested.extend(c.to_lowercase());
+    }
+    let example = data
+        .variants
+        .first()
+        .map_or_else(|| "Happened".to_owned(), |v| v.ident.to_string());
+    syn::Error::new(
+        ident.span(),
+        format!(
+            "#[derive(Event)] needs the prefix of `{name}`'s stored type names: add \
+             #[event(prefix = \"{suggested}\")] to the enum, so `{name}::{example}` is stored as \
+             \"{suggested}.{example}\". Stored names are qualified so that two enums' variants of \
+             the same name never reach each other's readers; the prefix is written out because \
+             it is stored with every event and must not change when the Rust type is renamed \
+             (the aggregate's category is a good choice)"
+        ),
+    )
 }
 
 fn collision(
@@ -177,7 +227,7 @@ fn collision(
     syn::Error::new(span, message)
 }
 
-fn generate(input: &DeriveInput, variants: &[Variant<'_>]) -> TokenStream {
+fn generate(input: &DeriveInput, prefix: &str, variants: &[Variant<'_>]) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
 
@@ -234,10 +284,10 @@ fn generate(input: &DeriveInput, variants: &[Variant<'_>]) -> TokenStream {
                 }
             }
 
-            #[inline]
-            fn event_types() -> &'static [&'static str] {
-                &[#(#all_types),*]
-            }
+            const EVENT_TYPES: &'static [&'static str] = &[#(#all_types),*];
+
+            const PREFIX: ::core::option::Option<&'static str> =
+                ::core::option::Option::Some(#prefix);
 
             fn encode(
                 &self,

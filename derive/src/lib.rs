@@ -18,23 +18,43 @@ use proc_macro::TokenStream;
 /// The enum must also derive serde's `Serialize` and `Deserialize` with
 /// serde's default (externally tagged) enum representation. Each variant is
 /// one event type. The stored payload is the variant's *content* only, as
-/// JSON, and the type name is stored beside it:
+/// JSON, and the type name is stored beside it, qualified by the enum's
+/// prefix (`#[event(prefix = "account")]`):
 ///
-/// | variant                      | stored payload       |
-/// |------------------------------|----------------------|
-/// | `Deposited { amount: u64 }`  | `{"amount":5}`       |
-/// | `Deposited(Deposited)`       | the inner value's JSON, e.g. `{"amount":5}` |
-/// | `Closed`                     | `null`               |
-/// | `Moved(u32, u32)`            | `[1,2]` (a JSON array of the fields) |
+/// | variant                      | stored type name    | stored payload       |
+/// |------------------------------|---------------------|----------------------|
+/// | `Deposited { amount: u64 }`  | `account.Deposited` | `{"amount":5}`       |
+/// | `Deposited(Deposited)`       | `account.Deposited` | the inner value's JSON, e.g. `{"amount":5}` |
+/// | `Closed`                     | `account.Closed`    | `null`               |
+/// | `Moved(u32, u32)`            | `account.Moved`     | `[1,2]` (a JSON array of the fields) |
+///
+/// # Why a prefix, and why it is required
+///
+/// Subscribers ask the store for the type names their enum declares. Bare
+/// variant names collide across enums (`AccountEvent::Opened` and
+/// `OrderEvent::Opened`), and a reader of one would receive and decode the
+/// other's events. With a prefix per enum the names cannot collide unless
+/// two enums are given the same prefix, and two members of one
+/// `#[derive(EventUnion)]` that decode the same name are a compile error.
+/// The prefix is written out rather than derived from the enum's name
+/// because it is stored with every event: renaming the Rust type must not
+/// change it. The aggregate's `CATEGORY` is a good choice. Stores written
+/// with bare names keep loading through
+/// `Upcasters::new().unqualified::<AccountEvent>()`.
 ///
 /// # Attributes
 ///
-/// On a variant, `#[event(...)]` takes these keys (several may share one
-/// attribute, and the attribute may be repeated):
+/// On the enum, `#[event(prefix = "...")]` (required): the first part of
+/// every stored name, dot-separated words such as `"account"` or
+/// `"bank.account"`.
 ///
-/// - `name = "..."`: the stored type name. Defaults to the variant's name.
-///   Once events are stored, keep the name stable: rename the variant freely
-///   but pin its old name here.
+/// On a variant, `#[event(...)]` takes these keys (several may share one
+/// attribute, and the attribute may be repeated); both are relative to the
+/// prefix:
+///
+/// - `name = "..."`: the stored type name after the prefix. Defaults to the
+///   variant's name. Once events are stored, keep the name stable: rename
+///   the variant freely but pin its old name here.
 /// - `alias = "..."`: another name that still decodes to this variant, for
 ///   events stored under an old name. Repeatable:
 ///   `#[event(alias = "A", alias = "B")]`.
@@ -49,27 +69,32 @@ use proc_macro::TokenStream;
 /// }
 ///
 /// #[derive(Serialize, Deserialize, Event)]
+/// #[event(prefix = "account")]
 /// enum AccountEvent {
-///     // type name "Opened", payload {"owner":".."}
+///     // type name "account.Opened", payload {"owner":".."}
 ///     Opened { owner: String },
-///     // type name "Deposited", payload {"amount":5}: the struct's JSON
+///     // type name "account.Deposited", payload {"amount":5}: the struct's JSON
 ///     Deposited(Deposited),
-///     // type name "Withdrawn"; also decodes events stored as
-///     // "MoneyWithdrawn" or "Debited"
+///     // type name "account.Withdrawn"; also decodes events stored as
+///     // "account.MoneyWithdrawn" or "account.Debited"
 ///     #[event(name = "Withdrawn", alias = "MoneyWithdrawn", alias = "Debited")]
 ///     Withdrew { amount: u64 },
-///     // type name "Closed", payload null
+///     // type name "account.Closed", payload null
 ///     Closed,
 /// }
 ///
 /// assert_eq!(
 ///     AccountEvent::event_types(),
-///     ["Opened", "Deposited", "Withdrawn", "Closed", "MoneyWithdrawn", "Debited"]
+///     [
+///         "account.Opened", "account.Deposited", "account.Withdrawn", "account.Closed",
+///         "account.MoneyWithdrawn", "account.Debited",
+///     ]
 /// );
+/// assert_eq!(AccountEvent::PREFIX, Some("account"));
 /// ```
 ///
-/// `event_types()` lists every current name, in variant order, then every
-/// alias.
+/// `event_types()` (the constant `EVENT_TYPES`) lists every current name,
+/// in variant order, then every alias.
 ///
 /// # Serde
 ///
@@ -94,9 +119,11 @@ use proc_macro::TokenStream;
 /// # Errors
 ///
 /// The derive refuses, with a message saying what to do: structs and
-/// unions, enums without variants, two variants sharing a type name (by
-/// name or alias), unknown `#[event]` keys, values that are not non-empty
-/// string literals, and `#[event]` on the enum itself or on fields.
+/// unions, enums without variants, an enum without `#[event(prefix)]` (the
+/// message suggests one), a prefix with spaces or empty segments, two
+/// variants sharing a type name (by name or alias), unknown `#[event]`
+/// keys, values that are not non-empty string literals, `prefix` on a
+/// variant, `name`/`alias` on the enum, and `#[event]` on fields.
 #[proc_macro_derive(Event, attributes(event))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
@@ -125,22 +152,23 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 ///
 /// // `From` for each member: the union takes any of its members' events.
 /// let input = FulfillmentInput::from(OrderEvent::Placed { items: 2 });
-/// assert_eq!(input.event_type(), "Placed");
+/// assert_eq!(input.event_type(), "order.Placed");
 /// ```
 ///
 /// The generated impl:
 ///
 /// - `event_type` and `encode` delegate to the wrapped event, so its stored
 ///   type name and payload are exactly the member's.
-/// - `event_types()` is every member's `event_types()` joined, in variant
-///   order, built on first use and kept in a static. A name that two members
-///   share appears twice: the list is not deduplicated, so a consumer can
-///   spot the ambiguity.
+/// - `EVENT_TYPES` (and `event_types()`) is every member's list joined, in
+///   variant order, computed at compile time.
+/// - Two members that decode the same type name are a compile error naming
+///   the name and both members (an evaluation of a constant fails): a
+///   reader of the union could not tell whose event it is. Members with
+///   different prefixes never collide.
 /// - `decode` asks each member in variant order and returns the first
-///   answer that is not `Ok(None)`: the first member that decodes the event
-///   wins, and a member that knows the type name but cannot read the payload
-///   returns its `PayloadError` unchanged, without trying later members. A
-///   name no member knows decodes to `Ok(None)`.
+///   answer that is not `Ok(None)`; a member that knows the type name but
+///   cannot read the payload returns its `PayloadError` unchanged. A name no
+///   member knows decodes to `Ok(None)`.
 ///
 /// It also implements `From<Member>` for the union, for every member type.
 ///
@@ -149,9 +177,7 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 /// The derive refuses, with a message saying what to do: structs and
 /// unions, enums without variants, variants that are not a tuple variant
 /// with exactly one field (unit variants, named fields, several fields),
-/// generic parameters (type, const and lifetime; the joined `event_types()`
-/// list lives in a static, which a generic type's instantiations would
-/// share), and a member type that appears in two variants (the second could
+/// generic parameters (type, const and lifetime), and a member type that appears in two variants (the second could
 /// never be decoded, and `From` could not choose; types are compared as
 /// written, so the same type spelled differently is caught by the compiler
 /// instead, as conflicting `From` impls). A member type that does not

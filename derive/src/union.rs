@@ -42,8 +42,9 @@ pub fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         errors.push(syn::Error::new_spanned(
             &input.generics.params,
             "#[derive(EventUnion)] does not support generic parameters: the joined \
-             `event_types()` list is cached in a static, which every instantiation of a \
-             generic type would share; remove the parameters and wrap concrete event types \
+             `EVENT_TYPES` list and the check that no two members decode the same name are \
+             computed at compile time, for concrete types only; remove the parameters and \
+             wrap concrete event types \
              (a generic event enum can still be a member at one type, e.g. \
              `Order(OrderEvent<Online>)`)",
         ));
@@ -126,6 +127,24 @@ pub fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     Ok(generate(input, &members))
 }
 
+/// A type as written, without the spaces `quote` puts between tokens.
+fn quote_type(ty: &Type) -> String {
+    let written = quote!(#ty).to_string();
+    let mut out = String::with_capacity(written.len());
+    for part in written.split(' ') {
+        let glue = out
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && part.starts_with(|c: char| c.is_alphanumeric() || c == '_');
+        if glue {
+            out.push(' ');
+        }
+        out.push_str(part);
+    }
+    out
+}
+
 fn generate(input: &DeriveInput, members: &[Member<'_>]) -> TokenStream {
     let ident = &input.ident;
     // No generic parameters (rejected above), but a bare `where` clause
@@ -154,7 +173,26 @@ fn generate(input: &DeriveInput, members: &[Member<'_>]) -> TokenStream {
         }
     });
 
+    // Two members that decode one type name: a compile error naming both.
+    let union_name = ident.to_string();
+    let member_names = members
+        .iter()
+        .map(|member| format!("`{}` (`{}`)", member.ident, quote_type(member.ty)));
+    let collision_check = quote! {
+        const _: () = {
+            const CHECK: ([u8; 1024], usize) = ::aftermath::__private::union_collision::<1024>(
+                #union_name,
+                &[#((#member_names, #as_event::EVENT_TYPES)),*],
+            );
+            if CHECK.1 > 0 {
+                ::core::panic!("{}", ::aftermath::__private::collision_message(&CHECK.0, CHECK.1));
+            }
+        };
+    };
+
     quote! {
+        #collision_check
+
         #[automatically_derived]
         impl ::aftermath::Event for #ident #where_clause {
             #[inline]
@@ -164,15 +202,13 @@ fn generate(input: &DeriveInput, members: &[Member<'_>]) -> TokenStream {
                 }
             }
 
-            fn event_types() -> &'static [&'static str] {
-                static TYPES: ::std::sync::OnceLock<::std::boxed::Box<[&'static str]>> =
-                    ::std::sync::OnceLock::new();
-                TYPES.get_or_init(|| {
-                    let mut types: ::std::vec::Vec<&'static str> = ::std::vec::Vec::new();
-                    #(types.extend_from_slice(#as_event::event_types());)*
-                    ::std::vec::Vec::into_boxed_slice(types)
-                })
-            }
+            const EVENT_TYPES: &'static [&'static str] = {
+                const LEN: usize = 0 #(+ #as_event::EVENT_TYPES.len())*;
+                const ALL: [&'static str; LEN] = ::aftermath::__private::concat_types::<LEN>(
+                    &[#(#as_event::EVENT_TYPES),*],
+                );
+                &ALL
+            };
 
             fn encode(
                 &self,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// What happened to an account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "account")]
 pub enum AccountEvent {
     /// The account was opened for an owner.
     Opened {
@@ -29,8 +30,8 @@ pub enum AccountEvent {
         /// Amount in cents.
         amount: u64,
     },
-    /// Money was paid out. Stored as "Withdrawn"; early versions stored
-    /// "MoneyWithdrawn", which still decodes.
+    /// Money was paid out. Stored as "account.Withdrawn"; early versions stored
+    /// "account.MoneyWithdrawn", which still decodes.
     #[event(name = "Withdrawn", alias = "MoneyWithdrawn")]
     Withdrew {
         /// Amount in cents.

@@ -26,6 +26,7 @@ use crate::effects_service::{classify, post};
 
 /// What happened to an order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "order")]
 pub enum OrderEvent {
     /// The customer placed the order.
     Placed {

@@ -331,6 +331,109 @@ impl<'de> de::VariantAccess<'de> for VariantContentAccess<'_, 'de> {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Compile-time support for `#[derive(EventUnion)]`: the joined type-name list
+// and the check that no two members decode the same name.
+// ---------------------------------------------------------------------------
+
+/// The members' type-name lists joined in order; `N` is their total length.
+pub const fn concat_types<const N: usize>(parts: &[&[&'static str]]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut at = 0;
+    let mut part = 0;
+    while part < parts.len() {
+        let mut i = 0;
+        while i < parts[part].len() {
+            out[at] = parts[part][i];
+            at += 1;
+            i += 1;
+        }
+        part += 1;
+    }
+    out
+}
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Appends `text` to the message in `buf` (cut off at `N` bytes).
+const fn push<const N: usize>(buf: &mut [u8; N], mut len: usize, text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() && len < N {
+        buf[len] = bytes[i];
+        len += 1;
+        i += 1;
+    }
+    len
+}
+
+/// The first type name two members of union `union` both decode, as an
+/// error message in a buffer (`(buf, 0)` when there is none). `members` are
+/// (variant and type as written, the member's `EVENT_TYPES`).
+pub const fn union_collision<const N: usize>(
+    union: &str,
+    members: &[(&str, &[&'static str])],
+) -> ([u8; N], usize) {
+    let mut buf = [0u8; N];
+    let mut a = 0;
+    while a < members.len() {
+        let mut b = a + 1;
+        while b < members.len() {
+            let mut i = 0;
+            while i < members[a].1.len() {
+                let mut j = 0;
+                while j < members[b].1.len() {
+                    if same(members[a].1[i], members[b].1[j]) {
+                        let mut len = push(&mut buf, 0, "event type name `");
+                        len = push(&mut buf, len, members[a].1[i]);
+                        len = push(&mut buf, len, "` is decoded by two members of `");
+                        len = push(&mut buf, len, union);
+                        len = push(&mut buf, len, "`: ");
+                        len = push(&mut buf, len, members[a].0);
+                        len = push(&mut buf, len, " and ");
+                        len = push(&mut buf, len, members[b].0);
+                        len = push(
+                            &mut buf,
+                            len,
+                            "; a reader of the union could not tell whose event it is, so give \
+                             one of the enums another #[event(prefix = \"..\")] (or the variant \
+                             another #[event(name = \"..\")])",
+                        );
+                        return (buf, len);
+                    }
+                    j += 1;
+                }
+                i += 1;
+            }
+            b += 1;
+        }
+        a += 1;
+    }
+    (buf, 0)
+}
+
+/// The message [`union_collision`] wrote.
+pub const fn collision_message<const N: usize>(buf: &[u8; N], len: usize) -> &str {
+    let (bytes, _) = buf.split_at(len);
+    match std::str::from_utf8(bytes) {
+        Ok(message) => message,
+        Err(_) => "two members of a #[derive(EventUnion)] enum decode the same event type name",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde::{Deserialize, Serialize};

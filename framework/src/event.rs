@@ -70,7 +70,7 @@ pub struct EventData {
     /// Unique id of the event. Appending the same ids again at the same place
     /// is an idempotent no-op; any other reuse is an error.
     pub id: Uuid,
-    /// Stable type name (the variant name or its `#[event(name = ..)]`).
+    /// Stable type name (`<prefix>.<variant name or its #[event(name = ..)]>`).
     pub event_type: String,
     /// The variant's content as JSON bytes.
     pub payload: Vec<u8>,
@@ -185,15 +185,20 @@ pub struct Recorded<E> {
 /// Implemented by `#[derive(Event)]` on an enum whose variants are the events.
 ///
 /// The stored payload is the variant's content only; the type name is stored
-/// beside it. A variant's type name is its name, or `#[event(name = "..")]`;
+/// beside it as `<prefix>.<name>`: the enum's `#[event(prefix = "..")]`
+/// (required, and stable: it does not follow renames of the Rust type), then
+/// the variant's name or its `#[event(name = "..")]`.
 /// `#[event(alias = "..")]` (repeatable) keeps decoding events stored under
-/// old names.
+/// old names. Qualified names are what keep subscribers apart: a reader of
+/// `AccountEvent` asks the store for `account.*` names only, so it never
+/// receives `OrderEvent::Opened` (stored as `order.Opened`).
 ///
 /// ```
 /// use aftermath::Event;
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, PartialEq, Serialize, Deserialize, Event)]
+/// #[event(prefix = "account")]
 /// enum AccountEvent {
 ///     Opened { owner: String },
 ///     Deposited { amount: u64 },
@@ -202,12 +207,12 @@ pub struct Recorded<E> {
 /// }
 ///
 /// let event = AccountEvent::Withdrew { amount: 5 };
-/// assert_eq!(event.event_type(), "Withdrawn");
+/// assert_eq!(event.event_type(), "account.Withdrawn");
 /// let bytes = event.encode().unwrap();
 /// assert_eq!(bytes, br#"{"amount":5}"#);
-/// assert_eq!(AccountEvent::decode("MoneyWithdrawn", &bytes).unwrap(), Some(event));
-/// assert_eq!(AccountEvent::decode("SomethingElse", &bytes).unwrap(), None);
-/// assert!(AccountEvent::event_types().contains(&"MoneyWithdrawn"));
+/// assert_eq!(AccountEvent::decode("account.MoneyWithdrawn", &bytes).unwrap(), Some(event));
+/// assert_eq!(AccountEvent::decode("Withdrawn", &bytes).unwrap(), None);
+/// assert!(AccountEvent::event_types().contains(&"account.MoneyWithdrawn"));
 /// ```
 ///
 /// # Unions of events
@@ -215,8 +220,8 @@ pub struct Recorded<E> {
 /// A reader of several aggregates' events (a process manager) takes an enum
 /// that joins their event enums, one tuple variant each, with
 /// `#[derive(EventUnion)]`. Every event keeps its member's type name and
-/// payload; `event_types()` is the members' lists joined in variant order
-/// (a name two members share is listed twice, not deduplicated); `decode`
+/// payload; `event_types()` is the members' lists joined in variant order;
+/// two members that decode the same name are a compile error; `decode`
 /// asks the members in variant order and returns the first answer that is
 /// not `Ok(None)`, so a member's `PayloadError` comes back unchanged. Each
 /// member type also gets a `From` impl into the union, and may appear in
@@ -227,12 +232,14 @@ pub struct Recorded<E> {
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// #[event(prefix = "order")]
 /// enum OrderEvent {
 ///     Placed { items: u32 },
 ///     Cancelled,
 /// }
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+/// #[event(prefix = "payment")]
 /// enum PaymentEvent {
 ///     Captured { cents: u64 },
 /// }
@@ -244,28 +251,39 @@ pub struct Recorded<E> {
 /// }
 ///
 /// let input = FulfillmentInput::from(PaymentEvent::Captured { cents: 500 });
-/// assert_eq!(input.event_type(), "Captured");
+/// assert_eq!(input.event_type(), "payment.Captured");
 /// let bytes = input.encode().unwrap();
 /// assert_eq!(bytes, br#"{"cents":500}"#);
-/// assert_eq!(FulfillmentInput::decode("Captured", &bytes).unwrap(), Some(input));
+/// assert_eq!(FulfillmentInput::decode("payment.Captured", &bytes).unwrap(), Some(input));
 /// assert_eq!(
-///     FulfillmentInput::decode("Placed", br#"{"items":2}"#).unwrap(),
+///     FulfillmentInput::decode("order.Placed", br#"{"items":2}"#).unwrap(),
 ///     Some(FulfillmentInput::Order(OrderEvent::Placed { items: 2 }))
 /// );
-/// assert_eq!(FulfillmentInput::decode("Refunded", b"{}").unwrap(), None);
-/// assert!(FulfillmentInput::decode("Placed", b"{}").is_err());
+/// assert_eq!(FulfillmentInput::decode("payment.Refunded", b"{}").unwrap(), None);
+/// assert!(FulfillmentInput::decode("order.Placed", b"{}").is_err());
 /// assert_eq!(
 ///     FulfillmentInput::event_types(),
-///     ["Placed", "Cancelled", "Captured"]
+///     ["order.Placed", "order.Cancelled", "payment.Captured"]
 /// );
 /// ```
 pub trait Event: Sized + Send + Sync + 'static {
+    /// Every type name this enum decodes: current names, then aliases. A
+    /// constant, so that `#[derive(EventUnion)]` can refuse at compile time
+    /// two members that decode the same name.
+    const EVENT_TYPES: &'static [&'static str];
+
+    /// The first part of every stored type name (`#[event(prefix = "..")]`):
+    /// `Some("account")` when the names are `account.<name>`. `None` for
+    /// unions and impls without one.
+    const PREFIX: Option<&'static str> = None;
+
     /// The stable type name of this value's variant.
     fn event_type(&self) -> &'static str;
 
-    /// Every type name this enum decodes: current names and aliases. A
-    /// subscriber asks the store for just these.
-    fn event_types() -> &'static [&'static str];
+    /// [`Event::EVENT_TYPES`]: a subscriber asks the store for just these.
+    fn event_types() -> &'static [&'static str] {
+        Self::EVENT_TYPES
+    }
 
     /// The variant's content as JSON bytes.
     fn encode(&self) -> Result<Vec<u8>, EncodeError>;

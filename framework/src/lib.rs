@@ -13,6 +13,7 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! #[event(prefix = "counter")]
 //! enum CounterEvent {
 //!     Incremented { by: u32 },
 //! }
@@ -81,7 +82,9 @@ pub use event::{
 #[doc(hidden)]
 pub mod __private {
     //! Support code for `#[derive(Event)]`; not a public API.
-    pub use crate::codec::{decode_variant, encode_variant};
+    pub use crate::codec::{
+        collision_message, concat_types, decode_variant, encode_variant, union_collision,
+    };
     pub use serde_json;
 }
 mod codec;

@@ -10,6 +10,7 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! #[event(prefix = "light")]
 //! enum LightEvent { SwitchedOn, SwitchedOff }
 //!
 //! #[derive(Default)]

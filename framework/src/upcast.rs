@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::event::{DecodeError, StoredEvent};
+use crate::event::{DecodeError, Event, StoredEvent};
 
 type UpcastFn = dyn Fn(Value) -> Result<Value, String> + Send + Sync;
 
@@ -41,10 +41,14 @@ struct Upcaster {
 /// give the result a new type name ([`Upcasters::register_renamed`]). Chains
 /// are followed: an upcaster's output type may have upcasters of its own.
 /// An upcaster must leave a payload that is already current unchanged, since
-/// it runs on every event stored under its type name.
+/// it runs on every event stored under its type name. Renames that keep the
+/// payload ([`Upcasters::rename`], [`Upcasters::unqualified`]) do not parse
+/// it at all.
 #[derive(Clone, Default)]
 pub struct Upcasters {
     by_type: HashMap<String, Arc<Vec<Upcaster>>>,
+    /// Stored name -> the name it is read as, payload unchanged.
+    renames: HashMap<String, String>,
 }
 
 /// The longest chain of upcasters followed for one event (guards cycles).
@@ -90,14 +94,72 @@ impl Upcasters {
         self
     }
 
-    /// True when no upcaster is registered.
-    pub fn is_empty(&self) -> bool {
-        self.by_type.is_empty()
+    /// Reads events stored under `from` as type `to`, payload unchanged
+    /// (a rename without the JSON round trip of
+    /// [`Upcasters::register_renamed`]). Renaming one name to two targets
+    /// keeps the first: a stored name is read as exactly one type.
+    pub fn rename(mut self, from: &str, to: &str) -> Self {
+        if from != to {
+            self.renames
+                .entry(from.to_owned())
+                .or_insert_with(|| to.to_owned());
+        }
+        self
     }
 
-    /// True when an upcaster is registered for `event_type`.
+    /// Keeps reading events that `E` stored before type names were
+    /// qualified: every current name and alias of `E` stored without its
+    /// `#[event(prefix)]` (`"Opened"` for `"account.Opened"`) is read under its
+    /// qualified name. This is the migration path for a store written before
+    /// aftermath 0.2, when `#[derive(Event)]` stored bare variant names.
+    ///
+    /// The old names are global, so register each old name for one enum
+    /// only: when two enums stored the same bare name (the collision the
+    /// prefix exists to prevent), the first registration decides how those
+    /// old events are read. Types without a prefix (unions, hand-written
+    /// impls) have nothing to rename; register their members instead.
+    ///
+    /// ```
+    /// use aftermath::{Event, Upcasters};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Debug, PartialEq, Serialize, Deserialize, Event)]
+    /// #[event(prefix = "account")]
+    /// enum AccountEvent {
+    ///     Opened { owner: String },
+    ///     #[event(alias = "Credited")]
+    ///     Deposited { amount: u64 },
+    /// }
+    ///
+    /// let upcasters = Upcasters::new().unqualified::<AccountEvent>();
+    /// // Old stores hold "Opened", "Deposited" and "Credited".
+    /// assert!(upcasters.handles("Opened") && upcasters.handles("Credited"));
+    /// assert_eq!(
+    ///     upcasters.stored_types(&["account.Deposited"]),
+    ///     ["account.Deposited", "Deposited"]
+    /// );
+    /// ```
+    pub fn unqualified<E: Event>(mut self) -> Self {
+        let Some(prefix) = E::PREFIX else {
+            return self;
+        };
+        let dotted = format!("{prefix}.");
+        for name in E::EVENT_TYPES {
+            if let Some(bare) = name.strip_prefix(&dotted) {
+                self = self.rename(bare, name);
+            }
+        }
+        self
+    }
+
+    /// True when no upcaster is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_type.is_empty() && self.renames.is_empty()
+    }
+
+    /// True when an upcaster or rename is registered for `event_type`.
     pub fn handles(&self, event_type: &str) -> bool {
-        self.by_type.contains_key(event_type)
+        self.by_type.contains_key(event_type) || self.renames.contains_key(event_type)
     }
 
     /// Applies the upcasters registered for the event's type, in order of
@@ -114,19 +176,31 @@ impl Upcasters {
             event_type: event.event_type.clone(),
             message,
         };
-        let mut value: Value = serde_json::from_slice(&event.payload)
-            .map_err(|e| error(event, format!("payload is not JSON: {e}")))?;
+        // Parsed on first use: renames alone leave the payload untouched.
+        let mut value: Option<Value> = None;
         let mut current = event.event_type.clone();
         let mut steps = 0;
-        while let Some(list) = self.by_type.get(&current).cloned() {
+        loop {
             let mut renamed = None;
-            for upcaster in list.iter() {
-                value = (upcaster.f)(value)
-                    .map_err(|e| error(event, format!("upcaster for `{current}` failed: {e}")))?;
-                if upcaster.to != current {
-                    renamed = Some(upcaster.to.clone());
-                    break;
+            if let Some(list) = self.by_type.get(&current).cloned() {
+                let mut json = match value.take() {
+                    Some(json) => json,
+                    None => serde_json::from_slice(&event.payload)
+                        .map_err(|e| error(event, format!("payload is not JSON: {e}")))?,
+                };
+                for upcaster in list.iter() {
+                    json = (upcaster.f)(json).map_err(|e| {
+                        error(event, format!("upcaster for `{current}` failed: {e}"))
+                    })?;
+                    if upcaster.to != current {
+                        renamed = Some(upcaster.to.clone());
+                        break;
+                    }
                 }
+                value = Some(json);
+            }
+            if renamed.is_none() {
+                renamed = self.renames.get(&current).cloned();
             }
             steps += 1;
             match renamed {
@@ -140,8 +214,10 @@ impl Upcasters {
                 None => break,
             }
         }
-        event.payload = serde_json::to_vec(&value)
-            .map_err(|e| error(event, format!("upcasted payload does not encode: {e}")))?;
+        if let Some(value) = value {
+            event.payload = serde_json::to_vec(&value)
+                .map_err(|e| error(event, format!("upcasted payload does not encode: {e}")))?;
+        }
         event.event_type = current;
         Ok(())
     }
@@ -159,6 +235,11 @@ impl Upcasters {
                     out.push(from.clone());
                 }
             }
+            for (from, to) in &self.renames {
+                if *to == target && !out.contains(from) {
+                    out.push(from.clone());
+                }
+            }
             i += 1;
         }
         out
@@ -167,7 +248,7 @@ impl Upcasters {
 
 impl fmt::Debug for Upcasters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut types: Vec<&String> = self.by_type.keys().collect();
+        let mut types: Vec<&String> = self.by_type.keys().chain(self.renames.keys()).collect();
         types.sort();
         f.debug_struct("Upcasters").field("types", &types).finish()
     }

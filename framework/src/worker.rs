@@ -52,7 +52,7 @@
 //! #     async fn reset(&self, _: &mut aftermath::store::sqlite::SqliteTx) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
 //! #     async fn apply(&self, _: &mut aftermath::store::sqlite::SqliteTx, _: &aftermath::Recorded<Ev>) -> Result<(), aftermath::projection::HandlerError> { Ok(()) }
 //! # }
-//! # #[derive(serde::Serialize, serde::Deserialize, aftermath::Event)] enum Ev { A }
+//! # #[derive(serde::Serialize, serde::Deserialize, aftermath::Event)] #[event(prefix = "ev")] enum Ev { A }
 //! ```
 
 use std::collections::BTreeMap;

@@ -376,7 +376,7 @@ pub async fn filtered_reads<B: Backend>() {
     let f = fresh!(B, "filtered_reads");
     let s = &f.store;
     for i in 0..60u64 {
-        let t = ["Opened", "Deposited", "Withdrawn"][(i % 3) as usize];
+        let t = ["account.Opened", "account.Deposited", "account.Withdrawn"][(i % 3) as usize];
         s.append(
             &format!("f-{}", i % 5),
             ExpectedVersion::Any,
@@ -385,13 +385,13 @@ pub async fn filtered_reads<B: Backend>() {
         .await
         .unwrap();
     }
-    let types: &[&str] = &["Withdrawn", "Opened"];
+    let types: &[&str] = &["account.Withdrawn", "account.Opened"];
     let got: Vec<StoredEvent> = read_all_pages(s, Position::ORIGIN, Some(types), 7)
         .try_collect()
         .await
         .unwrap();
     assert_eq!(got.len(), 40);
-    assert!(got.iter().all(|e| e.event_type != "Deposited"));
+    assert!(got.iter().all(|e| e.event_type != "account.Deposited"));
     assert!(got.windows(2).all(|p| p[0].position < p[1].position));
     let all = all_events(s).await;
     let want: Vec<Uuid> = all
@@ -504,7 +504,7 @@ pub async fn stream_reads_both_directions<B: Backend>() {
         .unwrap()[0];
     assert_eq!(
         (e.stream.as_str(), e.event_type.as_str()),
-        ("s-1", "Deposited")
+        ("s-1", "account.Deposited")
     );
     assert_eq!(e.payload, br#"{"amount":2}"#.to_vec());
 }
@@ -534,7 +534,7 @@ pub async fn large_stream_paged<B: Backend>() {
     let mut all = std::pin::pin!(read_all_pages(
         s,
         Position::ORIGIN,
-        Some(&["Deposited"]),
+        Some(&["account.Deposited"]),
         1000
     ));
     while all.try_next().await.unwrap().is_some() {
@@ -599,14 +599,14 @@ pub async fn undecodable_payload_is_typed_error<B: Backend>() {
     s.append(
         "account-bad",
         ExpectedVersion::NoStream,
-        vec![raw("Opened", r#"{"owner":"ann"}"#)],
+        vec![raw("account.Opened", r#"{"owner":"ann"}"#)],
     )
     .await
     .unwrap();
     s.append(
         "account-bad",
         ExpectedVersion::Exact(1),
-        vec![raw("Deposited", r#"{"amount":"ten"}"#)],
+        vec![raw("account.Deposited", r#"{"amount":"ten"}"#)],
     )
     .await
     .unwrap();
@@ -618,7 +618,7 @@ pub async fn undecodable_payload_is_typed_error<B: Backend>() {
     let err = events[1].decode::<AccountEvent>().unwrap_err();
     assert_eq!(
         (err.stream.as_str(), err.version, err.event_type.as_str()),
-        ("account-bad", 2, "Deposited")
+        ("account-bad", 2, "account.Deposited")
     );
     assert_eq!(err.position, events[1].position);
     assert!(
@@ -651,25 +651,25 @@ pub async fn undecodable_payload_is_typed_error<B: Backend>() {
 pub async fn upcasters_apply_on_every_read_path<B: Backend>() {
     let upcasters = Upcasters::new()
         // v1 deposits stored cents as a string.
-        .register("Deposited", |mut v| {
+        .register("account.Deposited", |mut v| {
             if let Some(cents) = v.get("cents").and_then(|c| c.as_str()).map(str::to_owned) {
                 let amount: u64 = cents.parse().map_err(|e| format!("cents `{cents}`: {e}"))?;
                 v = serde_json::json!({ "amount": amount });
             }
             Ok(v)
         })
-        // "Credited" was the old name of "Deposited", with the same old shape.
-        .register_renamed("Credited", "Deposited", Ok);
+        // "account.Credited" was the old name of "account.Deposited", with the same old shape.
+        .register_renamed("account.Credited", "account.Deposited", Ok);
     let f = fresh!(B, "upcasters_apply_on_every_read_path", upcasters);
     let s = &f.store;
     s.append(
         "account-up",
         ExpectedVersion::NoStream,
         vec![
-            raw("Opened", r#"{"owner":"ann"}"#),
-            raw("Deposited", r#"{"cents":"5"}"#),
-            raw("Credited", r#"{"cents":"7"}"#),
-            raw("Deposited", r#"{"amount":11}"#),
+            raw("account.Opened", r#"{"owner":"ann"}"#),
+            raw("account.Deposited", r#"{"cents":"5"}"#),
+            raw("account.Credited", r#"{"cents":"7"}"#),
+            raw("account.Deposited", r#"{"amount":11}"#),
         ],
     )
     .await
@@ -680,11 +680,12 @@ pub async fn upcasters_apply_on_every_read_path<B: Backend>() {
         23,
         "aggregate load upcasts"
     );
-    let deposits: Vec<AccountEvent> = read_all_pages(s, Position::ORIGIN, Some(&["Deposited"]), 2)
-        .map_ok(|e| e.decode_known::<AccountEvent>().unwrap().event)
-        .try_collect()
-        .await
-        .unwrap();
+    let deposits: Vec<AccountEvent> =
+        read_all_pages(s, Position::ORIGIN, Some(&["account.Deposited"]), 2)
+            .map_ok(|e| e.decode_known::<AccountEvent>().unwrap().event)
+            .try_collect()
+            .await
+            .unwrap();
     assert_eq!(
         deposits,
         vec![
@@ -695,7 +696,7 @@ pub async fn upcasters_apply_on_every_read_path<B: Backend>() {
         "filtered $all read finds renamed types and upcasts"
     );
     let all = all_events(s).await;
-    assert_eq!(all[2].event_type, "Deposited");
+    assert_eq!(all[2].event_type, "account.Deposited");
     let id = all[1].id;
     let found = s.find_event(id).await.unwrap().unwrap();
     assert_eq!(found.payload, br#"{"amount":5}"#.to_vec());
@@ -703,7 +704,7 @@ pub async fn upcasters_apply_on_every_read_path<B: Backend>() {
     s.append(
         "account-up2",
         ExpectedVersion::NoStream,
-        vec![raw("Deposited", r#"{"cents":"x"}"#)],
+        vec![raw("account.Deposited", r#"{"cents":"x"}"#)],
     )
     .await
     .unwrap();
@@ -822,7 +823,7 @@ pub async fn repository_conflicts_are_retried<B: Backend>() {
                     .append(
                         "account-c",
                         ExpectedVersion::Exact(v),
-                        vec![crate::raw("Deposited", r#"{"amount":0}"#)],
+                        vec![crate::raw("account.Deposited", r#"{"amount":0}"#)],
                     )
                     .await;
             })
@@ -1065,7 +1066,10 @@ pub async fn partitioned_reads<B: Backend>() {
     }
     let all = all_events(s).await;
     assert!(all.len() > 100);
-    let deposited: Vec<&StoredEvent> = all.iter().filter(|e| e.event_type == "Deposited").collect();
+    let deposited: Vec<&StoredEvent> = all
+        .iter()
+        .filter(|e| e.event_type == "account.Deposited")
+        .collect();
     assert!(
         s.read_all_partition(Position::ORIGIN, None, Partition::new(0, 2), 0)
             .await
@@ -1074,7 +1078,7 @@ pub async fn partitioned_reads<B: Backend>() {
     );
 
     for count in [1u32, 2, 3, 4, 7] {
-        for types in [None, Some(&["Deposited"][..])] {
+        for types in [None, Some(&["account.Deposited"][..])] {
             let mut seen: Vec<StoredEvent> = Vec::new();
             for index in 0..count {
                 let partition = Partition::new(index, count);
@@ -1096,7 +1100,7 @@ pub async fn partitioned_reads<B: Backend>() {
                             e.stream
                         );
                         if types.is_some() {
-                            assert_eq!(e.event_type, "Deposited");
+                            assert_eq!(e.event_type, "account.Deposited");
                         }
                     }
                     let short = page.len() < 5;
@@ -1115,7 +1119,7 @@ pub async fn partitioned_reads<B: Backend>() {
                     let want: Vec<u64> = all
                         .iter()
                         .filter(|e| e.stream == stream)
-                        .filter(|e| types.is_none() || e.event_type == "Deposited")
+                        .filter(|e| types.is_none() || e.event_type == "account.Deposited")
                         .map(|e| e.version)
                         .collect();
                     assert_eq!(got, want, "stream {stream} in partition {partition}");
@@ -1159,7 +1163,7 @@ pub async fn partitioned_reads<B: Backend>() {
         .unwrap();
     let mut reader = CatchUp::new(
         s.clone(),
-        Some(vec!["Deposited", "Pinged"]),
+        Some(vec!["account.Deposited", "Pinged"]),
         last_mine,
         SubscriptionOptions::default().batch_size(2),
     )
@@ -1307,14 +1311,14 @@ async fn correlation_pages<S: EventStore>(
 /// the backend's own implementation and on the trait's default scan.
 pub async fn read_correlation_across_streams<B: Backend>() {
     let upcasters = Upcasters::new()
-        .register("Deposited", |mut v| {
+        .register("account.Deposited", |mut v| {
             if let Some(cents) = v.get("cents").and_then(|c| c.as_str()).map(str::to_owned) {
                 let amount: u64 = cents.parse().map_err(|e| format!("cents `{cents}`: {e}"))?;
                 v = serde_json::json!({ "amount": amount });
             }
             Ok(v)
         })
-        .register_renamed("Credited", "Deposited", Ok);
+        .register_renamed("account.Credited", "account.Deposited", Ok);
     let f = fresh!(B, "read_correlation_across_streams", upcasters);
     let s = &f.store;
     let order = Uuid::now_v7();
@@ -1323,12 +1327,16 @@ pub async fn read_correlation_across_streams<B: Backend>() {
     for round in 0..4u64 {
         for (i, stream) in ["order-7", "payment-7", "shipping-7"].iter().enumerate() {
             let mine = if (round + i as u64).is_multiple_of(2) {
-                correlated("Credited", r#"{"cents":"7"}"#, order)
+                correlated("account.Credited", r#"{"cents":"7"}"#, order)
             } else {
-                correlated("Deposited", &format!(r#"{{"amount":{round}}}"#), order)
+                correlated(
+                    "account.Deposited",
+                    &format!(r#"{{"amount":{round}}}"#),
+                    order,
+                )
             };
             want_ids.push(mine.id);
-            let theirs = correlated("Deposited", r#"{"amount":1}"#, other);
+            let theirs = correlated("account.Deposited", r#"{"amount":1}"#, other);
             // Another conversation in the same stream, and one of its own.
             s.append(stream, ExpectedVersion::Any, vec![theirs, mine])
                 .await
@@ -1355,8 +1363,8 @@ pub async fn read_correlation_across_streams<B: Backend>() {
     }
     // Two events of the conversation in one batch.
     let batch = vec![
-        correlated("Opened", r#"{"owner":"ann"}"#, order),
-        correlated("Deposited", r#"{"cents":"9"}"#, order),
+        correlated("account.Opened", r#"{"owner":"ann"}"#, order),
+        correlated("account.Deposited", r#"{"cents":"9"}"#, order),
     ];
     want_ids.extend(batch.iter().map(|e| e.id));
     s.append("account-7", ExpectedVersion::NoStream, batch)
@@ -1388,14 +1396,14 @@ pub async fn read_correlation_across_streams<B: Backend>() {
             "{how}: every event of the conversation, as read_all reads it"
         );
         assert!(
-            got.iter().all(|e| e.event_type != "Credited"),
+            got.iter().all(|e| e.event_type != "account.Credited"),
             "{how}: upcasters apply"
         );
         let credited = got
             .iter()
             .find(|e| e.id == want_ids[0])
             .expect("the first event");
-        assert_eq!(credited.event_type, "Deposited", "{how}: renamed");
+        assert_eq!(credited.event_type, "account.Deposited", "{how}: renamed");
         assert_eq!(
             credited.payload,
             br#"{"amount":7}"#.to_vec(),
@@ -1474,4 +1482,185 @@ impl<S: EventStore> DynCorrelation for S {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.read_correlation(correlation, after, limit).await
     }
+}
+
+/// Another aggregate's events, with a variant named like `AccountEvent`'s
+/// and the same payload shape: with bare type names, a reader of either
+/// enum would decode the other's `Opened` as its own without an error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, aftermath::Event)]
+#[event(prefix = "order")]
+enum OrderEvent {
+    Opened { owner: String },
+    Shipped,
+}
+
+/// Every event of `$all` whose type `E` declares, read in small pages the
+/// way every subscriber reads (types pushed into the store's query), each
+/// decoded as a subscriber does: an event it does not know is an error.
+async fn subscribe<S: EventStore, E: aftermath::Event>(store: &S) -> Vec<aftermath::Recorded<E>> {
+    read_all_pages(store, Position::ORIGIN, Some(E::event_types()), 2)
+        .map_ok(|stored| {
+            stored
+                .decode_known::<E>()
+                .unwrap_or_else(|e| panic!("a subscriber got an event it does not know: {e}"))
+        })
+        .try_collect()
+        .await
+        .expect("read $all")
+}
+
+/// `AccountEvent::Opened` and `OrderEvent::Opened` in one store: a subscriber
+/// of each receives only its own, because stored names carry the enum's
+/// prefix (`account.Opened`, `order.Opened`).
+pub async fn each_subscriber_receives_only_its_own_events<B: Backend>() {
+    let f = fresh!(B, "each_subscriber_receives_only_its_own_events");
+    let s = &f.store;
+    for i in 0..3 {
+        let owner = format!("owner-{i}");
+        s.append(
+            &format!("account-{i}"),
+            ExpectedVersion::NoStream,
+            vec![
+                aftermath::EventData::fresh(&AccountEvent::Opened {
+                    owner: owner.clone(),
+                })
+                .unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        s.append(
+            &format!("order-{i}"),
+            ExpectedVersion::NoStream,
+            vec![
+                aftermath::EventData::fresh(&OrderEvent::Opened { owner }).unwrap(),
+                aftermath::EventData::fresh(&OrderEvent::Shipped).unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let stored: Vec<String> = all_events(s)
+        .await
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(
+        stored.iter().filter(|t| *t == "account.Opened").count(),
+        3,
+        "{stored:?}"
+    );
+    assert_eq!(
+        stored.iter().filter(|t| *t == "order.Opened").count(),
+        3,
+        "{stored:?}"
+    );
+
+    let accounts = subscribe::<_, AccountEvent>(s).await;
+    assert_eq!(accounts.len(), 3, "only the three accounts' events");
+    assert!(
+        accounts.iter().all(|e| e.stream.starts_with("account-")),
+        "{:?}",
+        accounts.iter().map(|e| &e.stream).collect::<Vec<_>>()
+    );
+    let orders = subscribe::<_, OrderEvent>(s).await;
+    assert_eq!(orders.len(), 6, "only the three orders' events");
+    assert!(orders.iter().all(|e| e.stream.starts_with("order-")));
+    assert_eq!(
+        orders
+            .iter()
+            .filter(|e| matches!(e.event, OrderEvent::Opened { .. }))
+            .count(),
+        3
+    );
+    // Aggregate loads read their own stream as before.
+    let repo = Repository::<Account, _>::new(s.clone());
+    assert_eq!(
+        repo.load("1").await.unwrap().state.owner.as_deref(),
+        Some("owner-1")
+    );
+}
+
+/// A store written before names were qualified (bare "Opened",
+/// "Deposited", an old alias "MoneyWithdrawn") keeps loading with
+/// `Upcasters::unqualified::<AccountEvent>()`: aggregates fold the old events
+/// with the new ones, a subscriber of `AccountEvent` receives them under
+/// their qualified names, a pure rename leaves the payload bytes as stored,
+/// and bare names of other enums are not picked up.
+pub async fn unqualified_names_of_old_stores_still_load<B: Backend>() {
+    let upcasters = Upcasters::new().unqualified::<AccountEvent>();
+    let f = fresh!(B, "unqualified_names_of_old_stores_still_load", upcasters);
+    let s = &f.store;
+    s.append(
+        "account-old",
+        ExpectedVersion::NoStream,
+        vec![
+            raw("Opened", r#"{ "owner": "ann" }"#),
+            raw("Deposited", r#"{"amount":5}"#),
+            raw("MoneyWithdrawn", r#"{"amount":2}"#),
+        ],
+    )
+    .await
+    .unwrap();
+    s.append(
+        "account-old",
+        ExpectedVersion::Exact(3),
+        vec![aftermath::EventData::fresh(&AccountEvent::Deposited { amount: 10 }).unwrap()],
+    )
+    .await
+    .unwrap();
+    s.append(
+        "ping-1",
+        ExpectedVersion::NoStream,
+        vec![raw("Pinged", "{}")],
+    )
+    .await
+    .unwrap();
+
+    let repo = Repository::<Account, _>::new(s.clone());
+    let loaded = repo.load("old").await.unwrap().state;
+    assert_eq!(
+        (loaded.owner.as_deref(), loaded.balance, loaded.applied),
+        (Some("ann"), 13, 4)
+    );
+
+    let seen = subscribe::<_, AccountEvent>(s).await;
+    assert_eq!(
+        seen.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        vec![
+            AccountEvent::Opened {
+                owner: "ann".into()
+            },
+            AccountEvent::Deposited { amount: 5 },
+            AccountEvent::Withdrew { amount: 2 },
+            AccountEvent::Deposited { amount: 10 },
+        ]
+    );
+    let stream = s
+        .read_stream("account-old", 1, Direction::Forward, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        stream
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "account.Opened",
+            "account.Deposited",
+            "account.MoneyWithdrawn",
+            "account.Deposited"
+        ]
+    );
+    assert_eq!(
+        stream[0].payload,
+        br#"{ "owner": "ann" }"#.to_vec(),
+        "a rename keeps the bytes"
+    );
+    let all = all_events(s).await;
+    assert_eq!(
+        all.last().unwrap().event_type,
+        "Pinged",
+        "other bare names stay as stored"
+    );
 }

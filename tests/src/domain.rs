@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Events of an account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "account")]
 pub enum AccountEvent {
     /// The account was opened.
     Opened {

@@ -77,10 +77,10 @@ pub fn raw(event_type: &str, payload: &str) -> EventData {
     }
 }
 
-/// `n` raw "Deposited" events with amounts `start..start + n`.
+/// `n` raw "account.Deposited" events with amounts `start..start + n`.
 pub fn deposits(start: u64, n: u64) -> Vec<EventData> {
     (start..start + n)
-        .map(|i| raw("Deposited", &format!(r#"{{"amount":{i}}}"#)))
+        .map(|i| raw("account.Deposited", &format!(r#"{{"amount":{i}}}"#)))
         .collect()
 }
 
@@ -113,6 +113,8 @@ macro_rules! conformance_tests {
             stale_snapshot_is_ignored,
             partitioned_reads,
             read_correlation_across_streams,
+            each_subscriber_receives_only_its_own_events,
+            unqualified_names_of_old_stores_still_load,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {

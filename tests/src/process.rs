@@ -306,6 +306,7 @@ pub enum CounterCommand {
 
 /// What a counter records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "counter")]
 pub enum CounterEvent {
     /// `n` was added.
     #[event(name = "CounterAdded")]
@@ -351,6 +352,7 @@ impl Aggregate for Counter {
 
 /// The inputs of [`Tally`] (appended straight to the log by the tests).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "tally")]
 pub enum TallyEvent {
     /// Starts instance `tally` (strictly: an error if it exists).
     #[event(name = "TallyOpened")]
@@ -520,6 +522,7 @@ pub enum StepCommand {
 
 /// What a step records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "step")]
 pub enum StepEvent {
     /// It was done.
     #[event(name = "StepDone")]
@@ -577,6 +580,7 @@ impl Aggregate for Step {
 
 /// Starts a chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "chain")]
 pub enum ChainEvent {
     /// Start chain `chain`.
     #[event(name = "ChainStarted")]
@@ -1129,7 +1133,7 @@ pub async fn fulfillment_shipping_races_its_deadline<B: ProcessBackend>() {
         .expect("the deadline was delivered");
     let shipped_at = inputs
         .iter()
-        .position(|i| matches!(i, InputRecord::Event { event_type, .. } if event_type == "Shipped"))
+        .position(|i| matches!(i, InputRecord::Event { event_type, .. } if event_type == "shipping.Shipped"))
         .expect("the confirmation was handled");
     assert!(deadline_at < shipped_at, "{inputs:?}");
     assert_eq!(deadlines_received(&recs).len(), 1);
@@ -1448,7 +1452,7 @@ pub async fn deadline_due_with_completion_deadline_first<B: ProcessBackend>() {
     assert_eq!(inputs.len(), 4, "{inputs:?}");
     assert!(matches!(inputs[2], InputRecord::Deadline { deadline, .. } if deadline.name == "wake"));
     assert!(
-        matches!(inputs[3], InputRecord::Event { event_type, .. } if event_type == "TallyClosed")
+        matches!(inputs[3], InputRecord::Event { event_type, .. } if event_type == "tally.TallyClosed")
     );
     assert!(completed(&recs));
     assert!(
@@ -1706,7 +1710,7 @@ pub async fn compensations_run_newest_first_after_a_rejection<B: ProcessBackend>
     for step in ["a", "b", "c"] {
         let events = stream(store, &format!("step-x-{step}")).await;
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        assert_eq!(types, ["StepDone", "StepUndone"], "step {step}");
+        assert_eq!(types, ["step.StepDone", "step.StepUndone"], "step {step}");
         let undo = recs
             .iter()
             .find(|(_, r)| matches!(r, ProcessRecord::CommandSent { command, compensation: true } if command.id == format!("x-{step}")))
@@ -1752,7 +1756,7 @@ pub async fn timeline_in_causal_order<B: ProcessBackend>() {
     }
 
     let events: Vec<&StoredEvent> = tl.events().collect();
-    assert_eq!(events[0].event_type, "ChainStarted", "{text}");
+    assert_eq!(events[0].event_type, "chain.ChainStarted", "{text}");
     assert_eq!(events[0].id, run.correlation);
     let mut seen = HashSet::new();
     let mut last = Position::ORIGIN;
@@ -2001,7 +2005,7 @@ pub async fn strict_start_of_existing_instance_stops_the_runner<B: ProcessBacken
                 assert_eq!(subscriber, "tally");
                 assert_eq!(position, misrouted.position);
                 assert_eq!((stream.as_str(), version), ("tally-in-2", 1));
-                assert_eq!(event_type, "TallyOpened");
+                assert_eq!(event_type, "tally.TallyOpened");
                 assert!(message.contains("StartStrict"), "{message}");
                 assert!(message.contains("already exists"), "{message}");
             }

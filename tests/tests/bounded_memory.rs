@@ -73,7 +73,7 @@ async fn check<S: EventStore>(name: &str, store: &S) {
         let mut events = std::pin::pin!(read_all_pages(
             store,
             Position::ORIGIN,
-            Some(&["Deposited"]),
+            Some(&["account.Deposited"]),
             PAGE
         ));
         let mut n = 0;

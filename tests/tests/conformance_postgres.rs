@@ -325,7 +325,7 @@ async fn correlation_reads_stay_below_the_horizon() {
     let writer = connect(&url, options.clone()).await;
     let reader = connect(&url, options).await;
     let correlation = Uuid::now_v7();
-    let mut first = aftermath_tests::raw("Opened", "{}");
+    let mut first = aftermath_tests::raw("account.Opened", "{}");
     first.metadata.correlation_id = correlation;
     writer
         .append("c-1", ExpectedVersion::NoStream, vec![first.clone()])
@@ -340,7 +340,7 @@ async fn correlation_reads_stay_below_the_horizon() {
     append_in(&mut blocker, &guard.schema, "c-0", &deposits(5, 1))
         .await
         .unwrap();
-    let mut second = aftermath_tests::raw("Deposited", r#"{"amount":1}"#);
+    let mut second = aftermath_tests::raw("account.Deposited", r#"{"amount":1}"#);
     second.metadata.correlation_id = correlation;
     writer
         .append("c-2", ExpectedVersion::NoStream, vec![second.clone()])

@@ -233,7 +233,7 @@ async fn outbox_publishes_headers_and_subjects() {
     // Withdrawals stay private in this test.
     let public: Vec<StoredEvent> = events
         .iter()
-        .filter(|e| e.event_type != "Withdrawn")
+        .filter(|e| e.event_type != "account.Withdrawn")
         .cloned()
         .collect();
     assert_eq!(public.len(), 16);

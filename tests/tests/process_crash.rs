@@ -235,14 +235,14 @@ struct Progress {
 
 impl Progress {
     async fn update(&mut self, store: &SqliteStore) {
-        const TYPES: &[&str] = &["OrderPlaced", "aftermath.process.Completed"];
+        const TYPES: &[&str] = &["order.Placed", "aftermath.process.Completed"];
         loop {
             let page = store
                 .read_all(self.after, Some(TYPES), 1_000)
                 .await
                 .expect("read progress");
             for e in &page {
-                if e.event_type == "OrderPlaced" {
+                if e.event_type == "order.Placed" {
                     self.placed += 1;
                 } else {
                     self.completed.insert(e.stream.clone());
@@ -440,11 +440,11 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
             continue;
         }
         match e.event_type.as_str() {
-            "OrderPlaced" | "StockRestocked" => continue,
-            "Shipped" => {
+            "order.Placed" | "inventory.Restocked" => continue,
+            "shipping.Shipped" => {
                 let requested = stream(&e.stream)
                     .iter()
-                    .find(|x| x.event_type == "ShippingRequested");
+                    .find(|x| x.event_type == "shipping.Requested");
                 if requested.map(|x| x.id) != Some(e.metadata.causation_id)
                     || e.id != derived_event_id(carrier_command_id(&e.stream), 0)
                 {
@@ -530,13 +530,14 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
         let o = p.id.as_str();
         let order = orders.load(o).await.expect("load order").state;
         let order_events = stream(&format!("order-{o}"));
-        let closed = count(order_events, "OrderConfirmed") + count(order_events, "OrderCancelled");
-        if count(order_events, "OrderPlaced") != 1 || closed != 1 {
+        let closed =
+            count(order_events, "order.Confirmed") + count(order_events, "order.Cancelled");
+        if count(order_events, "order.Placed") != 1 || closed != 1 {
             r.fail(
                 Some(o),
                 format!(
-                    "order stream has {} OrderPlaced and {closed} closing events",
-                    count(order_events, "OrderPlaced")
+                    "order stream has {} order.Placed and {closed} closing events",
+                    count(order_events, "order.Placed")
                 ),
             );
         }
@@ -552,8 +553,8 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
             .unwrap_or_default();
 
         let payment_events = stream(&format!("payment-{o}"));
-        let charged_events = count(payment_events, "PaymentCharged");
-        let refunded_events = count(payment_events, "PaymentRefunded");
+        let charged_events = count(payment_events, "payment.Charged");
+        let refunded_events = count(payment_events, "payment.Refunded");
         if charged_events > 1 || refunded_events > 1 {
             r.fail(
                 Some(o),
@@ -564,9 +565,9 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
 
         let shipping_events = stream(&format!("shipping-{o}"));
         let (requested, shipped, called_off) = (
-            count(shipping_events, "ShippingRequested"),
-            count(shipping_events, "Shipped"),
-            count(shipping_events, "ShippingCancelled"),
+            count(shipping_events, "shipping.Requested"),
+            count(shipping_events, "shipping.Shipped"),
+            count(shipping_events, "shipping.Cancelled"),
         );
         let shipping = shipments.load(o).await.expect("load shipping").state;
         if requested > 1 || shipped > 1 || called_off > 1 || shipped + called_off > 1 {
@@ -581,9 +582,9 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
         let stock_events = stock_events.get(o).map(Vec::as_slice).unwrap_or_default();
         let of = |t: &str| stock_events.iter().filter(|x| **x == t).count();
         let (reserved, released, committed) = (
-            of("StockReserved"),
-            of("StockReleased"),
-            of("StockCommitted"),
+            of("inventory.Reserved"),
+            of("inventory.Released"),
+            of("inventory.Committed"),
         );
         if reserved > 1 || released + committed != reserved {
             r.fail(

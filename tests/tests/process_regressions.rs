@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 // --- a gate that refuses to close twice -------------------------------------
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "gate")]
 enum GateEvent {
     Opened {},
     Closed {},
@@ -52,6 +53,7 @@ impl Aggregate for Gate {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "shift")]
 enum ShiftEvent {
     Ended { shift: String },
 }
@@ -136,6 +138,7 @@ async fn refusal_after_completion_is_recorded_and_not_sent_again() {
 mod v1 {
     use super::*;
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    #[event(prefix = "pay")]
     pub enum Pay {
         Requested { order: String, cents: u64 },
         Settled { order: String },
@@ -145,6 +148,7 @@ mod v1 {
 mod v2 {
     use super::*;
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+    #[event(prefix = "pay")]
     pub enum Pay {
         Requested { order: String, amount: u64 },
         Settled { order: String },
@@ -208,7 +212,7 @@ async fn upcasters_apply_to_inputs_kept_by_an_instance() {
         assert_eq!(runner.instance("o1").await.unwrap().state, 250);
     }
     // v2 renamed the field; an upcaster brings old payloads along.
-    let upcasters = Upcasters::new().register("Requested", |mut v| {
+    let upcasters = Upcasters::new().register("pay.Requested", |mut v| {
         if let Some(cents) = v.get("cents").cloned() {
             v["amount"] = cents;
         }
@@ -241,6 +245,7 @@ async fn upcasters_apply_to_inputs_kept_by_an_instance() {
 // --- a firing deadline is no longer set -------------------------------------
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "job")]
 enum Job {
     Started { job: String },
 }
@@ -333,6 +338,7 @@ async fn unreadable_target_stream_parks_the_instance_naming_the_command() {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "timer")]
 enum Timer {
     Armed { timer: String, days: i64 },
 }

@@ -258,7 +258,7 @@ async fn interleaved(store: &impl EventStore) -> u64 {
         )
         .await;
         if i % 10 == 0 {
-            let old = raw("MoneyWithdrawn", r#"{"amount":2}"#);
+            let old = raw("account.MoneyWithdrawn", r#"{"amount":2}"#);
             raw_append(store, "account-0", vec![old]).await;
             accounts += 1;
         }
@@ -827,7 +827,7 @@ async fn undecodable_payload_stops_or_is_skipped() {
     raw_append(
         &store,
         "account-bad",
-        vec![raw("Deposited", r#"{"amount":"lots"}"#)],
+        vec![raw("account.Deposited", r#"{"amount":"lots"}"#)],
     )
     .await;
     let head = append_accounts(&store, 10, 10, 10, 1).await;
@@ -851,7 +851,7 @@ async fn undecodable_payload_stops_or_is_skipped() {
                     version,
                     event_type.as_str()
                 ),
-                ("bal", Position(11), "account-bad", 1, "Deposited")
+                ("bal", Position(11), "account-bad", 1, "account.Deposited")
             );
             assert!(!message.is_empty());
         }

@@ -941,7 +941,7 @@ async fn cleanup_removes_old_finished_only<J: EffectJournal>(journal: J) {
                 event_id: Uuid::now_v7(),
                 position: Position((i * 2 + j) as u64 + 1),
                 stream: format!("s-{i}"),
-                event_type: "Deposited".into(),
+                event_type: "account.Deposited".into(),
                 state: *state,
                 attempts: 1,
                 last_error: None,
@@ -997,7 +997,7 @@ async fn effects_for_lists_every_reactor<J: EffectJournal>(journal: J) {
         event_id,
         position: Position(position),
         stream: format!("s-{}", position % 3),
-        event_type: "Deposited".into(),
+        event_type: "account.Deposited".into(),
         state,
         attempts: 1,
         last_error: (state == EffectState::Parked).then(|| "refused".to_owned()),
@@ -1306,7 +1306,7 @@ async fn entries_keep_created_at<J: EffectJournal>(journal: J) {
         event_id: Uuid::now_v7(),
         position: Position(1),
         stream: "s".into(),
-        event_type: "Deposited".into(),
+        event_type: "account.Deposited".into(),
         state: EffectState::Started,
         attempts: 1,
         last_error: None,
@@ -1411,7 +1411,7 @@ async fn undecodable_event_is_parked_with_its_error() {
         MemoryCheckpoints::new(),
     );
     let service = service().await;
-    let bad = aftermath_tests::raw("Deposited", r#"{"amount":"lots"}"#);
+    let bad = aftermath_tests::raw("account.Deposited", r#"{"amount":"lots"}"#);
     let bad_id = bad.id;
     store
         .append("account-0", aftermath::ExpectedVersion::Any, vec![bad])

@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 
 // An alias may not be another variant's name...
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "account")]
 enum AccountEvent {
     Opened {
         owner: String,
@@ -15,6 +16,7 @@ enum AccountEvent {
 
 // ...nor another variant's alias.
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "order")]
 enum OrderEvent {
     #[event(alias = "Created")]
     Placed,
@@ -25,6 +27,7 @@ enum OrderEvent {
 
 // ...nor repeat within one variant.
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "cart")]
 enum CartEvent {
     #[event(alias = "Cleared")]
     Cleared,

@@ -2,6 +2,7 @@ use aftermath::{Event, EventUnion};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "order")]
 enum OrderEvent {
     Placed { items: u32 },
 }

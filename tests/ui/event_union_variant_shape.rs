@@ -2,11 +2,13 @@ use aftermath::{Event, EventUnion};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "order")]
 enum OrderEvent {
     Placed { items: u32 },
 }
 
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "payment")]
 enum PaymentEvent {
     Captured { cents: u64 },
 }

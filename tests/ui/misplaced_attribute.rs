@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Event)]
 #[event(name = "Account")]
+#[event(prefix = "account")]
 enum AccountEvent {
     Opened {
         #[event(name = "who")]
@@ -11,6 +12,7 @@ enum AccountEvent {
 }
 
 #[derive(Serialize, Deserialize, Event)]
+#[event(prefix = "order")]
 enum OrderEvent {
     #[event]
     Placed,

@@ -61,9 +61,9 @@ pub enum OrderCommand {
 
 /// What happened to an order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "order")]
 pub enum OrderEvent {
     /// It was placed.
-    #[event(name = "OrderPlaced")]
     Placed {
         /// The order id.
         order: String,
@@ -81,7 +81,6 @@ pub enum OrderEvent {
         address: String,
     },
     /// It was fulfilled.
-    #[event(name = "OrderConfirmed")]
     Confirmed {
         /// The order id.
         order: String,
@@ -89,7 +88,6 @@ pub enum OrderEvent {
         customer: String,
     },
     /// It was cancelled.
-    #[event(name = "OrderCancelled")]
     Cancelled {
         /// The order id.
         order: String,
@@ -228,9 +226,9 @@ pub enum InventoryCommand {
 
 /// What happened to an SKU's stock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "inventory")]
 pub enum InventoryEvent {
     /// Units arrived.
-    #[event(name = "StockRestocked")]
     Restocked {
         /// The SKU.
         sku: String,
@@ -238,7 +236,6 @@ pub enum InventoryEvent {
         quantity: u32,
     },
     /// Units held for an order.
-    #[event(name = "StockReserved")]
     Reserved {
         /// The SKU.
         sku: String,
@@ -248,7 +245,6 @@ pub enum InventoryEvent {
         quantity: u32,
     },
     /// A reservation undone.
-    #[event(name = "StockReleased")]
     Released {
         /// The SKU.
         sku: String,
@@ -258,7 +254,6 @@ pub enum InventoryEvent {
         quantity: u32,
     },
     /// Reserved units shipped.
-    #[event(name = "StockCommitted")]
     Committed {
         /// The SKU.
         sku: String,
@@ -397,9 +392,9 @@ pub enum PaymentCommand {
 
 /// What happened to a payment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "payment")]
 pub enum PaymentEvent {
     /// Money taken.
-    #[event(name = "PaymentCharged")]
     Charged {
         /// The order.
         order: String,
@@ -407,7 +402,6 @@ pub enum PaymentEvent {
         amount: u64,
     },
     /// Money returned.
-    #[event(name = "PaymentRefunded")]
     Refunded {
         /// The order.
         order: String,
@@ -495,9 +489,9 @@ pub enum ShippingCommand {
 
 /// What happened to a shipment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "shipping")]
 pub enum ShippingEvent {
     /// A pickup was requested.
-    #[event(name = "ShippingRequested")]
     Requested {
         /// The order.
         order: String,
@@ -505,13 +499,11 @@ pub enum ShippingEvent {
         address: String,
     },
     /// The carrier has it.
-    #[event(name = "Shipped")]
     Shipped {
         /// The order.
         order: String,
     },
     /// Called off.
-    #[event(name = "ShippingCancelled")]
     Cancelled {
         /// The order.
         order: String,

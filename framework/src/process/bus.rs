@@ -158,6 +158,7 @@ where
 /// # use aftermath::prelude::*;
 /// # use aftermath::process::CommandBus;
 /// # #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Event)]
+/// # #[event(prefix = "ev")]
 /// # enum Ev { Done {} }
 /// # #[derive(Default)] struct Thing;
 /// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;

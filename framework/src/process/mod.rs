@@ -57,13 +57,14 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! #[event(prefix = "order")]
 //! enum OrderEvent { Placed { order: String, amount: u64 } }
 //!
 //! #[derive(Default)]
 //! struct Payment;
 //! #[derive(Debug, Clone, Serialize, Deserialize)]
 //! enum PaymentCommand { Charge { order: String, amount: u64 } }
-//! # #[derive(Debug, Clone, Serialize, Deserialize, Event)] enum PaymentEvent { Charged {} }
+//! # #[derive(Debug, Clone, Serialize, Deserialize, Event)] #[event(prefix = "payment")] enum PaymentEvent { Charged {} }
 //! # #[derive(Debug, thiserror::Error)] #[error("declined")] struct Declined;
 //! impl Aggregate for Payment {
 //!     const CATEGORY: &'static str = "payment";

@@ -11,15 +11,16 @@ use crate::event::{DecodeError, Event, Metadata, Position, StoredEvent};
 /// One fact in a process instance's stream. The type names start with
 /// `aftermath.process.`; they are stable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::Event)]
+#[event(prefix = "aftermath.process")]
 pub enum ProcessRecord {
     /// An input was handled; the outputs decided follow it in the same append.
-    #[event(name = "aftermath.process.Received")]
+    #[event(name = "Received")]
     Received {
         /// The input.
         input: InputRecord,
     },
     /// A command to an aggregate. The record's event id is the command's id.
-    #[event(name = "aftermath.process.CommandSent")]
+    #[event(name = "CommandSent")]
     CommandSent {
         /// What and where.
         command: CommandSpec,
@@ -28,20 +29,20 @@ pub enum ProcessRecord {
     },
     /// The command that undoes a step that succeeded, kept until the process
     /// asks for compensation.
-    #[event(name = "aftermath.process.CompensationRegistered")]
+    #[event(name = "CompensationRegistered")]
     CompensationRegistered {
         /// The undo command.
         command: CommandSpec,
     },
     /// The process asked for compensation: the registered commands follow,
     /// newest first, as `CommandSent { compensation: true }`.
-    #[event(name = "aftermath.process.Compensating")]
+    #[event(name = "Compensating")]
     Compensating {
         /// How many commands follow.
         steps: u32,
     },
     /// A durable timer.
-    #[event(name = "aftermath.process.DeadlineSet")]
+    #[event(name = "DeadlineSet")]
     DeadlineSet {
         /// Unique per setting; the deadline input's id when it fires.
         id: Uuid,
@@ -51,7 +52,7 @@ pub enum ProcessRecord {
         due_at: DateTime<Utc>,
     },
     /// A timer that will not fire.
-    #[event(name = "aftermath.process.DeadlineCancelled")]
+    #[event(name = "DeadlineCancelled")]
     DeadlineCancelled {
         /// The cancelled setting.
         id: Uuid,
@@ -59,7 +60,7 @@ pub enum ProcessRecord {
         name: String,
     },
     /// The instance is finished: later inputs are ignored.
-    #[event(name = "aftermath.process.Completed")]
+    #[event(name = "Completed")]
     Completed {},
     /// The instance is parked: handling `input` (or dispatching command
     /// `command`) failed permanently, panicked or timed out. Nothing of the

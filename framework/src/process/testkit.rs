@@ -15,6 +15,7 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+//! #[event(prefix = "ev")]
 //! enum Ev { Placed { order: String }, Shipped { order: String } }
 //!
 //! #[derive(Default)]

@@ -42,6 +42,7 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
+//! #[event(prefix = "order")]
 //! enum OrderEvent { Placed { email: String } }
 //!
 //! struct ConfirmationMail;

@@ -44,6 +44,7 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
+//! #[event(prefix = "order")]
 //! enum OrderEvent { Placed { email: String } }
 //!
 //! /// A fake mail provider that, like a real one, drops repeats of a key.

@@ -203,6 +203,27 @@ pub enum StoreError {
     /// The store was closed or its writer stopped.
     #[error("event store is closed: {0}")]
     Closed(String),
+    /// A SQLite write job (a SQLite projection's `apply`, `setup` or
+    /// `reset`, a `SqliteStore::write` closure) used a store again or waited
+    /// for something outside its own connection. The job runs on the store's
+    /// only writer thread, which every write of that store waits for, so such
+    /// a wait could never end (an append from `apply` would deadlock every
+    /// write in the process): the call fails at once instead, and a job that
+    /// waits longer than a second is abandoned and rolled back. Write through
+    /// the connection the job was given (`SqliteTx`), and append from a
+    /// reactor or process manager.
+    #[error(
+        "a write job on the writer thread of SQLite store `{store}` {cause}; the job holds the \
+         store's only writer, so this would wait forever: write through the connection the job \
+         was given (`SqliteTx`) and append or call other stores from a reactor or process manager"
+    )]
+    WriterReentry {
+        /// The database file whose writer thread ran the job.
+        store: String,
+        /// What the job did, e.g. "called the store (an append, a checkpoint, a lease, a
+        /// `write` job)".
+        cause: String,
+    },
     /// An error of the underlying database.
     #[error("database error during {operation}: {source}")]
     Database {

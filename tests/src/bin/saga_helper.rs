@@ -18,7 +18,7 @@
 //! helper runs and never goes back across restarts; with a speed of 60,000
 //! the saga's 48 h shipping deadline passes in under 3 s.
 //!
-//! The carrier: for every `ShippingRequested` whose address is not
+//! The carrier: for every `shipping.Requested` whose address is not
 //! `"unreachable"` the `carrier` reactor executes `Shipping::Confirm` with a
 //! command id derived from the shipping stream ([`carrier_command_id`]), so a
 //! repeated confirmation (after a crash between the append and the journal

@@ -828,11 +828,9 @@ async fn repository_command_ids() {
         Added { n: u64 },
     }
     impl crate::event::Event for CounterEvent {
+        const EVENT_TYPES: &'static [&'static str] = &["Added"];
         fn event_type(&self) -> &'static str {
             "Added"
-        }
-        fn event_types() -> &'static [&'static str] {
-            &["Added"]
         }
         fn encode(&self) -> Result<Vec<u8>, crate::event::EncodeError> {
             let CounterEvent::Added { n } = self;

@@ -65,6 +65,7 @@ use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Clone, Serialize, Deserialize, aftermath::Event)]
+/// #[event(prefix = "account")]
 /// enum AccountEvent {
 ///     Deposited { amount: i64 },
 /// }

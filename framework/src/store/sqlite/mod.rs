@@ -269,7 +269,7 @@ impl SqliteStore {
         let conn = schema::open_writer(&path, &location, &options)?;
         let head = Arc::new(tokio::sync::watch::Sender::new(events::head(&conn)?));
         let readers = ReadPool::open(&path, options.read_connections, options.busy_timeout)?;
-        let writer = Writer::spawn(conn, options.max_batch, head.clone())?;
+        let writer = Writer::spawn(conn, &location, options.max_batch, head.clone())?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 writer,

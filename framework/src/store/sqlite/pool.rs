@@ -53,6 +53,9 @@ impl ReadPool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        // The writer thread has no tokio runtime, and a job reading through
+        // another connection would not see its own uncommitted writes.
+        super::writer::on_writer_thread("a read")?;
         let permit = self
             .shared
             .permits

@@ -22,8 +22,11 @@ use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore};
 /// `ROLLBACK` through it.
 ///
 /// SQLite projections run on the store's writer thread: their `apply` may
-/// only run SQL through this connection. Awaiting anything else (a timer,
-/// another store call) would block or deadlock the writer.
+/// only run SQL through this connection. A call to a store from there (an
+/// append, a read, a checkpoint) fails at once with
+/// [`StoreError::WriterReentry`] rather than deadlock the writer, and a batch
+/// whose `apply` waits for anything else for more than a second is rolled
+/// back with the same error.
 pub struct SqliteTx {
     /// The writer's connection, exclusively borrowed for the duration of one
     /// job. Only `transact` creates a `SqliteTx`, and only lends it (`&mut`)
@@ -181,8 +184,11 @@ impl ReadModelDb for SqliteStore {
             conn.execute_batch("SAVEPOINT aftermath_projection")
                 .map_err(db("opening the projection's savepoint"))?;
             // The work only runs SQL on this thread's connection, so its
-            // future completes without waiting on anything else.
-            let outcome = SqliteTx::lend(conn, |tx| futures::executor::block_on(work(tx)));
+            // future completes without waiting on anything else; one that
+            // waits is given up (see `writer::block_on_job`).
+            let outcome = SqliteTx::lend(conn, |tx| {
+                super::writer::block_on_job(work(tx), super::writer::JOB_WAIT_LIMIT)
+            })?;
             match outcome {
                 Err(failure) => {
                     conn.execute_batch(

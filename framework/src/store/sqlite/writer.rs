@@ -9,11 +9,24 @@
 //! the others commit together. Replies are sent after `COMMIT`; when the
 //! commit fails, every job of the group gets that error.
 //!
+//! A job must not wait for the store it runs in: the writer thread is busy
+//! running it, so a request to the writer (or a read, which needs tokio's
+//! blocking pool that the writer thread is not part of) from inside a job
+//! could never be answered. The thread is marked (a thread-local) and
+//! [`on_writer_thread`] turns such a request into
+//! [`StoreError::WriterReentry`] at once; [`block_on_job`] runs a job's
+//! future (a SQLite projection's `apply`) and abandons it with the same error
+//! when it waits longer than [`JOB_WAIT_LIMIT`] for anything else.
+//!
 //! [`SqliteStore::write`]: super::SqliteStore::write
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{oneshot, watch};
@@ -35,6 +48,75 @@ impl std::error::Error for WriterError {}
 
 fn writer_error(operation: &'static str, message: String) -> StoreError {
     StoreError::database(operation, WriterError(message))
+}
+
+thread_local! {
+    /// On a writer thread: the database file it writes. `None` elsewhere.
+    static WRITER_OF: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
+}
+
+/// Fails with [`StoreError::WriterReentry`] when called on a writer thread
+/// (of any SQLite store): `what` could never be served from there.
+pub(super) fn on_writer_thread(what: &str) -> Result<(), StoreError> {
+    WRITER_OF.with(|writer| match &*writer.borrow() {
+        Some(store) => Err(StoreError::WriterReentry {
+            store: store.to_string(),
+            cause: format!("called the store again ({what})"),
+        }),
+        None => Ok(()),
+    })
+}
+
+/// How long a job's future may wait (return `Pending`) in total before
+/// [`block_on_job`] gives it up.
+pub(super) const JOB_WAIT_LIMIT: Duration = Duration::from_secs(1);
+
+/// Wakes the writer thread that is blocked on a job's future.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs a job's future to completion on the current (writer) thread.
+///
+/// The future is meant to run SQL through the job's connection only, so it
+/// completes without waiting. If it waits (returns `Pending`) for longer than
+/// `limit` in total, it is dropped and the job fails with
+/// [`StoreError::WriterReentry`]: whatever it waits for may itself wait for
+/// this writer, and every other write of the store waits meanwhile.
+pub(super) fn block_on_job<F: Future>(future: F, limit: Duration) -> Result<F::Output, StoreError> {
+    let mut future = std::pin::pin!(future);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut waited = Duration::ZERO;
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return Ok(output);
+        }
+        if waited >= limit {
+            let store = WRITER_OF
+                .with(|writer| writer.borrow().as_deref().map(str::to_owned))
+                .unwrap_or_else(|| "(not on a writer thread)".to_owned());
+            return Err(StoreError::WriterReentry {
+                store,
+                cause: format!(
+                    "waited {} ms for something outside its own connection (a SQLite \
+                     projection's `apply` may only run SQL through its `SqliteTx`)",
+                    waited.as_millis()
+                ),
+            });
+        }
+        let parked = Instant::now();
+        std::thread::park_timeout(limit - waited);
+        waited += parked.elapsed();
+    }
 }
 
 /// One request to the writer thread.
@@ -134,17 +216,23 @@ pub(super) struct Writer {
 impl Writer {
     /// Starts the writer thread, which owns `conn` from now on and publishes
     /// the head of `$all` after every commit that appended events.
+    /// `location` names the database in errors.
     pub(super) fn spawn(
         conn: Connection,
+        location: &str,
         max_batch: usize,
         head: Arc<watch::Sender<Position>>,
     ) -> Result<Writer, StoreError> {
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
         let groups = Arc::new(AtomicU64::new(0));
         let counter = groups.clone();
+        let location: Arc<str> = Arc::from(location);
         std::thread::Builder::new()
             .name("aftermath-sqlite-writer".into())
-            .spawn(move || run(conn, queue, max_batch.max(1), &head, &counter))
+            .spawn(move || {
+                WRITER_OF.with(|writer| *writer.borrow_mut() = Some(location));
+                run(conn, queue, max_batch.max(1), &head, &counter)
+            })
             .map_err(|e| StoreError::database("starting the writer thread", e))?;
         Ok(Writer { jobs, groups })
     }
@@ -152,6 +240,9 @@ impl Writer {
     /// Runs `work` on `input` in the next group commit and returns its
     /// output once the group committed. `head` tells which head position
     /// the output represents (for appends).
+    ///
+    /// Fails at once with [`StoreError::WriterReentry`] on a writer thread,
+    /// where the answer could never come.
     pub(super) async fn submit<I, T, F>(
         &self,
         input: I,
@@ -163,6 +254,7 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&mut Connection, &I) -> Result<T, StoreError> + Send + 'static,
     {
+        on_writer_thread("an append, a checkpoint, a lease or a `write` job")?;
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Typed {
             input,
