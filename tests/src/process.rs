@@ -2644,12 +2644,11 @@ pub enum LampCommand {
 
 /// What a lamp records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "lamp")]
 pub enum LampEvent {
     /// Turned on.
-    #[event(name = "LampOn")]
     On {},
     /// Turned off.
-    #[event(name = "LampOff")]
     Off {},
 }
 
@@ -2735,7 +2734,7 @@ pub async fn noop_command_redispatched_after_a_crash_is_not_decided_again<B: Pro
         .collect();
     assert_eq!(
         types,
-        vec!["LampOn", aftermath::COMMAND_ACCEPTED, "LampOff"],
+        vec!["lamp.On", aftermath::COMMAND_ACCEPTED, "lamp.Off"],
         "the resent command was decided again"
     );
     let lamp = lamps.load("l-1").await.unwrap();

@@ -116,7 +116,7 @@ async fn unrelated_transactions_do_not_delay_delivery() {
     assert_eq!(store.head().await.unwrap(), done.last_position.unwrap());
     assert!(store.held_back().await.unwrap().is_none());
     let typed = store
-        .read_all(Position::ORIGIN, Some(&["Deposited"]), 10)
+        .read_all(Position::ORIGIN, Some(&["account.Deposited"]), 10)
         .await
         .unwrap();
     assert_eq!(typed.len(), 3);
