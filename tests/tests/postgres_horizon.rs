@@ -592,3 +592,92 @@ async fn positions_survive_a_restore_into_a_younger_cluster() {
     assert!(later.first_position.unwrap() > new.last_position.unwrap());
     assert_eq!(everything(&again, Position::ORIGIN).await.len(), 33);
 }
+
+/// A subscriber on its own handle stays live while a projection on the
+/// writers' handle is busy writing its read model in its batch
+/// transactions, appends keep coming, and an idle transaction in another
+/// database holds a transaction id: every event appended is readable within
+/// moments (a generous bound: this checks liveness, not speed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_stays_live_beside_a_busy_projection_and_an_idle_transaction() {
+    use aftermath::worker::Worker;
+    use aftermath_tests::postgres::PgBalances;
+
+    let url =
+        url_or_skip!("a_subscriber_stays_live_beside_a_busy_projection_and_an_idle_transaction");
+    let guard = SchemaGuard::new(&url);
+    let store = connect(&url, &guard.schema).await;
+    let reader = connect(&url, &guard.schema).await;
+    let mut idle = raw(&with_database(&url, "postgres")).await;
+    idle.execute("BEGIN").await.unwrap();
+    idle.execute("SELECT pg_current_xact_id()").await.unwrap();
+    for i in 0..20 {
+        store
+            .append(
+                &format!("fill-{i}"),
+                ExpectedVersion::NoStream,
+                deposits(0, 250),
+            )
+            .await
+            .unwrap();
+    }
+    let worker = Worker::new()
+        .add_subscriber(ProjectionRunner::new(
+            PgBalances::new(&guard.schema, "busy", "t"),
+            store.clone(),
+            store.clone(),
+        ))
+        .start()
+        .unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                tokio::select! {
+                    _ = stop.notified() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
+                store
+                    .append(
+                        &format!("busy-{}", n % 50),
+                        ExpectedVersion::Any,
+                        deposits(n, 5),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut after = reader.head().await.unwrap();
+    for i in 0..30 {
+        let event = deposits(1000 + i, 1);
+        let id = event[0].id;
+        store
+            .append("live-1", ExpectedVersion::Any, event)
+            .await
+            .unwrap();
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let page = reader.read_all(after, None, 1000).await.unwrap();
+                if let Some(last) = page.last() {
+                    after = last.position;
+                }
+                if page.iter().any(|e| e.id == id) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "event {i} not readable within 10 s: held back by {:?}",
+            reader.held_back().await
+        );
+    }
+    stop.notify_one();
+    load.await.unwrap();
+    worker.shutdown().await;
+    idle.execute("ROLLBACK").await.unwrap();
+}

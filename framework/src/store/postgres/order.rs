@@ -37,9 +37,12 @@
 //! the lock table once (`pg_locks`: the transactions holding the append
 //! lock *now*, time `L`), then walks `S`'s running transactions (`xip`) in
 //! id order and stops at the first id `t` that either holds the append lock
-//! at `L` or is no longer running when its status is checked (after `L`):
-//! `H = t` (plus the offset). When there is none, `H` is `S`'s `xmax` (every
-//! id below it had been handed out when `S` was taken).
+//! at `L`, or has committed by the time its status is checked (after `L`)
+//! and has events in the log (looked up by a statement of its own, with a
+//! snapshot taken after the status check, which sees all of a committed
+//! transaction's rows): `H = t` (plus the offset). When there is none, `H`
+//! is `S`'s `xmax` (every id below it had been handed out when `S` was
+//! taken).
 //!
 //! # Why a reader can never skip
 //!
@@ -53,10 +56,11 @@
 //! - `T` ended before `S` was taken: `S` sees all of its rows or none, and
 //!   it can never add a row again.
 //! - `T` was running at `S` (`x` is in `xip`). If it held the append lock at
-//!   `L`, `H <= x`. If it had ended by the time its status was checked,
-//!   `H <= x` too (conservatively: it may have appended and committed
-//!   after `S`). Otherwise it was running at `L` and at the status check
-//!   and did not hold the append lock at `L`. It cannot have appended before
+//!   `L`, `H <= x`. If it had committed by the time its status was checked
+//!   and appended here, the lookup after the check finds its rows: `H <= x`.
+//!   If it committed without appending, or aborted, it has no rows to miss.
+//!   Otherwise it was running at `L` and at the status check and did not
+//!   hold the append lock at `L`. It cannot have appended before
 //!   `L` (the lock is held until the transaction ends, and a rolled-back
 //!   savepoint that released it also removed its rows), and it cannot
 //!   append after `L` either: it already has an id, and the append function

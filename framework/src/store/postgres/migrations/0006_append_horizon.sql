@@ -9,7 +9,7 @@
 --    lock (hashtext('{name}.append'), 0) first). Readers
 --    read below `{schema}.horizon(snapshot)`: the smallest id among the
 --    transactions of the reader's snapshot that were running and either
---    hold the append lock or have ended since the snapshot was taken; the
+--    hold the append lock or have since committed events to the log; the
 --    snapshot's xmax when there is none. Transactions that do not append to
 --    this store (read-model writes, other schemas, other databases, prepared
 --    transactions of other applications) no longer hold readers back.
@@ -120,6 +120,7 @@ DECLARE
     v_horizon xid8 := pg_snapshot_xmax(p_snapshot);
     v_holders bigint[];
     v_running xid8[];
+    v_status  text;
     t         xid8;
 BEGIN
     SELECT b.position_offset INTO v_offset FROM {schema}.log_base b;
@@ -140,8 +141,19 @@ BEGIN
            AND a.classid = hashtext('{name}.append')::oid AND a.objid = 1 AND a.objsubid = 2
            AND x.locktype = 'transactionid' AND x.granted;
         FOREACH t IN ARRAY v_running LOOP
-            IF (t::text::bigint % 4294967296) = ANY (v_holders)
-               OR pg_xact_status(t) <> 'in progress' THEN
+            IF (t::text::bigint % 4294967296) = ANY (v_holders) THEN
+                v_horizon := t;
+                EXIT;
+            END IF;
+            v_status := pg_xact_status(t);
+            -- Still running without the lock: it never appends (an append
+            -- must be its transaction's first write). Aborted: no rows.
+            CONTINUE WHEN v_status IN ('in progress', 'aborted');
+            -- Ended since the snapshot (or unknown): this statement's fresh
+            -- snapshot sees all its rows if it committed; if it appended
+            -- here, the reader's snapshot does not see them.
+            IF EXISTS (SELECT 1 FROM {schema}.events e
+                        WHERE e.transaction_id = (t::text::bigint + v_offset)::text::xid8) THEN
                 v_horizon := t;
                 EXIT;
             END IF;
