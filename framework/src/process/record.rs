@@ -67,7 +67,7 @@ pub enum ProcessRecord {
     /// instance runs until an operator releases it (`Released`); its later
     /// inputs are recorded as `Held` and handled, in order, after the
     /// release. Other instances go on.
-    #[event(name = "aftermath.process.Parked")]
+    #[event(name = "Parked")]
     Parked {
         /// The input that failed (not handled: no `Received` for it).
         input: Option<InputRecord>,
@@ -84,7 +84,7 @@ pub enum ProcessRecord {
         error: String,
     },
     /// An input that reached a parked instance: handled after the release.
-    #[event(name = "aftermath.process.Held")]
+    #[event(name = "Held")]
     Held {
         /// The input.
         input: InputRecord,
@@ -95,7 +95,7 @@ pub enum ProcessRecord {
     /// the runner handles the parked input again (or dispatches the parked
     /// command again), unless `skip`, then carries out what was passed over
     /// and handles the held inputs, in stream order.
-    #[event(name = "aftermath.process.Released")]
+    #[event(name = "Released")]
     Released {
         /// The parking's `from_version`.
         from_version: u64,
