@@ -353,13 +353,7 @@ async fn appends_in_user_transactions_and_savepoints_keep_the_order() {
         .await
         .unwrap();
     user.execute("ROLLBACK TO SAVEPOINT a").await.unwrap();
-    let refused = append_in(&mut user, &schema, "s-3", &deposits(5, 1))
-        .await
-        .expect_err("an append after the rolled-back one is refused");
-    assert!(
-        refused.to_string().contains("must be the first write"),
-        "{refused}"
-    );
+    refused_as_not_first_write(&mut user, &schema, "s-3").await;
     user.execute("ROLLBACK").await.unwrap();
 
     // A write before the append: refused, naming what to do.
@@ -369,13 +363,7 @@ async fn appends_in_user_transactions_and_savepoints_keep_the_order() {
     ))))
     .await
     .unwrap();
-    let refused = append_in(&mut user, &schema, "s-4", &deposits(6, 1))
-        .await
-        .expect_err("an append after another write is refused");
-    assert!(
-        refused.to_string().contains("must be the first write"),
-        "{refused}"
-    );
+    refused_as_not_first_write(&mut user, &schema, "s-4").await;
     user.execute("ROLLBACK").await.unwrap();
     // Taking the append lock first makes it legal.
     user.execute("BEGIN").await.unwrap();
@@ -394,6 +382,18 @@ async fn appends_in_user_transactions_and_savepoints_keep_the_order() {
         .unwrap();
     user.execute("COMMIT").await.unwrap();
     assert_eq!(everything(&store, Position::ORIGIN).await.len(), 5);
+}
+
+/// An append on `conn` is refused because its transaction wrote (or has an
+/// id) without holding the append lock.
+async fn refused_as_not_first_write(conn: &mut PgConnection, schema: &str, stream: &str) {
+    let refused = append_in(conn, schema, stream, &deposits(5, 1))
+        .await
+        .expect_err("an append that is not its transaction's first write is refused");
+    assert!(
+        refused.to_string().contains("must be the first write"),
+        "{refused}"
+    );
 }
 
 /// Prepared (two-phase) transactions: one that did not append does not
