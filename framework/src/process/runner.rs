@@ -122,6 +122,17 @@ where
         }
     }
 
+    /// An instance stream that kept changing under `operation` (another
+    /// runner appending to it): a store error, retried by the worker.
+    fn kept_changing(&self, operation: &'static str, stream: &str) -> SubscriberError {
+        self.store_error(StoreError::database(
+            operation,
+            std::io::Error::other(format!(
+                "stream `{stream}` kept changing: gave up after {CONFLICT_ATTEMPTS} attempts"
+            )),
+        ))
+    }
+
     fn event_error(&self, stored: &StoredEvent, message: impl Into<String>) -> SubscriberError {
         SubscriberError::Event {
             subscriber: P::NAME.to_owned(),
@@ -710,13 +721,7 @@ where
                 Err(e) => return Err(self.store_error(e)),
             }
         }
-        Err(self.store_error(StoreError::database(
-            "appending to a process instance",
-            std::io::Error::other(format!(
-                "stream `{}` kept changing: gave up after {CONFLICT_ATTEMPTS} attempts",
-                inst.stream()
-            )),
-        )))
+        Err(self.kept_changing("appending to a process instance", &inst.stream()))
     }
 
     /// Carries out one recorded output. Returns false on shutdown.
@@ -956,13 +961,7 @@ where
                 return Ok(());
             }
         }
-        Err(self.store_error(StoreError::database(
-            "parking a process instance",
-            std::io::Error::other(format!(
-                "stream `{}` kept changing: gave up after {CONFLICT_ATTEMPTS} attempts",
-                inst.stream()
-            )),
-        )))
+        Err(self.kept_changing("parking a process instance", &inst.stream()))
     }
 
     /// Carries out an operator's release (the `Released` record `stored`):
@@ -1136,13 +1135,7 @@ where
                 return Ok(true);
             }
         }
-        Err(self.store_error(StoreError::database(
-            "releasing a process instance",
-            std::io::Error::other(format!(
-                "stream `{}` kept changing: gave up after {CONFLICT_ATTEMPTS} attempts",
-                inst.stream()
-            )),
-        )))
+        Err(self.kept_changing("releasing a process instance", &inst.stream()))
     }
 
     /// Dispatches with retries of transient failures: `Some(Ok(outcome))`,
