@@ -375,6 +375,10 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
     for p in plan {
         let records = stream(&instance_stream(&p.id));
         let mut completed = 0;
+        // Records after the Completed one: only refusals of commands sent
+        // before it may come back (recorded so a replay never resends
+        // them); nothing may be decided or handled after completion.
+        let mut after_completion = Vec::new();
         let mut deadline_fired = false;
         let mut decided: HashMap<(String, String, String), usize> = HashMap::new();
         for e in records {
@@ -388,6 +392,16 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
                     continue;
                 }
             };
+            if completed > 0
+                && !matches!(
+                    record,
+                    ProcessRecord::Received {
+                        input: InputRecord::Rejected { .. }
+                    }
+                )
+            {
+                after_completion.push(e.event_type.clone());
+            }
             match record {
                 ProcessRecord::Completed {} => completed += 1,
                 ProcessRecord::Received {
@@ -406,13 +420,11 @@ async fn check(store: &SqliteStore, plan: &[Planned], stock: &BTreeMap<String, u
                 _ => {}
             }
         }
-        if completed != 1
-            || records.last().map(|e| e.event_type.as_str()) != Some("aftermath.process.Completed")
-        {
+        if completed != 1 || !after_completion.is_empty() {
             r.fail(
                 Some(&p.id),
                 format!(
-                    "saga instance has {completed} Completed record(s) and ends with {:?}",
+                    "saga instance has {completed} Completed record(s), then {after_completion:?} (ends with {:?})",
                     records.last().map(|e| &e.event_type)
                 ),
             );

@@ -201,6 +201,115 @@ async fn store_executes(store: &PostgresStore, tasks: usize, budget: Duration) -
     .await
 }
 
+/// `store_executes` with a fresh command id on every command.
+async fn store_executes_with_ids(
+    store: &PostgresStore,
+    tasks: usize,
+    budget: Duration,
+) -> Result<Tally> {
+    let repo = Arc::new(Repository::<Account, _>::new(store.clone()));
+    concurrently(tasks, budget, |task, deadline| {
+        let repo = repo.clone();
+        async move {
+            let prefix = format!("withid{task}-{}", Uuid::now_v7().simple());
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let id = format!("{prefix}-{n}");
+                let owner = id.clone();
+                let meta = aftermath::CommandMeta::with_id(Uuid::now_v7());
+                repo.execute_with(&id, AccountCommand::Open { owner }, meta)
+                    .await?;
+                n += 1;
+            }
+            Ok(n)
+        }
+    })
+    .await
+}
+
+/// Events in the stream of [`long_stream_command`].
+const LONG_STREAM: usize = 10_000;
+
+/// One command at a time on an aggregate with a 10k-event stream and no
+/// snapshots (load all, fold, decide, append), beside the hand-written
+/// handler on a stream of the same length: mean and p99 time per command.
+async fn long_stream_command(store: &PostgresStore, raw: &RawPg) -> Result<()> {
+    let id = format!("long-{}", Uuid::now_v7().simple());
+    let stream = format!("account-{id}");
+    let raw_stream = format!("raw-{stream}");
+    let opened = aftermath::EventData::fresh(&AccountEvent::Opened { owner: id.clone() })?;
+    let mut version = store
+        .append(&stream, ExpectedVersion::NoStream, vec![opened.clone()])
+        .await?
+        .last_version;
+    let opened = aftermath::EventData {
+        id: Uuid::now_v7(),
+        ..opened
+    };
+    raw.append(&raw_stream, ExpectedVersion::NoStream, &[opened])
+        .await?;
+    for _ in 0..LONG_STREAM / 1000 {
+        version = store
+            .append(&stream, ExpectedVersion::Exact(version), deposits(1000))
+            .await?
+            .last_version;
+        raw.append(&raw_stream, ExpectedVersion::Any, &deposits(1000))
+            .await?;
+    }
+    let repo = Repository::<Account, _>::new(store.clone());
+    let rounds = 30;
+    let (mut fw, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let began = Instant::now();
+        repo.execute(&id, AccountCommand::Deposit { amount: 1 })
+            .await?;
+        fw.push(began.elapsed());
+        let began = Instant::now();
+        raw.execute(&raw_stream, |history| {
+            let state = fold_raw(history).expect("the raw stream decodes");
+            aftermath::Aggregate::decide(&state, AccountCommand::Deposit { amount: 1 })
+                .expect("a deposit is accepted")
+                .iter()
+                .map(|e: &AccountEvent| aftermath::EventData::fresh(e).expect("an event encodes"))
+                .collect()
+        })
+        .await?;
+        base.push(began.elapsed());
+    }
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+    let p99 = |v: &mut Vec<Duration>| {
+        v.sort_unstable();
+        v[(v.len() * 99).div_ceil(100) - 1]
+    };
+    let (fw_mean, base_mean) = (mean(&fw), mean(&base));
+    latency_row(
+        &format!(
+            "Postgres execute on a {}-event stream, mean",
+            rounded(LONG_STREAM as f64)
+        ),
+        fw_mean,
+        Some(base_mean),
+        &format!(
+            "{rounds} commands, no snapshots; {:.2}x raw; {}",
+            fw_mean.as_secs_f64() / base_mean.as_secs_f64(),
+            verdict(
+                "<= 1.3x raw",
+                fw_mean.as_secs_f64() <= 1.3 * base_mean.as_secs_f64()
+            )
+        ),
+    );
+    latency_row(
+        &format!(
+            "Postgres execute on a {}-event stream, p99",
+            rounded(LONG_STREAM as f64)
+        ),
+        p99(&mut fw),
+        Some(p99(&mut base)),
+        "",
+    );
+    Ok(())
+}
+
 /// The same as a hand-written command handler (`RawPg::execute`): load the
 /// stream's rows, fold, decide, insert, one transaction.
 async fn raw_executes(raw: &RawPg, tasks: usize, budget: Duration) -> Result<Tally> {
@@ -365,6 +474,26 @@ async fn rows(url: &str, plan: &Plan, store: &PostgresStore, raw: &RawPg) -> Res
             "load + decide + append; baseline: 1 tx: SELECT rows, INSERT",
         );
     }
+
+    // The idempotent path: every command carries an id (a resent command
+    // is looked up first), beside the plain path of the same run.
+    let (plain, with_id) = alternate(
+        plan,
+        |budget| store_executes(store, plan.tasks, budget),
+        |budget| store_executes_with_ids(store, plan.tasks, budget),
+    )
+    .await?;
+    row(
+        &format!("Postgres execute with a command id, {} clients", plan.tasks),
+        "commands/s",
+        with_id.rate(),
+        Some(plain.rate()),
+        &format!(
+            "baseline: the same without ids; {}",
+            verdict(">= 85%", with_id.rate() >= 0.85 * plain.rate())
+        ),
+    );
+    long_stream_command(store, raw).await?;
 
     // Catch-up reads of everything appended so far (topped up to the
     // plan's size), the same number of events on both sides.
