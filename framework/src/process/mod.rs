@@ -43,6 +43,12 @@
 //!   due by its clock as read *before* the page it just handled was read;
 //!   a runner that is behind fires only deadlines due by the last event it
 //!   handled), so a cancellation recorded before the deadline wins.
+//!   Limit: "recorded" is the event's `recorded_at`, taken when its append
+//!   starts. An append that started before `t` but is still committing when
+//!   the runner reads its page (milliseconds; on PostgreSQL also one held
+//!   back by an older append still in flight) is read after the deadline
+//!   fired. A process whose outcome must not depend on that race cancels
+//!   first and compensates on the refusal (see the fulfillment example).
 //! - **One input at a time per instance**; different instances run in
 //!   parallel (up to [`ProcessOptions::concurrency`]). A completed instance
 //!   receives nothing more.

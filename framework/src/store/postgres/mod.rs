@@ -237,8 +237,10 @@ impl PostgresOptions {
     }
 
     /// Log a warning when committed events have waited this long for an
-    /// older, unfinished transaction (at most one warning every 5 seconds).
-    /// Default 2 seconds.
+    /// older append still in flight (at most one warning every 5 seconds).
+    /// Only a handle whose head someone in the process watches (a
+    /// subscriber) checks: a process that only handles commands stays quiet,
+    /// and [`PostgresStore::held_back`] answers anywhere. Default 2 seconds.
     pub fn held_back_warning(mut self, after: Duration) -> Self {
         self.held_back_warning = after;
         self
