@@ -18,7 +18,7 @@
 //! the worker is built): two processes configured with the same owner name
 //! are two instances, so at most one of them holds a lease, and the other's
 //! renewals and fenced writes fail with
-//! [`StoreError::LeaseLost`](crate::store::StoreError::LeaseLost). Only the
+//! [`StoreError::LeaseLost`]. Only the
 //! same instance re-acquires its own lease without a takeover.
 //!
 //! # Fast takeover
