@@ -5,3 +5,4 @@ pub mod bank;
 pub mod effects_service;
 pub mod fulfillment;
 pub mod shop;
+pub mod two_services;

@@ -8,7 +8,9 @@
 //!
 //! With a [`CommandMeta::command_id`], the event ids are derived from the
 //! command id (uuid v5), so sending the same command again returns the first
-//! result instead of deciding twice: the command inbox.
+//! result instead of appending twice: the store refuses the derived ids a
+//! second time (or the new decision rejects the command), and the repository
+//! then returns the first execution's result. That is the command inbox.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -20,7 +22,9 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::event::{DecodeError, EncodeError, Event, EventData, Metadata, Position};
-use crate::store::{Direction, EventStore, ExpectedVersion, Snapshot, StoreError, read_stream_all};
+use crate::store::{
+    Direction, EventStore, ExpectedVersion, FoldEvent, Snapshot, StoreError, read_stream_all,
+};
 
 /// A consistency boundary that decides, purely, what happens.
 ///
@@ -64,12 +68,6 @@ pub struct CommandMeta {
     pub causation_id: Option<Uuid>,
     /// Copied into every event's metadata.
     pub extra: BTreeMap<String, String>,
-    /// A hint from a caller that knows this command id was never executed
-    /// (it has just recorded the command, as a process manager does): the
-    /// upfront lookup in the command inbox is skipped. A wrong hint costs a
-    /// duplicate-id error and the lookup afterwards, never a second
-    /// execution: the store refuses the derived event ids a second time.
-    pub first_attempt: bool,
 }
 
 impl CommandMeta {
@@ -90,13 +88,6 @@ impl CommandMeta {
     /// Sets the causation id.
     pub fn causation(mut self, id: Uuid) -> Self {
         self.causation_id = Some(id);
-        self
-    }
-
-    /// Marks the command as never executed before (sets the
-    /// `first_attempt` hint).
-    pub fn fresh(mut self) -> Self {
-        self.first_attempt = true;
         self
     }
 
@@ -216,12 +207,13 @@ impl<A: Aggregate, S: Clone> Clone for Repository<A, S> {
 
 impl<A: Aggregate, S: EventStore> Repository<A, S> {
     /// A repository over `store`: 10 attempts on version conflicts, no
-    /// snapshots, stream reads in pages of 512 events.
+    /// snapshots, stream reads in pages of 4,096 events (one round trip for
+    /// most streams; memory stays bounded by the page).
     pub fn new(store: S) -> Self {
         Repository {
             store,
             max_attempts: 10,
-            page: 512,
+            page: 4096,
             snapshots: None,
             _aggregate: PhantomData,
         }
@@ -284,23 +276,34 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             }
         }
         let mut events_read = 0;
-        let mut events = std::pin::pin!(read_stream_all(
-            &self.store,
-            &stream,
-            version + 1,
-            Direction::Forward,
-            self.page
-        ));
-        while let Some(stored) = events.try_next().await? {
-            if stored.event_type == COMMAND_ACCEPTED {
-                // A command accepted without events: nothing to fold.
-                version = stored.version;
-                continue;
+        loop {
+            let page = self
+                .store
+                .read_stream_fold(&stream, version + 1, self.page)
+                .await?;
+            let full = page.len() >= self.page;
+            for event in page {
+                if event.event_type != COMMAND_ACCEPTED {
+                    // (A command accepted without events: nothing to fold.)
+                    let decoded = match A::Event::decode(&event.event_type, &event.payload) {
+                        Ok(Some(decoded)) => decoded,
+                        Ok(None) => {
+                            return Err(fold_error(
+                                &stream,
+                                &event,
+                                "unknown event type for this reader",
+                            ));
+                        }
+                        Err(e) => return Err(fold_error(&stream, &event, &e.message)),
+                    };
+                    state.apply(&decoded);
+                    events_read += 1;
+                }
+                version = event.version;
             }
-            let recorded = stored.decode_known::<A::Event>()?;
-            state.apply(&recorded.event);
-            version = recorded.version;
-            events_read += 1;
+            if !full {
+                break;
+            }
         }
         Ok(Loaded {
             state,
@@ -325,9 +328,14 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     /// Executes `command` on aggregate `id` with the given ids and metadata.
     ///
     /// With a command id, a command that was already executed returns its
-    /// first result (`duplicate: true`) without deciding again. That holds
-    /// for a command accepted without events too: it leaves a marker event
-    /// of type [`COMMAND_ACCEPTED`] in the stream (one version; skipped by
+    /// first result (`duplicate: true`), never a second set of events: its
+    /// events' ids are derived from the command id, and the store refuses
+    /// them a second time. There is no lookup before deciding (the common,
+    /// fresh command costs what a command without an id costs); a repeat is
+    /// decided again (pure, no effects), and its append or its rejection
+    /// then finds the first execution and returns its result. That holds for
+    /// a command accepted without events too: it leaves a marker event of
+    /// type [`COMMAND_ACCEPTED`] in the stream (one version; skipped by
     /// `load`, not delivered to subscribers, which read their own types
     /// only). Without a command id nothing is recorded.
     pub async fn execute_with(
@@ -340,12 +348,6 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         A::Command: Clone,
     {
         let stream = A::stream_name(id);
-        if let Some(command_id) = meta.command_id
-            && !meta.first_attempt
-            && let Some(done) = self.already_executed(id, &stream, command_id).await?
-        {
-            return Ok(done);
-        }
         let command_id = meta.command_id.unwrap_or_else(Uuid::now_v7);
         let metadata = Metadata {
             correlation_id: meta.correlation_id.unwrap_or(command_id),
@@ -360,10 +362,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             let events = match state.decide(command.clone()) {
                 Ok(events) => events,
                 Err(reason) => {
-                    // A copy of the same command may have been executed
-                    // between our inbox check and our load: then the
-                    // rejection is against its outcome, and the caller gets
-                    // the first result, as for any resent command.
+                    // The same command may have been executed before (a
+                    // resend) or concurrently: then the rejection is against
+                    // its outcome, and the caller gets the first result.
                     if let Some(command_id) = meta.command_id
                         && let Some(done) = self.already_executed(id, &stream, command_id).await?
                     {
@@ -435,8 +436,8 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                         attempts: attempt,
                     });
                 }
-                // The same race, seen by the store: our derived ids were
-                // appended by the concurrent copy.
+                // A resend, or a concurrent copy, seen by the store: our
+                // derived ids were appended before, at other versions.
                 Err(e @ StoreError::DuplicateEventId { .. }) => {
                     if let Some(command_id) = meta.command_id
                         && let Some(done) = self.already_executed(id, &stream, command_id).await?
@@ -531,4 +532,16 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             tracing::warn!(stream, error = %e, "saving snapshot failed");
         }
     }
+}
+
+/// The error for an event of `stream` that does not decode while folding.
+fn fold_error(stream: &str, event: &FoldEvent, message: &str) -> StoreError {
+    DecodeError {
+        stream: stream.to_owned(),
+        version: event.version,
+        position: event.position,
+        event_type: event.event_type.clone(),
+        message: message.to_owned(),
+    }
+    .into()
 }

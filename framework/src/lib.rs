@@ -58,6 +58,7 @@
 // Lets `#[derive(Event)]` (which names `::aftermath`) work inside this crate.
 extern crate self as aftermath;
 
+pub mod admin;
 pub mod aggregate;
 pub mod event;
 #[cfg(feature = "nats")]

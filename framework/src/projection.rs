@@ -33,10 +33,11 @@ use chrono::{DateTime, Utc};
 
 use crate::event::{Event, Position, Recorded, StoredEvent};
 use crate::store::{EventStore, StoreError};
+use crate::subscription::engine::{self, Handled, PageHandler};
 use crate::subscription::{
-    CatchUp, CheckpointStore, Lease, Partition, StartFrom, SubscriptionOptions, resume, stopped,
+    CheckpointStore, Lease, Page, Partition, StartFrom, SubscriptionOptions, stopped,
 };
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
+use crate::worker::{RunContext, Subscriber, SubscriberError, panic_message};
 use futures::FutureExt;
 
 /// An error from a projection's handler. Anything that is a
@@ -278,6 +279,35 @@ pub trait Projection: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// Runs one handler call: a panic or a call that takes longer than `limit`
+/// is a failure of its event, like an error, never of the runner. Off a
+/// Tokio runtime (a SQLite projection on the store's writer thread) there
+/// is no timer; the writer bounds waiting itself.
+async fn guarded(
+    limit: Duration,
+    call: impl Future<Output = Result<(), HandlerError>>,
+) -> Result<(), HandlerError> {
+    let call = AssertUnwindSafe(call).catch_unwind();
+    let outcome = if tokio::runtime::Handle::try_current().is_ok() {
+        match tokio::time::timeout(limit, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                return Err(HandlerError::msg(format!(
+                    "the handler did not finish within {limit:?} (ProjectionOptions::call_timeout)"
+                )));
+            }
+        }
+    } else {
+        call.await
+    };
+    outcome.unwrap_or_else(|panic| {
+        Err(HandlerError::msg(format!(
+            "the handler panicked: {}",
+            panic_message(panic.as_ref())
+        )))
+    })
+}
+
 /// What to do with an event that keeps failing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnError {
@@ -299,6 +329,12 @@ pub struct ProjectionOptions {
     pub attempts: u32,
     /// First retry delay (doubles each attempt).
     pub retry_delay: Duration,
+    /// How long one `apply` (or an external projection's `handle`) may take
+    /// before it counts as a failure of its event (retried, then the error
+    /// policy). Default 30 s. A SQLite projection's `apply` runs on the
+    /// store's writer thread, where the store's own limit applies instead:
+    /// waiting for anything but its transaction fails within a second.
+    pub call_timeout: Duration,
 }
 
 impl Default for ProjectionOptions {
@@ -308,6 +344,7 @@ impl Default for ProjectionOptions {
             on_error: OnError::Stop,
             attempts: 3,
             retry_delay: Duration::from_millis(50),
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -322,6 +359,13 @@ impl ProjectionOptions {
     /// Sets the policy for events that keep failing.
     pub fn on_error(mut self, policy: OnError) -> Self {
         self.on_error = policy;
+        self
+    }
+
+    /// Sets how long one call of the handler may take
+    /// (see [`ProjectionOptions::call_timeout`]).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
         self
     }
 
@@ -361,7 +405,7 @@ pub struct ProjectionRunner<P: Projection, S> {
 
 /// What every commit of one run is fenced by: the lease (if any) and the
 /// layout row as the run found it.
-struct Fence {
+pub(crate) struct Fence {
     lease: Option<Lease>,
     layout: Option<LayoutGuard>,
 }
@@ -383,13 +427,6 @@ impl Fence {
 
 /// The layout row's position while a rebuild is under way: no count.
 const REBUILDING: Position = Position(u64::MAX);
-
-enum Step {
-    /// The page is done; checkpoint through here.
-    Done,
-    /// Stop the run (shutdown between retries).
-    Interrupted,
-}
 
 impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     /// A runner reading `store` and writing to `db`, with default options.
@@ -508,6 +545,11 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             lease,
             skipped: None,
         };
+        self.checkpoint_only(commit).await
+    }
+
+    /// Runs `commit` with no read-model writes.
+    async fn checkpoint_only(&self, commit: Commit) -> Result<(), SubscriberError> {
         let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
         self.db
             .transact(commit, work)
@@ -735,100 +777,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
     pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let mut ctx = RunContext::standalone(&self.key, rx);
-        self.process(&mut ctx, true).await
-    }
-
-    /// Runs [`Self::process_once`], starting over (re-reading the
-    /// checkpoint) whenever a commit finds that another writer moved it: a
-    /// lost race, not a failure; the other writer's work is committed, and
-    /// this runner's batch was rolled back, so nothing is applied twice.
-    async fn process(
-        &self,
-        ctx: &mut RunContext,
-        until_caught_up: bool,
-    ) -> Result<Position, SubscriberError> {
-        loop {
-            match self.process_once(ctx, until_caught_up).await {
-                Err(SubscriberError::Store {
-                    source: source @ StoreError::CheckpointMoved { .. },
-                    ..
-                }) => {
-                    tracing::info!(projection = %self.name(), error = %source, "another writer committed first; re-reading the checkpoint");
-                }
-                other => return other,
-            }
-        }
-    }
-
-    async fn process_once(
-        &self,
-        ctx: &mut RunContext,
-        until_caught_up: bool,
-    ) -> Result<Position, SubscriberError> {
-        let (start, fence) = self.prepare(ctx.lease.clone()).await?;
-        let mut reader = CatchUp::new(
-            self.store.clone(),
-            Some(P::Event::event_types().to_vec()),
-            start,
-            self.options.subscription.clone(),
-        );
-        if let Some(p) = self.partition {
-            reader = reader.partition(p.index, p.count);
-        }
-        loop {
-            if ctx.stopping() {
-                return Ok(reader.position());
-            }
-            let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
-            let lag = reader.lag();
-            let caught_up = page.caught_up;
-            ctx.report(|s| {
-                s.lag = lag;
-                s.state = if caught_up {
-                    SubscriberState::Live
-                } else {
-                    SubscriberState::CatchingUp
-                };
-            });
-            let through = page.through;
-            if page.events.is_empty() {
-                if through > reader.position() {
-                    self.commit_empty(&fence, reader.position(), through)
-                        .await?;
-                }
-            } else if let Step::Interrupted = self
-                .handle_page(ctx, &fence, reader.position(), page)
-                .await?
-            {
-                return Ok(reader.position());
-            }
-            reader.advance(through);
-            let lag = reader.lag();
-            ctx.report_progress(lag);
-            if caught_up {
-                if until_caught_up {
-                    return Ok(reader.position());
-                }
-                if !reader.wait_for_more(&mut ctx.shutdown).await {
-                    return Ok(reader.position());
-                }
-            }
-        }
-    }
-
-    async fn commit_empty(
-        &self,
-        fence: &Fence,
-        from: Position,
-        through: Position,
-    ) -> Result<(), SubscriberError> {
-        let commit = fence.commit(self.name(), self.projection.version(), from, through);
-        let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
-        self.db
-            .transact(commit, work)
-            .await
-            .map_err(|e| self.store_error(e))?
-            .map_err(|f| self.store_error(StoreError::Closed(f.error.to_string())))
+        engine::drive(self, &self.store, &mut ctx, true).await
     }
 
     /// Applies a page: decodes it, then commits it in transactions, retrying
@@ -838,8 +787,8 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         ctx: &mut RunContext,
         fence: &Fence,
         before: Position,
-        page: crate::subscription::Page,
-    ) -> Result<Step, SubscriberError> {
+        page: &Page,
+    ) -> Result<Handled, SubscriberError> {
         let mut rest: &[StoredEvent] = &page.events;
         let mut checkpoint_floor = before;
         while !rest.is_empty() {
@@ -886,7 +835,11 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             }
             let Some((index, error)) = bad else { break };
             if ctx.stopping() {
-                return Ok(Step::Interrupted);
+                return Ok(Handled {
+                    committed: checkpoint_floor,
+                    through: checkpoint_floor,
+                    interrupted: true,
+                });
             }
             // `index` is relative to the committed chunk or the decoded
             // prefix; both start at `rest[0]`.
@@ -925,12 +878,18 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                     self.skip(fence, failed, &error, checkpoint_floor, through)
                         .await?;
                     ctx.report(|s| s.skipped += 1);
-                    checkpoint_floor = failed.position;
+                    checkpoint_floor = through;
                 }
             }
             rest = &rest[index + 1..];
         }
-        Ok(Step::Done)
+        // Every chunk committed its checkpoint; the last one through the
+        // page's end.
+        Ok(Handled {
+            committed: checkpoint_floor,
+            through: checkpoint_floor,
+            interrupted: false,
+        })
     }
 
     /// Commits `events` with checkpoint `through`, retrying a handler
@@ -950,6 +909,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             attempt += 1;
             let projection = self.projection.clone();
             let batch = events.clone();
+            let limit = self.options.call_timeout;
             let commit = fence.commit(self.name(), self.projection.version(), from, through);
             let work = tx_work::<P::Db, (), _>(move |tx| {
                 Box::pin(async move {
@@ -957,15 +917,8 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                         // A panicking handler fails on this event like an
                         // erring one (retried, then the error policy), rather
                         // than failing the whole write as if the store had.
-                        AssertUnwindSafe(projection.apply(&mut *tx, event))
-                            .catch_unwind()
+                        guarded(limit, projection.apply(&mut *tx, event))
                             .await
-                            .unwrap_or_else(|panic| {
-                                Err(HandlerError::msg(format!(
-                                    "the handler panicked: {}",
-                                    panic_message(panic.as_ref())
-                                )))
-                            })
                             .map_err(|error| HandlerFailure { index, error })?;
                     }
                     Ok(())
@@ -1048,12 +1001,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             }),
             ..fence.commit(self.name(), self.projection.version(), from, through)
         };
-        let work = tx_work::<P::Db, (), _>(|_| Box::pin(async { Ok(()) }));
-        self.db
-            .transact(commit, work)
-            .await
-            .map_err(|e| self.store_error(e))?
-            .map_err(|f| self.store_error(StoreError::Closed(f.error.to_string())))
+        self.checkpoint_only(commit).await
     }
 
     fn event_error(&self, event: &StoredEvent, message: String) -> SubscriberError {
@@ -1075,7 +1023,59 @@ impl<P: Projection, S: EventStore + Clone> Subscriber for ProjectionRunner<P, S>
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
-        self.process(ctx, false).await.map(|_| ())
+        engine::drive(self, &self.store, ctx, false)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl<P: Projection, S: EventStore + Clone> PageHandler for ProjectionRunner<P, S> {
+    type Run = Fence;
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn subscription(&self) -> &SubscriptionOptions {
+        &self.options.subscription
+    }
+
+    fn types(&self) -> Vec<&'static str> {
+        P::Event::event_types().to_vec()
+    }
+
+    fn partition(&self) -> Option<Partition> {
+        self.partition
+    }
+
+    async fn start(
+        &self,
+        ctx: &RunContext,
+        _catch_up: bool,
+    ) -> Result<(Position, Fence), SubscriberError> {
+        self.prepare(ctx.lease.clone()).await
+    }
+
+    async fn handle(
+        &self,
+        ctx: &mut RunContext,
+        fence: &mut Fence,
+        saved: Position,
+        page: &Page,
+    ) -> Result<Handled, SubscriberError> {
+        self.handle_page(ctx, fence, saved, page).await
+    }
+
+    async fn commit(
+        &self,
+        _ctx: &RunContext,
+        fence: &mut Fence,
+        from: Position,
+        to: Position,
+    ) -> Result<(), SubscriberError> {
+        let commit = fence.commit(self.name(), self.projection.version(), from, to);
+        self.checkpoint_only(commit).await
     }
 }
 
@@ -1171,13 +1171,6 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
         self
     }
 
-    fn store_error(&self, source: StoreError) -> SubscriberError {
-        SubscriberError::Store {
-            subscriber: self.key.clone(),
-            source,
-        }
-    }
-
     async fn handle_with_retries(
         &self,
         ctx: &mut RunContext,
@@ -1201,15 +1194,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalR
         // At least one attempt, whatever the options say.
         let attempts = self.options.attempts.max(1);
         for attempt in 1..=attempts {
-            let handled = AssertUnwindSafe(self.projection.handle(&event))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(HandlerError::msg(format!(
-                        "the handler panicked: {}",
-                        panic_message(panic.as_ref())
-                    )))
-                });
+            let handled = guarded(self.options.call_timeout, self.projection.handle(&event)).await;
             match handled {
                 Ok(()) => return Ok(true),
                 Err(e) if attempt == attempts => {
@@ -1241,115 +1226,104 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> Subscribe
     /// checkpoint (a lost race, e.g. a second process without leases), it
     /// re-reads the checkpoint and continues from there.
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
-        loop {
-            match self.run_once(ctx).await {
-                Err(SubscriberError::Store {
-                    source: source @ StoreError::CheckpointMoved { .. },
-                    ..
-                }) => {
-                    tracing::info!(projection = %self.key, error = %source, "another writer saved first; re-reading the checkpoint");
-                }
-                other => return other,
-            }
-        }
+        engine::drive(self, &self.store, ctx, false)
+            .await
+            .map(|_| ())
     }
 }
 
-impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> ExternalRunner<P, S, C> {
-    async fn run_once(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
-        let name = self.key.clone();
-        let start = resume(
-            &self.checkpoints,
-            &name,
-            self.options.subscription.start_from,
-            &self.store,
-            ctx.lease.as_ref(),
-        )
-        .await
-        .map_err(|e| self.store_error(e))?;
-        let mut reader = CatchUp::new(
-            self.store.clone(),
-            Some(P::Event::event_types().to_vec()),
-            start,
-            self.options.subscription.clone(),
-        );
-        if let Some(p) = self.partition {
-            reader = reader.partition(p.index, p.count);
-        }
-        let mut saved = start;
-        let mut since_save = 0u64;
-        let mut last_save = Instant::now();
-        let policy = self.policy;
-        let due = |since_save: u64, last_save: Instant| {
-            since_save >= policy.every_events || last_save.elapsed() >= policy.every
+/// What an [`ExternalRunner`] counts between checkpoint saves.
+pub(crate) struct SinceSave {
+    events: u64,
+    at: Instant,
+}
+
+#[async_trait]
+impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> PageHandler
+    for ExternalRunner<P, S, C>
+{
+    type Run = SinceSave;
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn subscription(&self) -> &SubscriptionOptions {
+        &self.options.subscription
+    }
+
+    fn types(&self) -> Vec<&'static str> {
+        P::Event::event_types().to_vec()
+    }
+
+    fn partition(&self) -> Option<Partition> {
+        self.partition
+    }
+
+    async fn start(
+        &self,
+        ctx: &RunContext,
+        _catch_up: bool,
+    ) -> Result<(Position, SinceSave), SubscriberError> {
+        let start = engine::resume_in(self, &self.checkpoints, &self.store, ctx).await?;
+        let since = SinceSave {
+            events: 0,
+            at: Instant::now(),
         };
-        let result = async {
-            loop {
-                if ctx.stopping() {
-                    return Ok(());
-                }
-                let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
-                let caught_up = page.caught_up;
-                let lag = reader.lag();
-                ctx.report(|s| {
-                    s.lag = lag;
-                    s.state = if caught_up {
-                        SubscriberState::Live
-                    } else {
-                        SubscriberState::CatchingUp
-                    };
-                });
-                for stored in &page.events {
-                    if !self.handle_with_retries(ctx, stored).await? {
-                        return Ok(());
+        Ok((start, since))
+    }
+
+    async fn handle(
+        &self,
+        ctx: &mut RunContext,
+        since: &mut SinceSave,
+        saved: Position,
+        page: &Page,
+    ) -> Result<Handled, SubscriberError> {
+        let mut committed = saved;
+        let mut handled = saved;
+        for stored in &page.events {
+            match self.handle_with_retries(ctx, stored).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Handled::interrupted(committed, handled)),
+                Err(e) => {
+                    // Save what was handled before the failing event.
+                    if handled > committed {
+                        self.commit(ctx, since, committed, handled).await?;
                     }
-                    reader.advance(stored.position);
-                    since_save += 1;
-                    ctx.report(|s| s.handled += 1);
-                    // The policy counts handled events, not pages.
-                    if due(since_save, last_save) {
-                        self.checkpoints
-                            .save(&name, Some(saved), reader.position(), ctx.lease.as_ref())
-                            .await
-                            .map_err(|e| self.store_error(e))?;
-                        saved = reader.position();
-                        since_save = 0;
-                        last_save = Instant::now();
-                    }
-                }
-                reader.advance(page.through);
-                let lag = reader.lag();
-                ctx.report_progress(lag);
-                if reader.position() > saved && due(since_save, last_save) {
-                    self.checkpoints
-                        .save(&name, Some(saved), reader.position(), ctx.lease.as_ref())
-                        .await
-                        .map_err(|e| self.store_error(e))?;
-                    saved = reader.position();
-                    since_save = 0;
-                    last_save = Instant::now();
-                }
-                if caught_up && !reader.wait_for_more(&mut ctx.shutdown).await {
-                    return Ok(());
+                    return Err(e);
                 }
             }
+            handled = stored.position;
+            since.events += 1;
+            ctx.report(|s| s.handled += 1);
+            // The policy counts handled events, not pages.
+            if self.commit_due(since) {
+                self.commit(ctx, since, committed, handled).await?;
+                committed = handled;
+            }
         }
-        .await;
-        // Save what was handled, on shutdown and on error alike (unless
-        // the error is that another writer moved the checkpoint).
-        let moved = matches!(
-            &result,
-            Err(SubscriberError::Store {
-                source: StoreError::CheckpointMoved { .. },
-                ..
-            })
-        );
-        if reader.position() > saved && !moved {
-            self.checkpoints
-                .save(&name, Some(saved), reader.position(), ctx.lease.as_ref())
-                .await
-                .map_err(|e| self.store_error(e))?;
-        }
-        result
+        Ok(Handled {
+            committed,
+            through: page.through,
+            interrupted: false,
+        })
+    }
+
+    fn commit_due(&self, since: &mut SinceSave) -> bool {
+        since.events >= self.policy.every_events || since.at.elapsed() >= self.policy.every
+    }
+
+    async fn commit(
+        &self,
+        ctx: &RunContext,
+        since: &mut SinceSave,
+        from: Position,
+        to: Position,
+    ) -> Result<(), SubscriberError> {
+        engine::save_in(self, &self.checkpoints, ctx, from, to).await?;
+        since.events = 0;
+        since.at = Instant::now();
+        Ok(())
     }
 }

@@ -207,6 +207,32 @@ pub struct RunContext {
     /// The lease this run holds, for fenced checkpoint writes.
     pub lease: Option<Lease>,
     status: Arc<Mutex<SubscriberStatus>>,
+    activity: Arc<Activity>,
+}
+
+/// Whether a run is working on something (not waiting for events), and
+/// since when it has made no progress: what a worker's stall limit reads.
+#[derive(Default)]
+pub(crate) struct Activity(Mutex<Option<std::time::Instant>>);
+
+impl Activity {
+    fn set_busy(&self, busy: bool) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = busy.then(std::time::Instant::now);
+    }
+
+    fn progressed(&self) {
+        if let Some(since) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            *since = std::time::Instant::now();
+        }
+    }
+
+    /// How long a busy run has gone without progress (`None` when idle).
+    fn stalled_for(&self) -> Option<Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|since| since.elapsed())
+    }
 }
 
 impl RunContext {
@@ -216,7 +242,14 @@ impl RunContext {
             shutdown,
             lease: None,
             status: Arc::new(Mutex::new(SubscriberStatus::new(name))),
+            activity: Arc::default(),
         }
+    }
+
+    /// Marks the run as working (`true`: every [`RunContext::report`] from
+    /// now on is progress) or as waiting for events (`false`: never a stall).
+    pub(crate) fn set_busy(&self, busy: bool) {
+        self.activity.set_busy(busy);
     }
 
     /// Whether shutdown was requested (or the sender of `shutdown` is gone).
@@ -229,8 +262,10 @@ impl RunContext {
     /// Every update is also a `tracing` event (target `aftermath::lag`, level
     /// debug; a state change at info) carrying the subscriber, its state and
     /// its lag in positions and seconds, so lag can be followed in logs and
-    /// exported from a tracing layer.
+    /// exported from a tracing layer. Each report is progress for the
+    /// worker's stall limit ([`Worker::stall_limit`]).
     pub fn report(&self, f: impl FnOnce(&mut SubscriberStatus)) {
+        self.activity.progressed();
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let before = status.state.clone();
         f(&mut status);
@@ -340,7 +375,12 @@ pub struct Worker {
     holder: Holder,
     backoff: Backoff,
     standby_poll: Duration,
+    stall_limit: Duration,
 }
+
+/// How long a busy run may go without progress by default before its lease
+/// is given up ([`Worker::stall_limit`]).
+const STALL_LIMIT: Duration = Duration::from_secs(300);
 
 /// How often a standby asks for a lease by default (bounded by `ttl / 3`).
 const STANDBY_POLL: Duration = Duration::from_millis(250);
@@ -362,6 +402,7 @@ impl Worker {
             holder: Holder::new(format!("worker-{}", std::process::id())),
             backoff: Backoff::default(),
             standby_poll: STANDBY_POLL,
+            stall_limit: STALL_LIMIT,
         }
     }
 
@@ -388,6 +429,22 @@ impl Worker {
     /// holder is gone, where the store can tell.
     pub fn standby_poll(mut self, interval: Duration) -> Self {
         self.standby_poll = interval;
+        self
+    }
+
+    /// Sets how long a subscriber may work on a page without progress (no
+    /// event handled, skipped or committed) before its lease is given up
+    /// (default 5 minutes; with leases only). A call that hangs although the
+    /// kinds' own timeouts bound it (a handler that blocks its thread, an
+    /// `apply` stuck in a loop) then stops the run: the lease is released so
+    /// another process takes over at once, fenced as always (the stuck run's
+    /// later writes fail), and this worker drops the run, if it can (a
+    /// thread blocked outside `.await` keeps running until it returns), and
+    /// restarts it after the backoff. Waiting for new events is never a
+    /// stall. Set it above the longest page a subscriber may legitimately
+    /// spend between two handled events (retries included).
+    pub fn stall_limit(mut self, limit: Duration) -> Self {
+        self.stall_limit = limit;
         self
     }
 
@@ -429,6 +486,7 @@ impl Worker {
                 holder: self.holder.clone(),
                 backoff: self.backoff,
                 standby_poll: self.standby_poll,
+                stall_limit: self.stall_limit,
                 status,
             };
             tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
@@ -504,6 +562,7 @@ struct Supervisor {
     holder: Holder,
     backoff: Backoff,
     standby_poll: Duration,
+    stall_limit: Duration,
     status: Arc<Mutex<SubscriberStatus>>,
 }
 
@@ -539,14 +598,21 @@ impl Supervisor {
             // The run stops on worker shutdown or when the lease is lost.
             let (run_stop_tx, run_stop_rx) = watch::channel(false);
             let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let activity = Arc::new(Activity::default());
+            let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<Duration>();
             // The renewer keeps the lease until the run has returned, also
             // while a graceful shutdown finishes the batch in flight (a
             // lease expiring then would fail its fenced commit).
             let renewer = lease.clone().map(|lease| {
                 let (leases, ttl) = self.leases.clone().expect("lease implies a lease store");
+                let watch = Stall {
+                    activity: activity.clone(),
+                    limit: self.stall_limit,
+                    stalled: stalled_tx,
+                };
                 let run_stop = run_stop_tx.clone();
                 let lost = lease_lost.clone();
-                tokio::spawn(renew(leases, lease, ttl, run_stop, lost))
+                tokio::spawn(renew(leases, lease, ttl, run_stop, lost, watch))
             });
             let forward = {
                 let mut stop = stop.clone();
@@ -560,15 +626,25 @@ impl Supervisor {
                 shutdown: run_stop_rx,
                 lease: lease.clone(),
                 status: self.status.clone(),
+                activity,
             };
             let handled_before = self.handled();
             let started = tokio::time::Instant::now();
             // A panicking subscriber is reported as stopped with the panic,
             // rather than taking the task down with a stale status.
-            let result = match AssertUnwindSafe(self.subscriber.run(&mut ctx))
-                .catch_unwind()
-                .await
-            {
+            let run = AssertUnwindSafe(self.subscriber.run(&mut ctx)).catch_unwind();
+            let outcome = tokio::select! {
+                outcome = run => outcome,
+                // The renewer gave the lease up: drop the stuck run.
+                Ok(idle) = stalled_rx => Ok(Err(SubscriberError::Store {
+                    subscriber: name.clone(),
+                    source: StoreError::Closed(format!(
+                        "no progress for {idle:?} (stall limit {:?}); lease given up, run dropped",
+                        self.stall_limit
+                    )),
+                })),
+            };
+            let result = match outcome {
                 Ok(result) => result,
                 Err(panic) => {
                     let message = format!(
@@ -672,22 +748,54 @@ impl Supervisor {
     }
 }
 
+/// What the renewer watches to give a stuck run's lease up.
+struct Stall {
+    activity: Arc<Activity>,
+    limit: Duration,
+    /// Tells the supervisor to drop the run.
+    stalled: tokio::sync::oneshot::Sender<Duration>,
+}
+
 /// Renews `lease` every `ttl / 3` until aborted (after the run returned);
 /// when the lease is lost, or cannot be renewed before it expires, flags
-/// `lost` and stops the run (its fenced writes would fail anyway).
+/// `lost` and stops the run (its fenced writes would fail anyway). When the
+/// run has been busy without progress for longer than the stall limit, it
+/// releases the lease (another process takes over at once) and tells the
+/// supervisor to drop the run.
 async fn renew(
     leases: DynLeases,
     mut lease: Lease,
     ttl: Duration,
     run_stop: watch::Sender<bool>,
     lost: Arc<std::sync::atomic::AtomicBool>,
+    stall: Stall,
 ) {
     let lose = || {
         lost.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = run_stop.send(true);
     };
+    // Checked at least every ttl / 3 (the renewal period), sooner for a
+    // short limit.
+    let period = (ttl / 3).min(stall.limit.max(Duration::from_millis(10)));
+    let mut since_renewal = Duration::ZERO;
     loop {
-        tokio::time::sleep(ttl / 3).await;
+        tokio::time::sleep(period).await;
+        if let Some(idle) = stall.activity.stalled_for()
+            && idle >= stall.limit
+        {
+            tracing::error!(lease = %lease.name, ?idle, limit = ?stall.limit, "subscriber made no progress within its stall limit; giving its lease up");
+            lose();
+            if let Err(e) = leases.release(&lease).await {
+                tracing::warn!(lease = %lease.name, error = %e, "releasing a stalled run's lease failed; it will expire");
+            }
+            let _ = stall.stalled.send(idle);
+            return;
+        }
+        since_renewal += period;
+        if since_renewal < ttl / 3 {
+            continue;
+        }
+        since_renewal = Duration::ZERO;
         match leases.renew(&lease, ttl).await {
             Ok(renewed) => lease = renewed,
             Err(StoreError::LeaseLost { .. }) => {

@@ -844,11 +844,15 @@ pub async fn repository_conflicts_are_retried<B: Backend>() {
     eprintln!("{conflicts} of 50 racing commands hit a conflict with max_attempts(1)");
 }
 
-/// A wrong `fresh` hint (the command was executed before) skips the upfront
-/// inbox lookup but still never executes the command twice: the store
-/// refuses the derived ids, and the first result comes back.
-pub async fn repository_fresh_hint_never_executes_twice<B: Backend>() {
-    let f = fresh!(B, "repository_fresh_hint_never_executes_twice");
+/// A command resent after the stream moved on is decided again (there is no
+/// lookup before deciding) but never executed twice: the store refuses the
+/// derived ids, and the first result comes back; a rejection caused by the
+/// first execution is recognised the same way.
+pub async fn repository_resend_after_the_stream_moved_never_executes_twice<B: Backend>() {
+    let f = fresh!(
+        B,
+        "repository_resend_after_the_stream_moved_never_executes_twice"
+    );
     let repo = Repository::<Account, _>::new(f.store.clone());
     repo.execute(
         "h",
@@ -869,7 +873,7 @@ pub async fn repository_fresh_hint_never_executes_twice<B: Backend>() {
         .await
         .unwrap();
     let again = repo
-        .execute_with("h", AccountCommand::Deposit { amount: 5 }, deposit.fresh())
+        .execute_with("h", AccountCommand::Deposit { amount: 5 }, deposit)
         .await
         .unwrap();
     assert!(again.duplicate);
@@ -886,18 +890,15 @@ pub async fn repository_fresh_hint_never_executes_twice<B: Backend>() {
     .await
     .unwrap();
     let reopened = repo
-        .execute_with(
-            "k",
-            AccountCommand::Open { owner: "bo".into() },
-            open.fresh(),
-        )
+        .execute_with("k", AccountCommand::Open { owner: "bo".into() }, open)
         .await
         .unwrap();
     assert!(reopened.duplicate);
     assert_eq!(f.store.stream_version("account-k").await.unwrap(), 1);
 }
 
-/// The same command id twice: decided once, second call returns the first result.
+/// The same command id twice: executed once, the second call returns the
+/// first result (decided again, its rejection finds the first execution).
 pub async fn repository_command_id_is_idempotent<B: Backend>() {
     let f = fresh!(B, "repository_command_id_is_idempotent");
     let repo = Repository::<Account, _>::new(f.store.clone());
@@ -912,7 +913,8 @@ pub async fn repository_command_id_is_idempotent<B: Backend>() {
         )
         .await
         .unwrap();
-    // Re-sending "open" would be rejected (AlreadyOpen) if decided again.
+    // Re-sending "open" is rejected (AlreadyOpen) when decided again: the
+    // rejection finds the first execution and returns its result.
     let again = repo
         .execute_with(
             "i",

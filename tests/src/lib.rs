@@ -107,7 +107,7 @@ macro_rules! conformance_tests {
             repository_execute_and_reject,
             repository_conflicts_are_retried,
             repository_command_id_is_idempotent,
-            repository_fresh_hint_never_executes_twice,
+            repository_resend_after_the_stream_moved_never_executes_twice,
             repository_concurrent_copies_of_a_command,
             snapshots_give_same_state,
             stale_snapshot_is_ignored,

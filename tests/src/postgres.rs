@@ -160,6 +160,7 @@ pub struct PgBalances {
     tag: String,
     hook: Option<Hook>,
     delay: std::time::Duration,
+    hang: Option<(u64, Arc<std::sync::atomic::AtomicBool>)>,
     resets: Arc<AtomicU64>,
     create: String,
     drop: String,
@@ -182,6 +183,7 @@ impl PgBalances {
             tag: tag.to_owned(),
             hook: None,
             delay: std::time::Duration::ZERO,
+            hang: None,
             resets: Arc::default(),
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {} (
@@ -236,6 +238,15 @@ impl PgBalances {
         self
     }
 
+    /// Makes the first apply of the event at `position` never finish (a
+    /// hung call: pending forever, inside the batch's transaction); later
+    /// applies of it work. Returns the flag that says it hung.
+    pub fn hang_once_at(mut self, position: u64) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let hung = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.hang = Some((position, hung.clone()));
+        (self, hung)
+    }
+
     /// How many times `reset` ran (shared by clones).
     pub fn resets(&self) -> Arc<AtomicU64> {
         self.resets.clone()
@@ -286,6 +297,12 @@ impl Projection for PgBalances {
         }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
+        }
+        if let Some((at, hung)) = &self.hang
+            && event.position.0 == *at
+            && !hung.swap(true, Ordering::SeqCst)
+        {
+            std::future::pending::<()>().await;
         }
         query(AssertSqlSafe(self.upsert.clone()))
             .bind(&event.stream)

@@ -1984,58 +1984,53 @@ pub async fn strict_start_of_completed_instance_is_ignored<B: ProcessBackend>() 
     assert_eq!(records(&parts.store, "tally", "t-1").await.len(), before);
 }
 
-/// A `StartStrict` for an existing instance stops the runner with an
-/// error naming the event (the default).
-pub async fn strict_start_of_existing_instance_stops_the_runner<B: ProcessBackend>() {
-    let parts = parts!(B, "strict_start_of_existing_instance_stops_the_runner");
+/// A `StartStrict` for an existing instance parks that instance with the
+/// input and an error naming the event (the default): the runner goes on,
+/// other instances keep flowing, the instance's later inputs are held, and
+/// an operator's skip drops the misrouted input and releases the rest.
+pub async fn strict_start_of_existing_instance_parks_it<B: ProcessBackend>() {
+    let parts = parts!(B, "strict_start_of_existing_instance_parks_it");
     let clock = ManualClock::at(t0());
-    let [first, again, _] = misrouted_inputs(&parts.store).await;
-    let misrouted = parts.store.find_event(again).await.unwrap().unwrap();
+    let [first, again, tick] = misrouted_inputs(&parts.store).await;
+    let other = feed(&parts.store, "tally-in-4", &[opened("t-2")]).await[0];
     let runner = tally_runner(&parts, &clock);
+    // Twice: a restart neither stops on it nor parks it again.
     for _ in 0..2 {
-        match runner.catch_up().await {
-            Err(SubscriberError::Event {
-                subscriber,
-                position,
-                stream,
-                version,
-                event_type,
-                message,
-            }) => {
-                assert_eq!(subscriber, "tally");
-                assert_eq!(position, misrouted.position);
-                assert_eq!((stream.as_str(), version), ("tally-in-2", 1));
-                assert_eq!(event_type, "tally.TallyOpened");
-                assert!(message.contains("StartStrict"), "{message}");
-                assert!(message.contains("already exists"), "{message}");
-            }
-            other => panic!("expected the runner to stop on the event, got {other:?}"),
-        }
+        runner
+            .catch_up()
+            .await
+            .expect("a misroute is the instance's failure, not the runner's");
     }
-    let recs = records(&parts.store, "tally", "t-1").await;
-    let ids: Vec<Uuid> = received(&recs).iter().map(|i| i.id()).collect();
-    assert_eq!(ids, vec![first], "nothing after the misrouted event");
-
-    // In a worker: stopped for good, the error naming the event.
-    let worker = Worker::new()
-        .add_subscriber(self::tally_runner(&parts, &clock))
-        .start()
-        .expect("unique subscriber names");
-    let mut state = SubscriberState::Starting;
-    eventually("the worker to stop the runner", || {
-        state = worker.status_of("tally").unwrap().state;
-        let stopped = matches!(state, SubscriberState::Stopped(Some(_)));
-        async move { stopped }
-    })
-    .await;
-    let SubscriberState::Stopped(Some(error)) = state else {
-        unreachable!()
+    let parked = runner.parked().await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let (instance, parking) = &parked[0];
+    assert_eq!(instance, "t-1");
+    assert_eq!(parking.input.as_ref().map(|i| i.id()), Some(again));
+    for part in ["StartStrict", "already exists", "tally-in-2", "TallyOpened"] {
+        assert!(parking.error.contains(part), "{}", parking.error);
+    }
+    assert_eq!(parking.held, 1, "the tick waits behind the parking");
+    let ids = |recs: &[(StoredEvent, ProcessRecord)]| -> Vec<Uuid> {
+        received(recs).iter().map(|i| i.id()).collect()
     };
-    assert!(
-        error.contains("TallyOpened") && error.contains("tally-in-2"),
-        "{error}"
+    assert_eq!(
+        ids(&records(&parts.store, "tally", "t-1").await),
+        vec![first]
     );
-    worker.shutdown().await;
+    assert_eq!(
+        ids(&records(&parts.store, "tally", "t-2").await),
+        vec![other],
+        "another instance is not held back"
+    );
+
+    assert!(runner.skip("t-1").await.unwrap());
+    runner.catch_up().await.unwrap();
+    assert!(runner.parked().await.unwrap().is_empty());
+    assert_eq!(
+        ids(&records(&parts.store, "tally", "t-1").await),
+        vec![first, tick],
+        "skipped the misrouted input, then handled the held tick"
+    );
 }
 
 /// With `skip_misrouted(true)` the event is skipped, counted in the
@@ -2336,12 +2331,12 @@ macro_rules! process_tests {
             compensations_run_newest_first_after_a_rejection,
             timeline_in_causal_order,
             concurrent_runners_handle_each_input_once,
-            strict_start_of_existing_instance_stops_the_runner,
+            strict_start_of_existing_instance_parks_it,
             misrouted_event_skipped_and_counted,
             instances_run_in_parallel_inputs_in_order,
             deadline_never_beats_an_input_recorded_before_it_is_due,
             panicking_instance_is_parked_others_flow,
-            noop_command_redispatched_after_a_crash_is_not_decided_again,
+            noop_command_redispatched_after_a_crash_has_no_second_outcome,
             reactor_failures_are_isolated,
         );
     };
@@ -2701,10 +2696,10 @@ impl ProcessManager for Lighter {
 /// crashes and loses its checkpoint, so it dispatches the command again.
 /// It is recognised as executed, not decided again against the newer
 /// state (which would turn the lamp on late).
-pub async fn noop_command_redispatched_after_a_crash_is_not_decided_again<B: ProcessBackend>() {
+pub async fn noop_command_redispatched_after_a_crash_has_no_second_outcome<B: ProcessBackend>() {
     let parts = parts!(
         B,
-        "noop_command_redispatched_after_a_crash_is_not_decided_again"
+        "noop_command_redispatched_after_a_crash_has_no_second_outcome"
     );
     let clock = ManualClock::at(t0());
     let lamps = Repository::<Lamp, _>::new(parts.store.clone());
@@ -2715,7 +2710,9 @@ pub async fn noop_command_redispatched_after_a_crash_is_not_decided_again<B: Pro
     settle(&parts.store, &first).await;
     lamps.execute("l-1", LampCommand::Off).await.unwrap();
     // The restart after a crash that lost the checkpoint reads the command
-    // again and dispatches it (without the "fresh" hint).
+    // again and dispatches it: decided against the lamp that is off now, it
+    // would turn it on, but the store refuses its derived ids and the first
+    // result (accepted, no events) comes back.
     let restarted = ProcessRunner::new(
         Lighter,
         parts.store.clone(),
@@ -2735,7 +2732,7 @@ pub async fn noop_command_redispatched_after_a_crash_is_not_decided_again<B: Pro
     assert_eq!(
         types,
         vec!["lamp.On", aftermath::COMMAND_ACCEPTED, "lamp.Off"],
-        "the resent command was decided again"
+        "the resent command took effect again"
     );
     let lamp = lamps.load("l-1").await.unwrap();
     assert!(!lamp.state.on);

@@ -17,7 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aftermath::nats::{InboxStore, NatsInbox, NatsOutbox, ParkedMessage, headers};
+use aftermath::nats::{
+    ContractError, InboxStore, MessageAttributes, NatsInbox, NatsOutbox, OutboxError,
+    ParkedMessage, WindowPolicy, headers,
+};
 use aftermath::reactor::testkit::{Faults, FaultyCheckpoints, FaultyJournal, InjectedFault, Step};
 use aftermath::reactor::{
     EffectContext, EffectJournal, ReactError, Reactor, ReactorOptions, ReactorRunner,
@@ -110,8 +113,8 @@ fn check_published(prefix: &str, events: &[StoredEvent], messages: &[Stored]) ->
             continue;
         };
         let expected = [
-            (headers::EVENT_TYPE, e.event_type.clone()),
-            (headers::STREAM, e.stream.clone()),
+            (headers::TYPE, e.event_type.clone()),
+            (headers::SOURCE, e.stream.clone()),
             (
                 headers::CORRELATION_ID,
                 e.metadata.correlation_id.to_string(),
@@ -1005,4 +1008,580 @@ async fn parked_retention_removes_old_rows_only() {
         (now - chrono::Duration::days(2)).timestamp_micros()
     );
     assert_eq!(store.parked_messages(Some("other")).await.unwrap(), []);
+}
+
+// ---------------------------------------------------------------------------
+// The message contract, the duplicate window, dedupe beyond it
+// ---------------------------------------------------------------------------
+
+/// A durable pull consumer (explicit acks, 1 s ack wait) on `filter`.
+async fn consumer_on(
+    js: &async_nats::jetstream::Context,
+    stream: &TestStream,
+    name: &str,
+    filter: &str,
+) -> PullConsumer {
+    js.get_stream(&stream.name)
+        .await
+        .expect("get the stream")
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(1),
+            filter_subject: filter.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("create the consumer")
+}
+
+/// The receiving side of an integration: an account event published by the
+/// other service becomes the same operation on this service's account of
+/// the same id (`ce-source` `account-<id>`), read through the contract.
+fn mirror_event(message: &async_nats::Message) -> Result<(String, AccountCommand), String> {
+    use aftermath::Event;
+    let attributes = MessageAttributes::from_message(message).map_err(|e| e.to_string())?;
+    let id = attributes
+        .source
+        .strip_prefix("account-")
+        .ok_or_else(|| format!("ce-source `{}` is not an account", attributes.source))?;
+    let event = AccountEvent::decode(&attributes.event_type, &message.payload)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "ce-type `{}` is not an account event",
+                attributes.event_type
+            )
+        })?;
+    let command = match event {
+        AccountEvent::Opened { owner } => AccountCommand::Open { owner },
+        AccountEvent::Deposited { amount } => AccountCommand::Deposit { amount },
+        AccountEvent::Withdrew { amount } => AccountCommand::Withdraw { amount },
+    };
+    Ok((id.to_owned(), command))
+}
+
+fn mirror_worker(consumer: PullConsumer, store: SqliteStore) -> aftermath::worker::RunningWorker {
+    Worker::new()
+        .backoff(Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        })
+        .add_subscriber(NatsInbox::new(
+            INBOX,
+            consumer,
+            Repository::<Account, _>::new(store.clone()),
+            store,
+            mirror_event,
+        ))
+        .start()
+        .expect("unique subscriber names")
+}
+
+/// Publishes a copy of a stored message with its headers; `keep_msg_id`
+/// false drops `Nats-Msg-Id` (as a replay tool that keeps only the
+/// CloudEvents headers would). Returns JetStream's duplicate flag.
+async fn republish(js: &async_nats::jetstream::Context, m: &Stored, keep_msg_id: bool) -> bool {
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in m.headers.iter() {
+        let name: &str = name.as_ref();
+        if !keep_msg_id && name == headers::MSG_ID {
+            continue;
+        }
+        for value in values {
+            headers.append(name, value.as_str());
+        }
+    }
+    js.publish_with_headers(m.subject.clone(), headers, m.payload.clone().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack")
+        .duplicate
+}
+
+/// The contract, read by a generic CloudEvents parser: a message the
+/// outbox published decodes with the `cloudevents-sdk` crate's binary-mode
+/// decoder (the `ce-` headers and `content-type` rules that the NATS binding
+/// shares with the HTTP one) into a valid CloudEvents 1.0 event whose id is
+/// the event id (= `Nats-Msg-Id`), type the stored type, source the
+/// stream, time the recorded time, data the stored JSON payload, and whose
+/// extensions carry correlation, causation, stream version and the
+/// `traceparent` given in the command's metadata. `MessageAttributes`
+/// reads the same back, and percent-encoded values round-trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn published_message_decodes_as_a_cloudevent() {
+    use cloudevents::{AttributesReader, Data, event::SpecVersion};
+    let Some(url) = url_or_skip("published_message_decodes_as_a_cloudevent") else {
+        return;
+    };
+    let _shared = SERVER_LOCK.read().await;
+    let js = jetstream(connect(&url).await, Duration::from_secs(5));
+    let stream = TestStream::create(&url, &js, "contract", |_| {}).await;
+    let (_dir, store) = sqlite().await;
+    let accounts = Repository::<Account, _>::new(store.clone());
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (correlation, causation) = (Uuid::new_v4(), Uuid::new_v4());
+    accounts
+        .execute_with(
+            "c1",
+            AccountCommand::Open {
+                owner: "Zoë \"Z\" 100%".into(),
+            },
+            CommandMeta::with_id(Uuid::new_v4())
+                .correlation(correlation)
+                .causation(causation)
+                .extra("traceparent", traceparent),
+        )
+        .await
+        .unwrap();
+    accounts
+        .execute("c1", AccountCommand::Deposit { amount: 42 })
+        .await
+        .unwrap();
+    let events = account_events(&store).await;
+    let prefix = stream.prefix.clone();
+    let outbox = NatsOutbox::new(OUTBOX, js.clone(), move |e: &Recorded<AccountEvent>| {
+        Some(subject_of(&prefix, e))
+    });
+    ReactorRunner::new(outbox, store.clone(), store.clone(), store.clone())
+        .options(options())
+        .catch_up()
+        .await
+        .unwrap();
+    let messages = stream_messages(&js, &stream.name).await;
+    assert_eq!(messages.len(), 2);
+
+    for (m, e) in messages.iter().zip(&events) {
+        let mut http_headers = http::HeaderMap::new();
+        for (name, values) in m.headers.iter() {
+            for value in values {
+                http_headers.append(
+                    http::HeaderName::from_bytes(AsRef::<str>::as_ref(name).as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(value.as_str()).unwrap(),
+                );
+            }
+        }
+        let ce = cloudevents::binding::http::to_event(&http_headers, m.payload.clone())
+            .unwrap_or_else(|err| panic!("#{} is not a CloudEvent: {err}", m.sequence));
+        assert_eq!(ce.specversion(), SpecVersion::V10);
+        assert_eq!(ce.id(), e.id.to_string());
+        assert_eq!(m.header(headers::MSG_ID), Some(e.id.to_string()));
+        assert_eq!(ce.ty(), e.event_type);
+        assert_eq!(ce.source().to_string(), "account-c1");
+        assert_eq!(ce.time(), Some(&e.recorded_at));
+        assert_eq!(ce.datacontenttype(), Some("application/json"));
+        let data: serde_json::Value = match ce.data() {
+            Some(Data::Json(v)) => v.clone(),
+            Some(Data::Binary(b)) => serde_json::from_slice(b).unwrap(),
+            Some(Data::String(s)) => serde_json::from_str(s).unwrap(),
+            None => panic!("no data"),
+        };
+        assert_eq!(
+            data,
+            serde_json::from_slice::<serde_json::Value>(&e.payload).unwrap()
+        );
+        let ext = |name: &str| ce.extension(name).map(|v| v.to_string());
+        assert_eq!(
+            ext("correlationid"),
+            Some(e.metadata.correlation_id.to_string())
+        );
+        assert_eq!(
+            ext("causationid"),
+            Some(e.metadata.causation_id.to_string())
+        );
+        assert_eq!(ext("streamversion"), Some(e.version.to_string()));
+        let expected_trace = e.metadata.extra.get("traceparent").cloned();
+        assert_eq!(ext("traceparent"), expected_trace);
+
+        let read = MessageAttributes::from_message(&async_nats::Message {
+            subject: m.subject.clone().into(),
+            reply: None,
+            payload: m.payload.clone().into(),
+            headers: Some(m.headers.clone()),
+            status: None,
+            description: None,
+            length: 0,
+        })
+        .unwrap();
+        assert_eq!(read.id, e.id.to_string());
+        assert_eq!(read.event_type, e.event_type);
+        assert_eq!(read.source, e.stream);
+        assert_eq!(read.time, Some(e.recorded_at));
+        assert_eq!(read.stream_version, Some(e.version));
+        assert_eq!(read.correlation_id, Some(e.metadata.correlation_id));
+        assert_eq!(read.traceparent, expected_trace);
+    }
+    assert_eq!(events[0].metadata.correlation_id, correlation);
+    assert_eq!(
+        messages[0].header(headers::TRACEPARENT).as_deref(),
+        Some(traceparent),
+        "the first event's metadata carried the trace context"
+    );
+    assert_eq!(messages[1].header(headers::TRACEPARENT), None);
+    let odd = "Zoë \"Z\" 100%";
+    let encoded = aftermath::nats::encode_header_value(odd);
+    assert_eq!(encoded, "Zo%C3%AB%20%22Z%22%20100%25");
+    assert_eq!(
+        aftermath::nats::decode_header_value(&encoded).as_deref(),
+        Some(odd)
+    );
+    assert_eq!(aftermath::nats::decode_header_value("bad%zz"), None);
+}
+
+/// A message without the contract's headers is a typed error naming the
+/// header and the subject.
+#[test]
+fn message_without_the_contract_is_a_typed_error() {
+    let message = |pairs: &[(&str, &str)]| {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        async_nats::Message {
+            subject: "orders.placed".into(),
+            reply: None,
+            payload: Vec::new().into(),
+            headers: Some(h),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    };
+    let err = MessageAttributes::from_message(&message(&[])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "message on `orders.placed` has no `ce-specversion` header"
+    );
+    let err = MessageAttributes::from_message(&message(&[("ce-specversion", "0.3")])).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ContractError::Invalid {
+                header: "ce-specversion",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = MessageAttributes::from_message(&message(&[
+        ("ce-specversion", "1.0"),
+        ("ce-id", "x"),
+        ("ce-type", "order.Placed"),
+        ("ce-source", "order-1"),
+        ("ce-time", "yesterday"),
+    ]))
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("header `ce-time` is \"yesterday\": not RFC 3339"),
+        "{err}"
+    );
+}
+
+/// The outbox checks at start that the stream keeps message ids for as
+/// long as it may re-publish: a 1 s window against the default 10-minute
+/// horizon is reported (Warn) or refused (Refuse) with the stream, the
+/// window and the horizon named; a window of an hour covers it; a subject
+/// no stream takes is a lookup error naming the subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbox_checks_the_duplicate_window_at_start() {
+    let Some(url) = url_or_skip("outbox_checks_the_duplicate_window_at_start") else {
+        return;
+    };
+    let _shared = SERVER_LOCK.read().await;
+    let js = jetstream(connect(&url).await, Duration::from_secs(5));
+    let short = TestStream::create(&url, &js, "window_short", |c| {
+        c.duplicate_window = Duration::from_secs(1);
+    })
+    .await;
+    let long = TestStream::create(&url, &js, "window_long", |c| {
+        c.duplicate_window = Duration::from_secs(3600);
+        c.max_age = Duration::from_secs(7200);
+    })
+    .await;
+    let outbox = || NatsOutbox::new(OUTBOX, js.clone(), |_: &Recorded<AccountEvent>| None);
+
+    let warned = outbox()
+        .check_duplicate_window(&short.subject("x"))
+        .await
+        .expect("Warn reports, it does not refuse");
+    assert_eq!(warned.stream, short.name);
+    assert_eq!(warned.duplicate_window, Duration::from_secs(1));
+    assert_eq!(warned.retry_horizon, Duration::from_secs(600));
+    assert!(!warned.covered());
+
+    let refused = outbox()
+        .window_policy(WindowPolicy::Refuse)
+        .check_duplicate_window(&short.subject("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        OutboxError::WindowTooShort {
+            outbox: OUTBOX.into(),
+            stream: short.name.clone(),
+            window: Duration::from_secs(1),
+            horizon: Duration::from_secs(600),
+        }
+    );
+    assert!(refused.to_string().contains(&short.name), "{refused}");
+
+    let covered = outbox()
+        .window_policy(WindowPolicy::Refuse)
+        .check_duplicate_window(&long.subject("x"))
+        .await
+        .unwrap();
+    assert!(covered.covered());
+    // A horizon computed from the runner's options and a restart allowance.
+    let horizon = NatsOutbox::<AccountEvent>::retry_horizon_of(
+        &ReactorOptions::default().max_attempts(4),
+        Duration::from_secs(60),
+    );
+    assert_eq!(horizon, Duration::from_secs(4 * (30 + 30) + 60));
+    let refused = outbox()
+        .retry_horizon(Duration::from_secs(7200))
+        .window_policy(WindowPolicy::Refuse)
+        .check_duplicate_window(&long.subject("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, OutboxError::WindowTooShort { .. }));
+
+    let nowhere = format!("aftermath-test.nowhere.{}", Uuid::new_v4().simple());
+    let lookup = outbox().check_duplicate_window(&nowhere).await.unwrap_err();
+    assert!(
+        matches!(&lookup, OutboxError::Lookup { subject, .. } if *subject == nowhere),
+        "{lookup}"
+    );
+}
+
+/// Dedupe that does not depend on the broker's window. One service's
+/// outbox publishes account events into a stream whose duplicate window is
+/// 1 s; the other service's inbox mirrors them. After the window, every
+/// message is published again (the outbox's re-publish after a long outage,
+/// simulated with the same headers), and once more without `Nats-Msg-Id`
+/// (a replay that keeps the CloudEvents headers only): JetStream stores all
+/// the copies, yet each event took effect once on the receiver, also after
+/// the receiver restarted (a new worker on the same file). The retention:
+/// an executed message id is remembered as long as the receiver's events
+/// are stored; a parked one (a rejected withdrawal) as long as its parked
+/// row: re-published, it is acknowledged without running, and once
+/// `cleanup_parked` removed the row it is a new message again (it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbox_dedupes_after_the_duplicate_window() {
+    let Some(url) = url_or_skip("inbox_dedupes_after_the_duplicate_window") else {
+        return;
+    };
+    let _shared = SERVER_LOCK.read().await;
+    let js = jetstream(connect(&url).await, Duration::from_secs(5));
+    let stream = TestStream::create(&url, &js, "after_window", |c| {
+        c.duplicate_window = Duration::from_secs(1);
+    })
+    .await;
+    let filter = stream.subject(">");
+    let (_sender_dir, sender) = sqlite().await;
+    let (_receiver_dir, receiver) = sqlite().await;
+    let accounts = Repository::<Account, _>::new(sender.clone());
+    for a in ["m1", "m2"] {
+        accounts
+            .execute(a, AccountCommand::Open { owner: a.into() })
+            .await
+            .unwrap();
+        for amount in [10, 20, 30] {
+            accounts
+                .execute(a, AccountCommand::Deposit { amount })
+                .await
+                .unwrap();
+        }
+    }
+    let prefix = stream.prefix.clone();
+    let outbox = NatsOutbox::new(OUTBOX, js.clone(), move |e: &Recorded<AccountEvent>| {
+        Some(subject_of(&prefix, e))
+    });
+    let runner = ReactorRunner::new(outbox, sender.clone(), sender.clone(), sender.clone())
+        .options(options());
+    runner.catch_up().await.unwrap();
+    let consumer = consumer_on(&js, &stream, INBOX, &filter).await;
+    let worker = mirror_worker(consumer, receiver.clone());
+    drained(&js, &stream, INBOX).await;
+    let first = stream_messages(&js, &stream.name).await;
+    assert_eq!(first.len(), 8);
+
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for m in &first {
+        assert!(
+            !republish(&js, m, true).await,
+            "outside the window JetStream keeps the copy"
+        );
+    }
+    drained(&js, &stream, INBOX).await;
+    worker.shutdown().await;
+    // The receiver restarts; the copies without Nats-Msg-Id arrive.
+    let consumer = js
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .get_consumer(INBOX)
+        .await
+        .unwrap();
+    let worker = mirror_worker(consumer, receiver.clone());
+    for m in &first {
+        assert!(!republish(&js, m, false).await);
+    }
+    drained(&js, &stream, INBOX).await;
+    assert_eq!(
+        stream_state(&js, &stream.name).await.messages,
+        24,
+        "three copies of each"
+    );
+
+    let mirrored = Repository::<Account, _>::new(receiver.clone());
+    for a in ["m1", "m2"] {
+        let loaded = mirrored.load(a).await.unwrap();
+        assert_eq!((loaded.version, loaded.state.balance), (4, 60), "{a}");
+        let ids = message_ids(&receiver, a).await;
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 4, "{a}: {ids:?}");
+    }
+
+    // Retention of a parked message id.
+    accounts
+        .execute("m1", AccountCommand::Withdraw { amount: 60 })
+        .await
+        .unwrap();
+    // The receiver's m1 is short of 60 once the sender's withdrawal of 60
+    // arrives if an extra withdrawal of 50 came first: published by hand.
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in [
+        (headers::MSG_ID, "manual-withdrawal"),
+        (headers::SPEC_VERSION, "1.0"),
+        (headers::ID, "manual-withdrawal"),
+        (headers::TYPE, "account.Withdrawn"),
+        (headers::SOURCE, "account-m1"),
+    ] {
+        h.insert(k, v);
+    }
+    let manual = stream.subject("manual");
+    let withdraw_50 = br#"{"amount":50}"#.to_vec();
+    js.publish_with_headers(manual.clone(), h.clone(), withdraw_50.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    drained(&js, &stream, INBOX).await;
+    runner.catch_up().await.unwrap();
+    drained(&js, &stream, INBOX).await;
+    let parked = receiver.parked_messages(Some(INBOX)).await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:#?}");
+    assert!(
+        parked[0].error.contains("rejected by account `m1`")
+            && parked[0].error.contains("insufficient funds"),
+        "{}",
+        parked[0].error
+    );
+    let rejected_id = parked[0].message_id.clone();
+    let rejected = stream_messages(&js, &stream.name)
+        .await
+        .into_iter()
+        .find(|m| m.header(headers::MSG_ID).as_deref() == Some(rejected_id.as_str()))
+        .unwrap();
+    // The receiver gets the money back; the parked withdrawal, published
+    // again after the window, is still not run.
+    mirrored
+        .execute("m1", AccountCommand::Deposit { amount: 100 })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(!republish(&js, &rejected, true).await);
+    drained(&js, &stream, INBOX).await;
+    assert_eq!(mirrored.load("m1").await.unwrap().state.balance, 110);
+    // After the parked row is cleaned up, the id is new again.
+    assert_eq!(receiver.cleanup_parked(Utc::now()).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(!republish(&js, &rejected, true).await);
+    drained(&js, &stream, INBOX).await;
+    assert_eq!(
+        mirrored.load("m1").await.unwrap().state.balance,
+        50,
+        "once its parked row is gone, a message id is new: the withdrawal ran"
+    );
+    let status = worker.status_of(INBOX).unwrap();
+    assert_eq!(status.state, SubscriberState::Live, "{status:?}");
+    worker.shutdown().await;
+}
+
+/// A message whose command the receiving aggregate rejects is handled, not
+/// retried: parked with its raw bytes, the subject and the aggregate's
+/// reason, acknowledged (nothing pending, nothing redelivered after the ack
+/// wait), counted as handled by a live worker, and a redelivered or
+/// re-published copy is acknowledged without being decided again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbox_rejected_command_is_handled_once_and_visible() {
+    let Some(url) = url_or_skip("inbox_rejected_command_is_handled_once_and_visible") else {
+        return;
+    };
+    let _shared = SERVER_LOCK.read().await;
+    let js = jetstream(connect(&url).await, Duration::from_secs(5));
+    let stream = TestStream::create(&url, &js, "inbox_rejected", |c| {
+        c.duplicate_window = Duration::from_millis(500);
+    })
+    .await;
+    let consumer = durable_consumer(&js, &stream, INBOX).await;
+    let (_dir, store) = sqlite().await;
+    let worker = inbox_worker(consumer, store.clone(), store.clone());
+    let subject = stream.subject("commands.account");
+    publish(&js, &subject, "open", &CommandMessage::open("r1").bytes()).await;
+    let refused = CommandMessage::withdraw("r1", 5).bytes();
+    publish(&js, &subject, "withdraw", &refused).await;
+    drained(&js, &stream, INBOX).await;
+    let parked = store.parked_messages(Some(INBOX)).await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:#?}");
+    assert_eq!(
+        (parked[0].message_id.as_str(), parked[0].subject.as_str()),
+        ("withdraw", subject.as_str())
+    );
+    assert_eq!(parked[0].payload, refused, "raw bytes kept");
+    assert!(
+        parked[0].error.starts_with("rejected by account `r1`: ")
+            && parked[0].error.contains("insufficient funds"),
+        "{}",
+        parked[0].error
+    );
+    // Past the ack wait: not redelivered.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = js
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .consumer_info(INBOX)
+        .await
+        .unwrap();
+    assert_eq!((info.num_ack_pending, info.num_redelivered), (0, 0));
+    // Money arrives; the same withdrawal again (after the window) is not run.
+    publish(
+        &js,
+        &subject,
+        "deposit",
+        &CommandMessage::deposit("r1", 10).bytes(),
+    )
+    .await;
+    let (duplicate, _) = publish(&js, &subject, "withdraw", &refused).await;
+    assert!(!duplicate);
+    drained(&js, &stream, INBOX).await;
+    let r1 = Repository::<Account, _>::new(store.clone())
+        .load("r1")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r1.version, r1.state.balance),
+        (2, 10),
+        "opened and deposited only"
+    );
+    assert_eq!(store.parked_messages(None).await.unwrap().len(), 1);
+    let status = worker.status_of(INBOX).unwrap();
+    assert_eq!(
+        (status.state.clone(), status.handled),
+        (SubscriberState::Live, 4),
+        "{status:?}"
+    );
+    worker.shutdown().await;
 }

@@ -103,12 +103,15 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
     }
     a.send("others");
     b.send("others");
+    // Each standby reports from its own task: in either order.
     for (helper, theirs) in [(&mut a, [2, 3]), (&mut b, [0, 1])] {
-        for index in theirs {
-            let k = key(index);
-            helper.expect_line(&format!("{k} standing by"), Duration::from_secs(20), |l| {
-                l == format!("STATE {k} Standby")
+        let mut waiting: Vec<String> = theirs.iter().map(|i| key(*i)).collect();
+        while !waiting.is_empty() {
+            let what = format!("{waiting:?} standing by");
+            let line = helper.expect_line(&what, Duration::from_secs(20), |l| {
+                waiting.iter().any(|k| l == format!("STATE {k} Standby"))
             });
+            waiting.retain(|k| line != format!("STATE {k} Standby"));
         }
     }
     let held = rt.block_on(leases(&store));

@@ -179,6 +179,35 @@ async fn failed_batch_rolls_back_and_is_retried() {
     assert_eq!(read_model(&store, "bal").await, expected_all(&store).await);
 }
 
+/// An `apply` that never finishes (a hung call inside the batch's
+/// transaction) fails its event after `call_timeout`: the batch rolls back
+/// and is retried, and the read model ends exact. Without the timeout the
+/// runner would wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_apply_times_out_and_is_retried() {
+    let (guard, store) = fresh_or_skip!("hung_apply_times_out_and_is_retried");
+    append_accounts(&store, 0, 60, 6, 3).await;
+    let twentieth = log(&store).await[19].position;
+    let (projection, hung) = PgBalances::new(&guard.schema, "bal", "t").hang_once_at(twentieth.0);
+    let runner = ProjectionRunner::new(projection, store.clone(), store.clone()).options(
+        ProjectionOptions {
+            retry_delay: Duration::from_millis(1),
+            ..options(16)
+        }
+        .call_timeout(Duration::from_millis(300))
+        .attempts(2),
+    );
+    tokio::time::timeout(WAIT, runner.catch_up())
+        .await
+        .expect("the hung apply was not timed out")
+        .unwrap();
+    assert!(
+        hung.load(Ordering::SeqCst),
+        "the apply at {twentieth} never hung"
+    );
+    assert_eq!(read_model(&store, "bal").await, expected_all(&store).await);
+}
+
 /// Bumping the version resets the read model (through `PgTx`) and replays;
 /// the same version again only continues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,6 +182,36 @@ async fn live_delivery_is_woken_by_watch_head() {
     worker.shutdown().await;
 }
 
+/// "Wait until live, then read the model" reads every event: a subscriber
+/// is reported `Live` only once the page that reached the head is
+/// committed, not when it is read. The last page (5 slow events, short, so
+/// it is the one that says "caught up") is where reporting early would
+/// show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_means_the_last_page_is_committed() {
+    let (_dir, store) = sqlite().await;
+    append_accounts(&store, 0, 35, 1, 3).await;
+    let slow = Balances::new("bal", "slow").hook(|_| {
+        std::thread::sleep(Duration::from_millis(15));
+        Ok(())
+    });
+    let runner = ProjectionRunner::new(slow, store.clone(), store.clone()).options(options(10));
+    let worker = Worker::new()
+        .add_subscriber(runner)
+        .start()
+        .expect("unique subscriber names");
+    until("the subscriber is live", WAIT, || {
+        (status(&worker, "bal").state == SubscriberState::Live).then_some(())
+    })
+    .await;
+    assert_eq!(
+        read_model(&store, "bal").await,
+        expected_all(&store).await,
+        "reported live before its last page was committed"
+    );
+    worker.shutdown().await;
+}
+
 /// One `read_all`: the types asked for, the types of the events returned.
 type Read = (Option<Vec<String>>, Vec<String>);
 
@@ -1254,6 +1284,75 @@ impl ExternalProjection for Recorder {
     }
 }
 
+/// Hangs forever on its first call for `at` (no timeout can end it here:
+/// the runner's `call_timeout` is an hour); records every other delivery.
+#[derive(Clone, Default)]
+struct HangsOnce {
+    at: u64,
+    hung: Arc<std::sync::atomic::AtomicBool>,
+    seen: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+}
+
+#[async_trait::async_trait]
+impl ExternalProjection for HangsOnce {
+    type Event = AccountEvent;
+    fn name(&self) -> &str {
+        "stalls"
+    }
+    async fn handle(&self, event: &Recorded<AccountEvent>) -> Result<(), HandlerError> {
+        if event.position.0 == self.at && !self.hung.swap(true, Ordering::SeqCst) {
+            futures::future::pending::<()>().await;
+        }
+        self.seen.lock().unwrap().insert(event.position.0);
+        Ok(())
+    }
+}
+
+/// A run stuck in a call that no timeout ends makes no progress; its worker
+/// renews the lease all the same unless it watches for that. With a stall
+/// limit, the worker gives the lease up and drops the run, so the standby
+/// worker takes over (well within the lease's TTL) and every event is
+/// handled. Without it, the stuck worker would hold the lease forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_run_gives_its_lease_up() {
+    let store = MemoryStore::new();
+    append_accounts(&store, 0, 20, 1, 2).await;
+    let leases = MemoryLeases::new();
+    let checkpoints = MemoryCheckpoints::fenced_by(leases.clone());
+    let handler = HangsOnce {
+        at: 6,
+        ..HangsOnce::default()
+    };
+    let worker = |owner: &str| {
+        Worker::new()
+            .owner(owner)
+            .with_leases(leases.clone(), Duration::from_secs(60))
+            .stall_limit(Duration::from_millis(300))
+            .standby_poll(Duration::from_millis(20))
+            .add_subscriber(
+                ExternalRunner::new(handler.clone(), store.clone(), checkpoints.clone()).options(
+                    ProjectionOptions::default()
+                        .batch_size(4)
+                        .call_timeout(Duration::from_secs(3600)),
+                ),
+            )
+            .start()
+            .expect("one subscriber")
+    };
+    let first = worker("first");
+    until("the handler hangs", WAIT, || {
+        handler.hung.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    let standby = worker("standby");
+    until("every event handled after the stall", WAIT, || {
+        (handler.seen.lock().unwrap().len() == 20).then_some(())
+    })
+    .await;
+    first.shutdown().await;
+    standby.shutdown().await;
+}
+
 type Running = (
     tokio::task::JoinHandle<Result<(), SubscriberError>>,
     tokio::sync::watch::Sender<bool>,
@@ -1448,9 +1547,16 @@ async fn external_start_from_now_survives_a_crash_memory() {
 
 /// An external projection failing on an event (after its retries) stops
 /// with an error naming the event; the checkpoint saved on the way out is
-/// just before it, so a restart delivers it again.
+/// just before it, so a restart delivers it again. With pages of 4 the
+/// failing page follows pages whose checkpoint the policy deferred.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_failing_event_stops_before_it() {
+    for batch in [100, 4] {
+        external_failing_event_stops_before_it_in_pages_of(batch).await;
+    }
+}
+
+async fn external_failing_event_stops_before_it_in_pages_of(batch: usize) {
     let (_dir, store) = sqlite().await;
     append_accounts(&store, 0, 20, 5, 2).await;
     let failed = store
@@ -1471,7 +1577,7 @@ async fn external_failing_event_stops_before_it() {
         &store,
         &store,
         policy,
-        fast_failing(100, OnError::Stop),
+        fast_failing(batch, OnError::Stop),
     );
     match task.await.unwrap() {
         Err(SubscriberError::Event {

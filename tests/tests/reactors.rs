@@ -918,8 +918,8 @@ async fn no_lock_is_held_during_the_call() {
     all_done(&store, &events).await;
 }
 
-/// `cleanup` deletes done and skipped entries changed before the cut-off,
-/// and nothing else.
+/// `cleanup` deletes one reactor's done and skipped entries changed before
+/// the cut-off and at or before the position bound, and nothing else.
 async fn cleanup_removes_old_finished_only<J: EffectJournal>(journal: J) {
     let old = Utc::now() - chrono::Duration::days(30);
     let cutoff = Utc::now() - chrono::Duration::days(7);
@@ -952,7 +952,22 @@ async fn cleanup_removes_old_finished_only<J: EffectJournal>(journal: J) {
             entries.push(effect);
         }
     }
-    assert_eq!(journal.cleanup(cutoff).await.unwrap(), 2);
+    // Another reactor's old finished entry, at the first position.
+    let other = Effect {
+        reactor: "other".to_owned(),
+        event_id: Uuid::now_v7(),
+        ..entries[0].clone()
+    };
+    journal.record(&other, None).await.unwrap();
+    // Done-old is at position 1, skipped-old at 3: the bound keeps the latter.
+    assert_eq!(journal.cleanup(NAME, cutoff, Position(2)).await.unwrap(), 1);
+    assert_eq!(
+        journal
+            .cleanup(NAME, cutoff, Position(u64::MAX))
+            .await
+            .unwrap(),
+        1
+    );
     let ids: Vec<Uuid> = entries.iter().map(|e| e.event_id).collect();
     let left = journal.load(NAME, &ids).await.unwrap();
     for e in &entries {
@@ -966,7 +981,103 @@ async fn cleanup_removes_old_finished_only<J: EffectJournal>(journal: J) {
             e.updated_at
         );
     }
-    assert_eq!(journal.cleanup(cutoff).await.unwrap(), 0);
+    assert_eq!(
+        journal
+            .cleanup(NAME, cutoff, Position(u64::MAX))
+            .await
+            .unwrap(),
+        0
+    );
+    let others = journal.load("other", &[other.event_id]).await.unwrap();
+    assert!(
+        others.contains_key(&other.event_id),
+        "another reactor's entry was cleaned up"
+    );
+}
+
+/// A reactor split into 2 partitions handles every event and its journal is
+/// cleaned up; then it is split into 3. The new partitions start without
+/// checkpoints, but after the cleanup mark: no effect runs again, and the
+/// events appended later are handled once. Without the mark they would read
+/// the log from the origin and find no journal entries.
+async fn partition_change_after_cleanup_never_reruns<S, J, C>(store: S, journal: J, checkpoints: C)
+where
+    S: EventStore + Clone,
+    J: EffectJournal + Clone,
+    C: CheckpointStore + Clone,
+{
+    let service = service().await;
+    append_accounts(&store, 0, 12, 1, 3).await;
+    let runners = |count: u32| {
+        (0..count)
+            .map(|index| {
+                ReactorRunner::new(
+                    Notifier::new(NAME, service.addr()),
+                    store.clone(),
+                    journal.clone(),
+                    checkpoints.clone(),
+                )
+                .options(options().batch_size(5))
+                .partition(index, count)
+            })
+            .collect::<Vec<_>>()
+    };
+    let old = runners(2);
+    for runner in &old {
+        runner.catch_up().await.unwrap();
+    }
+    let first = account_events(&store).await;
+    assert_eq!(service.calls(), first.len() as u64);
+    let cleaned = old[1]
+        .cleanup(Utc::now() + chrono::Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        cleaned as usize,
+        first.len(),
+        "every finished entry is cleaned up"
+    );
+    // Both partitions passed every event (a checkpoint may pass the last
+    // event, up to the head it read), and the mark is their minimum.
+    let mark = checkpoints.load("notifier#cleaned").await.unwrap();
+    let last = first.iter().map(|e| e.position).max().unwrap();
+    assert!(
+        mark.is_some_and(|m| m >= last),
+        "cleanup mark {mark:?} below the last event {last}"
+    );
+    append_accounts(&store, 12, 4, 1, 2).await;
+    for runner in &runners(3) {
+        runner.catch_up().await.unwrap();
+    }
+    let all = account_events(&store).await;
+    assert_eq!(
+        service.calls(),
+        all.len() as u64,
+        "an effect ran again after the partition count changed"
+    );
+    assert_exactly_once(&service, &all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_change_after_cleanup_never_reruns_sqlite() {
+    let (_dir, store) = sqlite().await;
+    partition_change_after_cleanup_never_reruns(store.clone(), store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_change_after_cleanup_never_reruns_postgres() {
+    let (_guard, store) = postgres_or_skip!("partition_change_after_cleanup_never_reruns");
+    partition_change_after_cleanup_never_reruns(store.clone(), store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_change_after_cleanup_never_reruns_memory() {
+    partition_change_after_cleanup_never_reruns(
+        MemoryStore::new(),
+        MemoryJournal::new(),
+        MemoryCheckpoints::new(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1554,8 +1665,13 @@ impl EffectJournal for Forgetful {
     async fn skip(&self, reactor: &str, event_id: Uuid) -> Result<bool, aftermath::StoreError> {
         self.0.skip(reactor, event_id).await
     }
-    async fn cleanup(&self, before: chrono::DateTime<Utc>) -> Result<u64, aftermath::StoreError> {
-        self.0.cleanup(before).await
+    async fn cleanup(
+        &self,
+        reactor: &str,
+        before: chrono::DateTime<Utc>,
+        through: Position,
+    ) -> Result<u64, aftermath::StoreError> {
+        self.0.cleanup(reactor, before, through).await
     }
 }
 

@@ -2,6 +2,11 @@
 //!
 //! Run: `cargo run -p aftermath-examples --bin shop`
 //!
+//! With `-- --keep shop.db` it writes the store to `shop.db` (which must not
+//! exist yet), keeps it, and stops once the dead letter is parked: it is
+//! left for an operator and the `aftermath` tool (`cargo run -p aftermath-cli
+//! -- --sqlite shop.db dead-letters`, see the README).
+//!
 //! It places three orders (pure decisions, stored as events in a fresh
 //! SQLite file), then a worker runs the reactors that touch the outside
 //! world, against a local HTTP service standing in for the payment and mail
@@ -22,7 +27,7 @@ use std::error::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aftermath::nats::{NatsOutbox, headers};
+use aftermath::nats::{NatsOutbox, WindowPolicy, headers};
 use aftermath::prelude::*;
 use aftermath::reactor::{EffectJournal, EffectState, Reactor, ReactorOptions, ReactorRunner};
 use aftermath::store::read_all_pages;
@@ -39,17 +44,32 @@ use uuid::Uuid;
 const STREAM: &str = "SHOP_ORDERS";
 const OUTBOX: &str = "integration-events";
 const REFUSED: &str = "mallory@example.invalid";
+/// How long a crashed shop process may take to come back, in the outbox's retry horizon.
+const RESTART_ALLOWANCE: Duration = Duration::from_secs(10 * 60);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, file] = args.as_slice()
+        && flag == "--keep"
+    {
+        let path = Path::new(file);
+        if path.exists() {
+            return Err(format!("{file} exists: give a new file to --keep").into());
+        }
+        return run(path, true).await;
+    }
+    if !args.is_empty() {
+        return Err("usage: shop [--keep FILE]".into());
+    }
     let dir = std::env::temp_dir().join(format!("aftermath-shop-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run(&dir.join("shop.db")).await;
+    let result = run(&dir.join("shop.db"), false).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn run(db: &Path) -> Result<(), Box<dyn Error>> {
+async fn run(db: &Path, keep: bool) -> Result<(), Box<dyn Error>> {
     let store = SqliteStore::open(db).await?;
     let orders = Repository::<Order, _>::new(store.clone());
     let providers = EffectsService::start().await?;
@@ -124,7 +144,21 @@ async fn run(db: &Path) -> Result<(), Box<dyn Error>> {
     if let Some((js, _)) = &nats {
         let outbox = NatsOutbox::new(OUTBOX, js.clone(), |e: &Recorded<OrderEvent>| {
             Some(format!("shop.orders.{}", e.event.event_type()))
-        });
+        })
+        .retry_horizon(NatsOutbox::<OrderEvent>::retry_horizon_of(
+            &options,
+            RESTART_ALLOWANCE,
+        ))
+        .window_policy(WindowPolicy::Refuse);
+        // The stream must remember message ids for as long as the outbox
+        // may re-publish one: checked at start, refused if not.
+        let check = outbox
+            .check_duplicate_window("shop.orders.order.Placed")
+            .await?;
+        println!(
+            "  stream {} drops re-publishes for {:?}, the outbox may re-publish for {:?}: covered",
+            check.stream, check.duplicate_window, check.retry_horizon
+        );
         worker = worker.add_subscriber(runner(outbox, &store, &options));
         reactors.push(OUTBOX);
     }
@@ -157,6 +191,16 @@ async fn run(db: &Path) -> Result<(), Box<dyn Error>> {
             e.last_error.as_deref().unwrap_or("?"),
             e.attempts
         );
+    }
+
+    if keep {
+        running.shutdown().await;
+        println!(
+            "\n== left for an operator in {}: try `cargo run -p aftermath-cli -- --sqlite {} dead-letters`",
+            db.display(),
+            db.display()
+        );
+        return Ok(());
     }
 
     println!("\n== an operator fixes the cause and retries the dead letters");
@@ -262,16 +306,19 @@ async fn connect_nats(url: &str) -> Result<(jetstream::Context, u64), Box<dyn Er
         .timeout(Duration::from_secs(2))
         .build(client);
     let stream = js
-        .get_or_create_stream(stream::Config {
+        .create_or_update_stream(stream::Config {
             name: STREAM.to_owned(),
             subjects: vec!["shop.orders.>".to_owned()],
             storage: stream::StorageType::File,
-            // An example: keep an hour of history.
+            // An example: keep an hour of history, and drop a re-published
+            // message id for that long (JetStream's default is 2 minutes,
+            // shorter than the outbox may take to publish again).
             max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(3600),
             ..Default::default()
         })
         .await?;
-    Ok((js, stream.get_info().await?.state.last_sequence))
+    Ok((js, stream.state.last_sequence))
 }
 
 /// This run's messages in the stream: (sequence, subject, headers).
@@ -298,8 +345,8 @@ async fn published_since(
             format!(
                 "Nats-Msg-Id …{} {} {}",
                 &id[id.len() - 12..],
-                header(headers::STREAM).unwrap_or_default(),
-                header(headers::EVENT_TYPE).unwrap_or_default(),
+                header(headers::SOURCE).unwrap_or_default(),
+                header(headers::TYPE).unwrap_or_default(),
             ),
         ));
     }

@@ -10,10 +10,11 @@ use crate::event::Recorded;
 
 /// Which instance an event goes to, and how.
 ///
-/// The lenient variants never fail; the strict ones stop the runner (or skip
-/// the event, see [`ProcessOptions::skip_misrouted`](super::ProcessOptions))
-/// with an error naming the event when the instance is not in the expected
-/// state. Events for a completed instance are ignored whatever the route.
+/// The lenient variants never fail; the strict ones park the instance with
+/// the input (or skip the event, see
+/// [`ProcessOptions::skip_misrouted`](super::ProcessOptions)), with an error
+/// naming the event, when the instance is not in the expected state. Events
+/// for a completed instance are ignored whatever the route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Not for this process.

@@ -129,7 +129,7 @@ pub use instance::{Instance, Parking};
 pub use outputs::Outputs;
 pub use record::ProcessRecord;
 pub use runner::ProcessRunner;
-pub use timeline::{Timeline, TimelineEntry, timeline};
+pub use timeline::{Timeline, TimelineEntry, describe_record, timeline};
 
 /// A business process coordinating aggregates. See the module docs.
 ///
@@ -171,8 +171,11 @@ pub struct ProcessOptions {
     pub deadline_poll: Duration,
     /// Instances kept folded in memory between inputs.
     pub cache_size: usize,
-    /// What a strict route that does not fit (or an input of an unknown
-    /// instance) does: stop the runner (false, the default) or skip the event
+    /// What a strict route that does not fit (a `StartStrict` for an
+    /// existing instance, a `ContinueStrict`/`StopStrict` for none) does:
+    /// park the instance with the input (false, the default: the other
+    /// instances go on; an operator's [`ProcessRunner::retry`] handles the
+    /// input as routed, [`ProcessRunner::skip`] drops it), or skip the event
     /// with an error log and a `skipped` count in the status.
     pub skip_misrouted: bool,
     /// Attempts of a command whose dispatch fails transiently before the
@@ -233,7 +236,7 @@ impl ProcessOptions {
         self
     }
 
-    /// Skip misrouted events instead of stopping.
+    /// Skip misrouted events instead of parking their instance.
     pub fn skip_misrouted(mut self, skip: bool) -> Self {
         self.skip_misrouted = skip;
         self

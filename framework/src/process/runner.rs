@@ -23,8 +23,9 @@ use super::{ProcessManager, ProcessOptions};
 use crate::aggregate::CommandMeta;
 use crate::event::{Event, EventData, Metadata, Position, Recorded, StoredEvent};
 use crate::store::{Direction, EventStore, ExpectedVersion, StoreError, read_stream_all};
-use crate::subscription::{CatchUp, CheckpointStore, resume, stopped};
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
+use crate::subscription::engine::{self, Handled, PageEnd, PageHandler};
+use crate::subscription::{CheckpointStore, Page, Partition, SubscriptionOptions, stopped};
+use crate::worker::{RunContext, Subscriber, SubscriberError, panic_message};
 
 /// Appends retried after a version conflict on an instance's stream.
 const CONFLICT_ATTEMPTS: u32 = 5;
@@ -42,9 +43,6 @@ pub struct ProcessRunner<P: ProcessManager, S, D, C> {
     clock: Arc<dyn Clock>,
     options: ProcessOptions,
     cache: Mutex<HashMap<String, Instance<P>>>,
-    /// Command ids this runner recorded and has not dispatched yet: their
-    /// first dispatch skips the target's command-inbox lookup.
-    fresh: Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 /// One event of a page, for one instance's lane.
@@ -75,7 +73,6 @@ where
             clock: Arc::new(SystemClock),
             options: ProcessOptions::default(),
             cache: Mutex::new(HashMap::new()),
-            fresh: Mutex::default(),
         }
     }
 
@@ -112,7 +109,7 @@ where
     pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let mut ctx = RunContext::standalone(P::NAME, rx);
-        self.run_loop(&mut ctx, true).await
+        engine::drive(self, &self.store, &mut ctx, true).await
     }
 
     fn store_error(&self, source: StoreError) -> SubscriberError {
@@ -243,130 +240,6 @@ where
             let evict: Vec<String> = cache.keys().take(extra).cloned().collect();
             for k in evict {
                 cache.remove(&k);
-            }
-        }
-    }
-
-    async fn run_loop(
-        &self,
-        ctx: &mut RunContext,
-        until_caught_up: bool,
-    ) -> Result<Position, SubscriberError> {
-        self.check_config()?;
-        if !until_caught_up {
-            // A new run may follow another owner: forget what was cached.
-            // (A stale instance would only cost a version conflict and a
-            // reload; `catch_up` keeps the cache between calls.)
-            self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
-        let start = resume(
-            &self.checkpoints,
-            P::NAME,
-            self.options.subscription.start_from,
-            &self.store,
-            ctx.lease.as_ref(),
-        )
-        .await
-        .map_err(|e| self.store_error(e))?;
-        let mut types: Vec<&'static str> = P::Input::event_types().to_vec();
-        types.extend_from_slice(DISPATCHED_TYPES);
-        let mut reader = CatchUp::new(
-            self.store.clone(),
-            Some(types),
-            start,
-            self.options.subscription.clone(),
-        );
-        let mut jumps = self.clock.jumps();
-        let mut saved = start;
-        loop {
-            if ctx.stopping() {
-                return Ok(saved);
-            }
-            // Deadlines never beat the log: the cutoff is the clock BEFORE
-            // the page is read (see `fire_deadlines`).
-            let read_started = self.clock.now();
-            let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
-            let caught_up = page.caught_up;
-            let lag = reader.lag();
-            ctx.report(|s| {
-                s.lag = lag;
-                s.state = if caught_up {
-                    SubscriberState::Live
-                } else {
-                    SubscriberState::CatchingUp
-                };
-            });
-            if !page.events.is_empty() && !self.process_page(ctx, &page.events).await? {
-                return Ok(saved);
-            }
-            if page.through > saved {
-                match self
-                    .checkpoints
-                    .save(P::NAME, Some(saved), page.through, ctx.lease.as_ref())
-                    .await
-                {
-                    Ok(()) => saved = page.through,
-                    // Another runner moved it (inputs are idempotent per
-                    // instance stream): continue from what is stored.
-                    Err(StoreError::CheckpointMoved { .. }) => {
-                        saved = self
-                            .checkpoints
-                            .load(P::NAME)
-                            .await
-                            .map_err(|e| self.store_error(e))?
-                            .unwrap_or(saved);
-                    }
-                    Err(e) => return Err(self.store_error(e)),
-                }
-            }
-            reader.advance(page.through);
-            let lag = reader.lag();
-            ctx.report_progress(lag);
-            // Deadlines never beat the log. A deadline due at `t` fires only
-            // once every input recorded before `t` has been handled:
-            // - caught up: the cutoff is the clock taken before this page
-            //   was read. An input recorded before that instant was visible
-            //   to the read, so it is on this page (handled above); one
-            //   recorded later is read by the next round before any deadline
-            //   due after the cutoff fires. Taking the clock after the page
-            //   (as before) let an input recorded while a large page was
-            //   being dispatched lose to a deadline that fell due meanwhile.
-            // - behind: also no later than the last event handled (a
-            //   cancellation waiting further on in the log must win).
-            // On PostgreSQL "visible to the read" is the store's horizon: an
-            // append committed before the read but behind a still-running
-            // earlier append is read next round, and the caught-up page that
-            // reaches it is read after it is final, so it still wins unless
-            // the deadline fell due before that earlier append finished.
-            // The instance's own time stays `now()` of the input it handles.
-            let cutoff = match page.events.last() {
-                Some(last) if !caught_up => read_started.min(last.recorded_at),
-                _ => read_started,
-            };
-            if !self.fire_deadlines(ctx, cutoff).await? {
-                return Ok(saved);
-            }
-            if caught_up {
-                if until_caught_up {
-                    return Ok(saved);
-                }
-                let wait = self.until_next_deadline().await?;
-                let mut stop = ctx.shutdown.clone();
-                tokio::select! {
-                    more = reader.wait_for_more(&mut stop) => {
-                        if !more {
-                            return Ok(saved);
-                        }
-                    }
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = async {
-                        match jumps.as_mut() {
-                            Some(j) => { let _ = j.changed().await; }
-                            None => std::future::pending::<()>().await,
-                        }
-                    } => {}
-                }
             }
         }
     }
@@ -575,18 +448,36 @@ where
             }
             _ => None,
         };
-        if let Some(why) = misrouted {
-            let message = format!("routed with {route:?}, but {why}");
+        let record = InputRecord::of_event(stored, self.clock.now())
+            .map_err(|m| self.event_error(stored, m))?;
+        let correlation = stored.metadata.correlation_id;
+        // A parked instance holds every input, misrouted or not.
+        if let Some(why) = misrouted
+            && inst.parked.is_none()
+        {
+            let message = format!(
+                "event {} ({} v{}, `{}`) routed with {route:?}, but {why}",
+                stored.id, stored.stream, stored.version, stored.event_type
+            );
             if self.options.skip_misrouted {
                 tracing::error!(process = P::NAME, event_id = %stored.id, stream = %stored.stream, position = %stored.position, %message, "misrouted event skipped");
                 ctx.report(|s| s.skipped += 1);
                 return Ok(());
             }
-            return Err(self.event_error(stored, message));
+            // The instance's failure, not the runner's: parked with the
+            // input, for an operator's retry (handles it as routed) or skip.
+            return self
+                .park(
+                    ctx,
+                    inst,
+                    Some((record, route.stops())),
+                    None,
+                    message,
+                    correlation,
+                    None,
+                )
+                .await;
         }
-        let record = InputRecord::of_event(stored, self.clock.now())
-            .map_err(|m| self.event_error(stored, m))?;
-        let correlation = stored.metadata.correlation_id;
         self.handle_input(
             ctx,
             inst,
@@ -693,21 +584,12 @@ where
                 }
             };
             let stream = inst.stream();
-            let ids: Vec<uuid::Uuid> = data.iter().map(|d| d.id).collect();
             match self
                 .store
                 .append(&stream, ExpectedVersion::Exact(inst.version), data)
                 .await
             {
                 Ok(done) => {
-                    if !done.duplicate {
-                        let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
-                        for (r, d) in records.iter().zip(&ids) {
-                            if matches!(r, ProcessRecord::CommandSent { .. }) {
-                                fresh.insert(*d);
-                            }
-                        }
-                    }
                     inst.commit(&records, state, correlation, done.last_version);
                     ctx.report(|s| s.handled += 1);
                     return Ok(());
@@ -777,17 +659,9 @@ where
                 if inst.has_handled(rejected) {
                     return Ok(true);
                 }
-                let mut meta = CommandMeta::with_id(stored.id)
+                let meta = CommandMeta::with_id(stored.id)
                     .correlation(stored.metadata.correlation_id)
                     .causation(stored.id);
-                if self
-                    .fresh
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&stored.id)
-                {
-                    meta = meta.fresh();
-                }
                 let outcome = match self.dispatch(ctx, stored, &command, meta).await? {
                     None => return Ok(false),
                     Some(Ok(outcome)) => outcome,
@@ -1207,6 +1081,149 @@ where
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
-        self.run_loop(ctx, false).await.map(|_| ())
+        engine::drive(self, &self.store, ctx, false)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// One run of a [`ProcessRunner`]: when the page in hand was read, and the
+/// clock's jumps (a manual clock's).
+pub(crate) struct ProcessRun {
+    read_started: chrono::DateTime<chrono::Utc>,
+    jumps: Option<tokio::sync::watch::Receiver<chrono::DateTime<chrono::Utc>>>,
+}
+
+#[async_trait]
+impl<P, S, D, C> PageHandler for ProcessRunner<P, S, D, C>
+where
+    P: ProcessManager,
+    S: EventStore + Clone,
+    D: DeadlineStore,
+    C: CheckpointStore,
+{
+    type Run = ProcessRun;
+
+    fn key(&self) -> &str {
+        P::NAME
+    }
+
+    fn subscription(&self) -> &SubscriptionOptions {
+        &self.options.subscription
+    }
+
+    fn types(&self) -> Vec<&'static str> {
+        let mut types: Vec<&'static str> = P::Input::event_types().to_vec();
+        types.extend_from_slice(DISPATCHED_TYPES);
+        types
+    }
+
+    fn partition(&self) -> Option<Partition> {
+        None
+    }
+
+    async fn start(
+        &self,
+        ctx: &RunContext,
+        catch_up: bool,
+    ) -> Result<(Position, ProcessRun), SubscriberError> {
+        self.check_config()?;
+        if !catch_up {
+            // A new run may follow another owner: forget what was cached.
+            // (A stale instance would only cost a version conflict and a
+            // reload; `catch_up` keeps the cache between calls.)
+            self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        let start = engine::resume_in(self, &self.checkpoints, &self.store, ctx).await?;
+        let run = ProcessRun {
+            read_started: self.clock.now(),
+            jumps: self.clock.jumps(),
+        };
+        Ok((start, run))
+    }
+
+    async fn before_page(
+        &self,
+        _ctx: &RunContext,
+        run: &mut ProcessRun,
+    ) -> Result<bool, SubscriberError> {
+        // Deadlines never beat the log: the cutoff is the clock BEFORE the
+        // page is read (see `after_page`).
+        run.read_started = self.clock.now();
+        Ok(true)
+    }
+
+    async fn handle(
+        &self,
+        ctx: &mut RunContext,
+        _run: &mut ProcessRun,
+        saved: Position,
+        page: &Page,
+    ) -> Result<Handled, SubscriberError> {
+        Ok(if self.process_page(ctx, &page.events).await? {
+            Handled::page(saved, page)
+        } else {
+            Handled::interrupted(saved, saved)
+        })
+    }
+
+    /// Fenced: from the checkpoint this run saved last. A lost race makes
+    /// the run start over from what is stored (inputs are idempotent per
+    /// instance stream).
+    async fn commit(
+        &self,
+        ctx: &RunContext,
+        _run: &mut ProcessRun,
+        from: Position,
+        to: Position,
+    ) -> Result<(), SubscriberError> {
+        engine::save_in(self, &self.checkpoints, ctx, from, to).await
+    }
+
+    /// Fires the deadlines due. Deadlines never beat the log: a deadline
+    /// due at `t` fires only once every input recorded before `t` has been
+    /// handled:
+    /// - caught up: the cutoff is the clock taken before this page was read.
+    ///   An input recorded before that instant was visible to the read, so
+    ///   it is on this page (handled already); one recorded later is read by
+    ///   the next round before any deadline due after the cutoff fires.
+    ///   Taking the clock after the page let an input recorded while a large
+    ///   page was being dispatched lose to a deadline that fell due meanwhile.
+    /// - behind: also no later than the last event handled (a cancellation
+    ///   waiting further on in the log must win).
+    ///
+    /// On PostgreSQL "visible to the read" is the store's horizon: an append
+    /// committed before the read but behind a still-running earlier append is
+    /// read next round, and the caught-up page that reaches it is read after
+    /// it is final, so it still wins unless the deadline fell due before that
+    /// earlier append finished. The instance's own time stays `now()` of the
+    /// input it handles.
+    async fn after_page(
+        &self,
+        ctx: &RunContext,
+        run: &mut ProcessRun,
+        end: PageEnd,
+    ) -> Result<bool, SubscriberError> {
+        let cutoff = match end.last_recorded_at {
+            Some(last) if !end.caught_up => run.read_started.min(last),
+            _ => run.read_started,
+        };
+        self.fire_deadlines(ctx, cutoff).await
+    }
+
+    async fn due_in(
+        &self,
+        _run: &mut ProcessRun,
+    ) -> Result<Option<std::time::Duration>, SubscriberError> {
+        self.until_next_deadline().await.map(Some)
+    }
+
+    async fn nudged(&self, run: &mut ProcessRun) {
+        match run.jumps.as_mut() {
+            Some(jumps) => {
+                let _ = jumps.changed().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
     }
 }

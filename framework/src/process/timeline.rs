@@ -147,7 +147,10 @@ fn command(c: &CommandSpec) -> String {
     format!("{}-{} {}", c.target, c.id, c.command)
 }
 
-fn describe(event: &StoredEvent, record: &ProcessRecord) -> String {
+/// One line about process record `record` (stored as `event`), as the
+/// timeline prints it: `<instance stream> sent COMPENSATION payment-o-2 ...`,
+/// `<instance stream> received REJECTION of ...`, `<instance stream> PARKED: ...`.
+pub fn describe_record(event: &StoredEvent, record: &ProcessRecord) -> String {
     let instance = event.stream.as_str();
     match record {
         ProcessRecord::Received { input } => match input {
@@ -209,7 +212,7 @@ impl fmt::Display for Timeline {
                     caused_by,
                 } => {
                     let text = match record {
-                        Some(r) => describe(event, r),
+                        Some(r) => describe_record(event, r),
                         None => format!(
                             "{} {} {}",
                             event.stream,

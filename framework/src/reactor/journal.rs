@@ -143,11 +143,22 @@ pub trait EffectJournal: Send + Sync + 'static {
     /// Skips a parked effect (it will never run); false if it is not parked.
     async fn skip(&self, reactor: &str, event_id: Uuid) -> Result<bool, StoreError>;
 
-    /// Deletes done and skipped entries last changed before `before`;
-    /// returns how many. An effect whose entry is gone runs again if its
-    /// event is delivered again (a reset checkpoint), so keep the window
+    /// Deletes `reactor`'s done and skipped entries last changed before
+    /// `before` whose events are at or before `through`; returns how many.
+    ///
+    /// Call [`ReactorRunner::cleanup`](super::ReactorRunner::cleanup)
+    /// rather than this: it bounds `through` by every partition's checkpoint
+    /// and records it, so that no runner (of this partition layout or
+    /// another) reads those events again and runs their effects twice. An
+    /// effect whose entry is gone runs again if its event is delivered
+    /// again (an operator's reset of the checkpoint), so keep the window
     /// longer than any replay you may do.
-    async fn cleanup(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+    async fn cleanup(
+        &self,
+        reactor: &str,
+        before: DateTime<Utc>,
+        through: Position,
+    ) -> Result<u64, StoreError>;
 }
 
 /// An effect journal in memory. Clones share entries.
@@ -293,11 +304,19 @@ impl EffectJournal for MemoryJournal {
         Ok(self.transition(reactor, event_id, EffectState::Skipped))
     }
 
-    async fn cleanup(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn cleanup(
+        &self,
+        reactor: &str,
+        before: DateTime<Utc>,
+        through: Position,
+    ) -> Result<u64, StoreError> {
         let mut entries = self.lock();
         let n = entries.len();
         entries.retain(|_, e| {
-            !(matches!(e.state, EffectState::Done | EffectState::Skipped) && e.updated_at < before)
+            !(e.reactor == reactor
+                && matches!(e.state, EffectState::Done | EffectState::Skipped)
+                && e.updated_at < before
+                && e.position <= through)
         });
         Ok((n - entries.len()) as u64)
     }

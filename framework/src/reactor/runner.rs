@@ -16,8 +16,9 @@ use super::{
 };
 use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
-use crate::subscription::{CatchUp, CheckpointStore, Partition, resume, stopped};
-use crate::worker::{RunContext, Subscriber, SubscriberError, SubscriberState, panic_message};
+use crate::subscription::engine::{self, Handled, PageHandler};
+use crate::subscription::{CheckpointStore, Page, Partition, SubscriptionOptions};
+use crate::worker::{RunContext, Subscriber, SubscriberError, panic_message};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
 /// `journal`, position in `checkpoints` (for SQLite, all three can be the
@@ -34,6 +35,11 @@ pub struct ReactorRunner<R, S, J, C> {
     /// Whether an effect may be waiting out a backoff (spares the journal
     /// query while nothing failed).
     failed_any: std::sync::atomic::AtomicBool,
+}
+
+/// The checkpoint key of a reactor's cleanup mark.
+fn cleanup_key(reactor: &str) -> String {
+    format!("{reactor}#cleaned")
 }
 
 /// How a lane (one stream's events of a page) ended.
@@ -112,6 +118,59 @@ where
         &self.journal
     }
 
+    /// Deletes this reactor's finished journal entries (done and skipped,
+    /// last changed before `before`) up to the position that every
+    /// partition of this runner's layout has passed; returns how many.
+    ///
+    /// That position is recorded first (under the checkpoint key
+    /// `<name>#cleaned`), and every runner of the reactor starts after it:
+    /// so a later change of the partition count, whose new partitions start
+    /// without checkpoints, never reads a cleaned-up event again and never
+    /// runs its effect twice. Entries past it are kept, however old. Call it
+    /// from any runner of the layout that is running (not during a change
+    /// of the partition count: a runner of the new layout that started
+    /// before the mark was raised could read cleaned-up events).
+    pub async fn cleanup(&self, before: chrono::DateTime<Utc>) -> Result<u64, SubscriberError> {
+        let name = self.name();
+        let keys: Vec<String> = match self.partition {
+            None => vec![name.to_owned()],
+            Some(p) => (0..p.count)
+                .map(|i| Partition::new(i, p.count).key(name))
+                .collect(),
+        };
+        let mut floor = Position(u64::MAX);
+        for key in &keys {
+            let at = self
+                .checkpoints
+                .load(key)
+                .await
+                .map_err(|e| self.store_error(e))?;
+            floor = floor.min(at.unwrap_or(Position::ORIGIN));
+        }
+        let mark = self.cleanup_mark().await?;
+        if floor > mark {
+            self.checkpoints
+                .save(&cleanup_key(name), Some(mark), floor, None)
+                .await
+                .map_err(|e| self.store_error(e))?;
+        }
+        self.journal
+            .cleanup(name, before, floor.max(mark))
+            .await
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// The position through which [`ReactorRunner::cleanup`] may have
+    /// deleted entries (the origin when it never ran).
+    async fn cleanup_mark(&self) -> Result<Position, SubscriberError> {
+        Ok(self
+            .checkpoints
+            .load(&cleanup_key(self.name()))
+            .await
+            .map_err(|e| self.store_error(e))?
+            .unwrap_or(Position::ORIGIN))
+    }
+
     /// The reactor's name: the key of its journal entries and idempotency
     /// keys (shared by its partitions).
     fn name(&self) -> &str {
@@ -143,115 +202,7 @@ where
     pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let mut ctx = RunContext::standalone(&self.key, rx);
-        self.process(&mut ctx, true).await
-    }
-
-    async fn process(
-        &self,
-        ctx: &mut RunContext,
-        until_caught_up: bool,
-    ) -> Result<Position, SubscriberError> {
-        let name = self.key.clone();
-        let start = resume(
-            &self.checkpoints,
-            &name,
-            self.options.subscription.start_from,
-            &self.store,
-            ctx.lease.as_ref(),
-        )
-        .await
-        .map_err(|e| self.store_error(e))?;
-        let mut reader = CatchUp::new(
-            self.store.clone(),
-            Some(R::Event::event_types().to_vec()),
-            start,
-            self.options.subscription.clone(),
-        );
-        if let Some(p) = self.partition {
-            reader = reader.partition(p.index, p.count);
-        }
-        let mut saved = start;
-        loop {
-            if ctx.stopping() {
-                return Ok(saved);
-            }
-            if !self.release_held(ctx).await? {
-                return Ok(saved);
-            }
-            let page = reader.next_page().await.map_err(|e| self.store_error(e))?;
-            let caught_up = page.caught_up;
-            let lag = reader.lag();
-            ctx.report(|s| {
-                s.lag = lag;
-                s.state = if caught_up {
-                    SubscriberState::Live
-                } else {
-                    SubscriberState::CatchingUp
-                };
-            });
-            let (through, interrupted) = if page.events.is_empty() {
-                (page.through, false)
-            } else {
-                let (prefix, interrupted) = self.process_page(ctx, saved, &page.events).await?;
-                match prefix {
-                    _ if interrupted => (prefix.unwrap_or(reader.position()), true),
-                    _ => (page.through, false),
-                }
-            };
-            if through > saved {
-                // Fenced: from the checkpoint this run saved last (a lost
-                // race fails with `CheckpointMoved`; the worker re-reads).
-                self.checkpoints
-                    .save(&name, Some(saved), through, ctx.lease.as_ref())
-                    .await
-                    .map_err(|e| self.store_error(e))?;
-                saved = through;
-            }
-            if interrupted {
-                return Ok(saved);
-            }
-            reader.advance(through);
-            let lag = reader.lag();
-            ctx.report_progress(lag);
-            if caught_up {
-                // Wake for new events, or when an effect's backoff is over
-                // (a `Failed` entry of this page or of `release_held`).
-                let next_due = self.next_due().await?;
-                let wait = next_due.map(|due| {
-                    (due - Utc::now())
-                        .to_std()
-                        .unwrap_or(std::time::Duration::ZERO)
-                });
-                if until_caught_up {
-                    match wait {
-                        // `catch_up` includes the retries of what failed.
-                        Some(wait) => {
-                            let mut stop = ctx.shutdown.clone();
-                            tokio::select! {
-                                _ = stopped(&mut stop) => return Ok(saved),
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                            continue;
-                        }
-                        None => return Ok(saved),
-                    }
-                }
-                let mut stop = ctx.shutdown.clone();
-                tokio::select! {
-                    more = reader.wait_for_more(&mut stop) => {
-                        if !more {
-                            return Ok(saved);
-                        }
-                    }
-                    _ = async {
-                        match wait {
-                            Some(wait) => tokio::time::sleep(wait).await,
-                            None => std::future::pending::<()>().await,
-                        }
-                    } => {}
-                }
-            }
-        }
+        engine::drive(self, &self.store, &mut ctx, true).await
     }
 
     /// Runs a page: lanes per stream, in parallel up to the concurrency
@@ -680,6 +631,99 @@ where
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
-        self.process(ctx, false).await.map(|_| ())
+        engine::drive(self, &self.store, ctx, false)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl<R, S, J, C> PageHandler for ReactorRunner<R, S, J, C>
+where
+    R: Reactor,
+    S: EventStore + Clone,
+    J: EffectJournal,
+    C: CheckpointStore,
+{
+    type Run = ();
+
+    /// `catch_up` includes the retries of what failed.
+    const CATCH_UP_WAITS_FOR_DUE: bool = true;
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn subscription(&self) -> &SubscriptionOptions {
+        &self.options.subscription
+    }
+
+    fn types(&self) -> Vec<&'static str> {
+        R::Event::event_types().to_vec()
+    }
+
+    fn partition(&self) -> Option<Partition> {
+        self.partition
+    }
+
+    /// Resumes the checkpoint, raised to the journal's cleanup mark: every
+    /// event up to the mark was handled by every partition of the layout
+    /// that was cleaned up, and its entries may be gone, so a runner of a
+    /// new layout (whose partitions start without checkpoints) must not read
+    /// them again.
+    async fn start(
+        &self,
+        ctx: &RunContext,
+        _catch_up: bool,
+    ) -> Result<(Position, ()), SubscriberError> {
+        let start = engine::resume_in(self, &self.checkpoints, &self.store, ctx).await?;
+        let mark = self.cleanup_mark().await?;
+        if start >= mark {
+            return Ok((start, ()));
+        }
+        tracing::info!(reactor = %self.key, from = %start, to = %mark, "starting after the journal's cleanup mark");
+        engine::save_in(self, &self.checkpoints, ctx, start, mark).await?;
+        Ok((mark, ()))
+    }
+
+    async fn before_page(&self, ctx: &RunContext, _run: &mut ()) -> Result<bool, SubscriberError> {
+        self.release_held(ctx).await
+    }
+
+    async fn handle(
+        &self,
+        ctx: &mut RunContext,
+        _run: &mut (),
+        saved: Position,
+        page: &Page,
+    ) -> Result<Handled, SubscriberError> {
+        let (prefix, interrupted) = self.process_page(ctx, saved, &page.events).await?;
+        Ok(if interrupted {
+            Handled::interrupted(saved, prefix.unwrap_or(saved))
+        } else {
+            Handled::page(saved, page)
+        })
+    }
+
+    /// Fenced: from the checkpoint this run saved last (a lost race fails
+    /// with `CheckpointMoved`; the run starts over from what is stored).
+    async fn commit(
+        &self,
+        ctx: &RunContext,
+        _run: &mut (),
+        from: Position,
+        to: Position,
+    ) -> Result<(), SubscriberError> {
+        engine::save_in(self, &self.checkpoints, ctx, from, to).await
+    }
+
+    /// When an effect's backoff is over (a `Failed` entry of a page or of
+    /// `release_held`).
+    async fn due_in(&self, _run: &mut ()) -> Result<Option<std::time::Duration>, SubscriberError> {
+        Ok(self.next_due().await?.map(|due| {
+            (due - Utc::now())
+                .to_std()
+                .unwrap_or(std::time::Duration::ZERO)
+        }))
     }
 }

@@ -317,8 +317,13 @@ impl<J: EffectJournal> EffectJournal for FaultyJournal<J> {
         self.inner.skip(reactor, event_id).await
     }
 
-    async fn cleanup(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.inner.cleanup(before).await
+    async fn cleanup(
+        &self,
+        reactor: &str,
+        before: DateTime<Utc>,
+        through: Position,
+    ) -> Result<u64, StoreError> {
+        self.inner.cleanup(reactor, before, through).await
     }
 }
 
@@ -870,7 +875,11 @@ impl<R: Reactor> ReactorTest<R> {
         if finished {
             if scenario == Scenario::JournalLost {
                 journal
-                    .cleanup(Utc::now() + chrono::Duration::days(1))
+                    .cleanup(
+                        &name,
+                        Utc::now() + chrono::Duration::days(1),
+                        Position(u64::MAX),
+                    )
                     .await?;
                 faults.forget_done();
             }

@@ -176,3 +176,21 @@ impl DeadlineStore for PostgresStore {
         deadlines(rows)
     }
 }
+
+impl PostgresStore {
+    /// Every pending deadline of every process, earliest first, at most
+    /// `limit` (see [`crate::admin::Admin::deadlines`]).
+    pub(super) async fn all_deadlines(&self, limit: usize) -> Result<Vec<Deadline>, StoreError> {
+        let sql: Arc<str> = format!(
+            "SELECT {COLUMNS} FROM \"{}\".aftermath_deadlines ORDER BY due_at, process, id LIMIT $1",
+            self.schema()
+        )
+        .into();
+        let rows = stmt(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("reading deadlines"))?;
+        deadlines(rows)
+    }
+}

@@ -189,9 +189,16 @@ impl EffectJournal for PostgresStore {
             > 0)
     }
 
-    async fn cleanup(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn cleanup(
+        &self,
+        reactor: &str,
+        before: DateTime<Utc>,
+        through: Position,
+    ) -> Result<u64, StoreError> {
         let done = stmt(&self.shared.statements.effects_cleanup)
+            .bind(reactor)
             .bind(Timestamp(before))
+            .bind(position_text(through))
             .execute(self.pool())
             .await
             .map_err(db("cleaning up the effect journal"))?;

@@ -99,8 +99,8 @@ use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
 
 use super::{
-    AppendResult, Direction, EventStore, ExpectedVersion, Snapshot, StoreError, check_batch_ids,
-    validate_stream,
+    AppendResult, Direction, EventStore, ExpectedVersion, FoldEvent, Snapshot, StoreError,
+    check_batch_ids, validate_stream,
 };
 use crate::event::{EventData, Position, StoredEvent};
 use crate::subscription::Partition;
@@ -121,6 +121,14 @@ mod tests;
 mod types;
 
 pub use subscriptions::PgTx;
+
+/// The schema version this build of aftermath creates and understands in
+/// a PostgreSQL schema (the highest `version` in its `aftermath_schema` table). Opening
+/// a store of an older version migrates it; a newer one is refused with
+/// [`StoreError::Incompatible`]. Tools that
+/// must not migrate (the `aftermath` command-line tool) compare against it
+/// before opening.
+pub const SCHEMA_VERSION: i32 = schema::SCHEMA_VERSION;
 
 /// The sqlx core crate this backend uses (queries, rows, executors), for
 /// SQL of your own on [`PostgresStore::pool`].
@@ -741,6 +749,26 @@ impl EventStore for PostgresStore {
             stream,
             from,
             direction,
+            limit,
+            &self.shared.upcasters,
+        )
+        .await
+    }
+
+    async fn read_stream_fold(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<FoldEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        events::read_stream_fold(
+            &self.shared.pool,
+            &self.shared.sql,
+            stream,
+            from,
             limit,
             &self.shared.upcasters,
         )

@@ -150,7 +150,7 @@ impl DerefMut for PgTx {
 pub(super) struct Statements {
     load_state: Arc<str>,
     save_checkpoint: Arc<str>,
-    lock_layout: Arc<str>,
+    commit_checkpoint: Arc<str>,
     fence_check: Arc<str>,
     record_skip: Arc<str>,
     skipped: Arc<str>,
@@ -231,11 +231,30 @@ impl Statements {
                    AND ($8::bool IS NOT TRUE OR c.version IS NOT DISTINCT FROM $3))",
                 fence_cte(schema, 4)
             )),
-            // The layout row a projection commit is guarded by, share-locked
-            // until the commit: a rebuild's update of it waits for commits in
-            // flight, and commits after it see the new layout.
-            lock_layout: s(format!(
-                "SELECT position::text, version FROM {schema}.checkpoints WHERE name = $1 FOR SHARE"
+            // A projection batch's checkpoint: `save_checkpoint` (always
+            // compared, with the version), also guarded by the layout row
+            // when $9 (its name) is not NULL: it must still hold what the run
+            // found ($10: whether there was a row; $11, $12: its position and
+            // version). The row is share-locked until the commit, so a
+            // rebuild's update of it waits for commits in flight and commits
+            // after it see the new layout. One statement: no round trip of
+            // its own for the guard.
+            commit_checkpoint: s(format!(
+                "{}, layout AS (SELECT position, version FROM {schema}.checkpoints \
+                   WHERE name = $9 FOR SHARE) \
+                 INSERT INTO {schema}.checkpoints AS c (name, position, version, updated_at) \
+                 SELECT $1, $2::numeric, $3, now() \
+                 WHERE ($4::text IS NULL OR EXISTS (SELECT 1 FROM fence)) \
+                   AND ($9::text IS NULL \
+                        OR ($10::bool IS NOT TRUE AND NOT EXISTS (SELECT 1 FROM layout)) \
+                        OR ($10::bool AND EXISTS (SELECT 1 FROM layout \
+                              WHERE position = $11::numeric AND version IS NOT DISTINCT FROM $12))) \
+                   AND ($7::numeric IS NULL OR $7::numeric = 0 \
+                        OR EXISTS (SELECT 1 FROM {schema}.checkpoints WHERE name = $1)) \
+                 {upsert_checkpoint} \
+                 WHERE $7::numeric IS NULL OR (c.position = $7::numeric \
+                   AND ($8::bool IS NOT TRUE OR c.version IS NOT DISTINCT FROM $3))",
+                fence_cte(schema, 4).trim_end()
             )),
             fence_check: s(format!(
                 "SELECT EXISTS (SELECT 1 FROM {schema}.leases WHERE name = $1 AND instance = $2 AND token = $3)"
@@ -329,7 +348,8 @@ impl Statements {
                  WHERE reactor = $1 AND state = 'parked' AND ($2::uuid IS NULL OR event_id = $2)"
             )),
             effects_cleanup: s(format!(
-                "DELETE FROM {schema}.effects WHERE state IN ('done', 'skipped') AND updated_at < $1"
+                "DELETE FROM {schema}.effects WHERE reactor = $1 AND state IN ('done', 'skipped') \
+                 AND updated_at < $2 AND position <= $3::numeric"
             )),
             inbox_park: s(format!(
                 "INSERT INTO {schema}.inbox_parked \
@@ -494,32 +514,34 @@ impl PostgresStore {
     /// The commit of a projection batch, inside its transaction: layout
     /// guard, fence, compared checkpoint, skip record.
     async fn finish(&self, tx: &mut PgTx, commit: &Commit) -> Result<(), StoreError> {
-        if let Some(guard) = &commit.layout {
-            let row = stmt(&self.statements().lock_layout)
-                .bind(&guard.key)
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db("checking a projection's layout"))?;
-            let found = row.as_ref().map(state_from_row).transpose()?;
-            // Only the layout part of the check (no expected position).
-            Commit {
-                expected: None,
-                ..commit.clone()
-            }
-            .check(None, found)?;
-        }
-        // The fenced upsert share-locks the lease row until the commit.
-        let query = stmt(&self.statements().save_checkpoint)
+        // One statement: the fenced, compared upsert, guarded by the layout
+        // row; it share-locks the lease and layout rows until the commit.
+        let guard = commit.layout.as_ref();
+        let guard_state = guard.and_then(|g| g.state);
+        let query = stmt(&self.statements().commit_checkpoint)
             .bind(&commit.projection)
             .bind(position_text(commit.position))
             .bind(commit.version as i32);
         let done = bind_fence(query, commit.lease.as_ref())
             .bind(commit.expected.map(position_text))
             .bind(true)
+            .bind(guard.map(|g| g.key.as_str()))
+            .bind(guard_state.is_some())
+            .bind(guard_state.map(|s| position_text(s.position)))
+            .bind(guard_state.map(|s| s.version as i32))
             .execute(tx.conn())
             .await
             .map_err(db("saving a checkpoint"))?;
         if done.rows_affected() == 0 {
+            if let Some(guard) = guard {
+                // Which check failed: the layout first (a rebuild started).
+                let found = self.load_row(tx.conn(), &guard.key).await?;
+                Commit {
+                    expected: None,
+                    ..commit.clone()
+                }
+                .check(None, found)?;
+            }
             return Err(self
                 .not_saved(
                     tx.conn(),
@@ -783,4 +805,155 @@ impl LeaseStore for PostgresStore {
 /// The current time, as bound.
 pub(super) fn now() -> Timestamp {
     Timestamp(Utc::now())
+}
+
+/// Operators' reads (see [`crate::admin`]): plain queries, never a write.
+#[async_trait]
+impl crate::admin::Admin for PostgresStore {
+    async fn deadlines(&self, limit: usize) -> Result<Vec<crate::process::Deadline>, StoreError> {
+        self.all_deadlines(limit).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<crate::admin::CheckpointRow>, StoreError> {
+        let sql: Arc<str> = format!(
+            "SELECT name, position::text, version, updated_at FROM \"{}\".checkpoints ORDER BY name",
+            self.schema()
+        )
+        .into();
+        let failed = || db("listing checkpoints");
+        let found = stmt(&sql).fetch_all(self.pool()).await.map_err(failed())?;
+        found
+            .iter()
+            .map(|row| {
+                let position: String = row.try_get(1).map_err(failed())?;
+                let version: Option<i32> = row.try_get(2).map_err(failed())?;
+                let Timestamp(updated_at) = row.try_get(3).map_err(failed())?;
+                Ok(crate::admin::CheckpointRow {
+                    name: row.try_get(0).map_err(failed())?,
+                    position: parse_position(&position, "checkpoints")?,
+                    version: version.and_then(|v| u32::try_from(v).ok()),
+                    updated_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn leases(&self) -> Result<Vec<crate::admin::LeaseRow>, StoreError> {
+        let sql: Arc<str> = format!(
+            "SELECT name, owner, instance, token, expires_at FROM \"{}\".leases ORDER BY name",
+            self.schema()
+        )
+        .into();
+        let failed = || db("listing leases");
+        let found = stmt(&sql).fetch_all(self.pool()).await.map_err(failed())?;
+        found
+            .iter()
+            .map(|row| {
+                let token: i64 = row.try_get(3).map_err(failed())?;
+                let Timestamp(expires_at) = row.try_get(4).map_err(failed())?;
+                Ok(crate::admin::LeaseRow {
+                    name: row.try_get(0).map_err(failed())?,
+                    owner: row.try_get(1).map_err(failed())?,
+                    instance: row.try_get(2).map_err(failed())?,
+                    token: u64::try_from(token).unwrap_or(0),
+                    expires_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn backlog(
+        &self,
+        after: Position,
+        cap: u64,
+    ) -> Result<crate::admin::Backlog, StoreError> {
+        let schema = self.schema();
+        let sql: Arc<str> = format!(
+            "SELECT count(*), (SELECT recorded_at FROM \"{schema}\".events \
+                               WHERE (transaction_id, seq) > ($1, $2) \
+                               ORDER BY transaction_id, seq LIMIT 1) \
+             FROM (SELECT 1 FROM \"{schema}\".events WHERE (transaction_id, seq) > ($1, $2) \
+                   LIMIT $3) AS t"
+        )
+        .into();
+        let (transaction, seq) = super::order::decode(after);
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        let failed = || db("counting the events after a checkpoint");
+        let row = stmt(&sql)
+            .bind(transaction)
+            .bind(seq)
+            .bind(cap)
+            .fetch_one(self.pool())
+            .await
+            .map_err(failed())?;
+        let events: i64 = row.try_get(0).map_err(failed())?;
+        let oldest: Option<Timestamp> = row.try_get(1).map_err(failed())?;
+        Ok(crate::admin::Backlog {
+            events: u64::try_from(events).unwrap_or(0),
+            capped: events >= cap,
+            oldest: oldest.map(|Timestamp(t)| t),
+        })
+    }
+
+    async fn streams(
+        &self,
+        category: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::admin::StreamInfo>, StoreError> {
+        let sql: Arc<str> = format!(
+            "SELECT stream, max(version), count(*), max(recorded_at) FROM \"{}\".events \
+             WHERE $1::text IS NULL OR left(stream, length($1)) = $1 \
+             GROUP BY stream ORDER BY stream LIMIT $2",
+            self.schema()
+        )
+        .into();
+        let prefix = category.map(|c| format!("{c}-"));
+        let failed = || db("listing streams");
+        let found = stmt(&sql)
+            .bind(prefix)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(failed())?;
+        found
+            .iter()
+            .map(|row| {
+                let version: i64 = row.try_get(1).map_err(failed())?;
+                let events: i64 = row.try_get(2).map_err(failed())?;
+                let Timestamp(last_write) = row.try_get(3).map_err(failed())?;
+                Ok(crate::admin::StreamInfo {
+                    stream: row.try_get(0).map_err(failed())?,
+                    version: u64::try_from(version).unwrap_or(0),
+                    events: u64::try_from(events).unwrap_or(0),
+                    last_write,
+                })
+            })
+            .collect()
+    }
+
+    async fn parked_messages_info(
+        &self,
+    ) -> Result<Vec<crate::admin::ParkedMessageInfo>, StoreError> {
+        let sql: Arc<str> = format!(
+            "SELECT inbox, message_id, subject, error, parked_at FROM \"{}\".inbox_parked \
+             ORDER BY parked_at, inbox, message_id",
+            self.schema()
+        )
+        .into();
+        let failed = || db("listing parked inbox messages");
+        let found = stmt(&sql).fetch_all(self.pool()).await.map_err(failed())?;
+        found
+            .iter()
+            .map(|row| {
+                let Timestamp(parked_at) = row.try_get(4).map_err(failed())?;
+                Ok(crate::admin::ParkedMessageInfo {
+                    inbox: row.try_get(0).map_err(failed())?,
+                    message_id: row.try_get(1).map_err(failed())?,
+                    subject: row.try_get(2).map_err(failed())?,
+                    error: row.try_get(3).map_err(failed())?,
+                    parked_at,
+                })
+            })
+            .collect()
+    }
 }

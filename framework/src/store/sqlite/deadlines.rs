@@ -207,3 +207,20 @@ impl DeadlineStore for SqliteStore {
         .await
     }
 }
+
+impl SqliteStore {
+    /// Every pending deadline of every process, earliest first, at most
+    /// `limit` (see [`crate::admin::Admin::deadlines`]).
+    pub(super) async fn all_deadlines(&self, limit: usize) -> Result<Vec<Deadline>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            query(
+                conn,
+                "SELECT process, id, instance, name, due_at FROM aftermath_deadlines
+                 ORDER BY due_at, process, id LIMIT ?1",
+                [limit],
+            )
+        })
+        .await
+    }
+}

@@ -230,13 +230,22 @@ impl EffectJournal for SqliteStore {
         .await
     }
 
-    async fn cleanup(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn cleanup(
+        &self,
+        reactor: &str,
+        before: DateTime<Utc>,
+        through: Position,
+    ) -> Result<u64, StoreError> {
+        let reactor = reactor.to_owned();
         self.write(move |conn| {
             let n = conn
                 .prepare_cached(
-                    "DELETE FROM aftermath_effects WHERE state IN ('done', 'skipped') AND updated_at < ?1",
+                    "DELETE FROM aftermath_effects WHERE reactor = ?1 AND state IN ('done', 'skipped') \
+                     AND updated_at < ?2 AND position <= ?3",
                 )
-                .and_then(|mut s| s.execute([micros(before)]))
+                .and_then(|mut s| {
+                    s.execute(rusqlite::params![reactor, micros(before), position(through)])
+                })
                 .map_err(db("cleaning up the effect journal"))?;
             Ok(n as u64)
         })

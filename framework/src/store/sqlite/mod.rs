@@ -51,6 +51,14 @@ mod writer;
 /// The `rusqlite` version this backend uses, for [`SqliteStore::write`] and
 /// [`SqliteStore::read`] closures.
 pub use rusqlite;
+
+/// The schema version this build of aftermath creates and understands in
+/// a SQLite file (the highest `version` in its `aftermath_schema` table). Opening
+/// a store of an older version migrates it; a newer one is refused with
+/// [`StoreError::Incompatible`]. Tools that
+/// must not migrate (the `aftermath` command-line tool) compare against it
+/// before opening.
+pub const SCHEMA_VERSION: i64 = schema::SCHEMA_VERSION;
 pub use subscriptions::SqliteTx;
 
 use pool::ReadPool;

@@ -440,3 +440,144 @@ impl LeaseStore for SqliteStore {
         .await
     }
 }
+
+fn rows<T>(
+    conn: &Connection,
+    operation: &'static str,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db(operation))?;
+    let found = stmt
+        .query_map(params, map)
+        .map_err(db(operation))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db(operation))?;
+    Ok(found)
+}
+
+/// Operators' reads (see [`crate::admin`]): plain queries on a read
+/// connection, never a write.
+#[async_trait]
+impl crate::admin::Admin for SqliteStore {
+    async fn deadlines(&self, limit: usize) -> Result<Vec<crate::process::Deadline>, StoreError> {
+        self.all_deadlines(limit).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<crate::admin::CheckpointRow>, StoreError> {
+        self.read(|conn| {
+            rows(
+                conn,
+                "listing checkpoints",
+                "SELECT name, position, version, updated_at FROM aftermath_checkpoints ORDER BY name",
+                [],
+                |row| {
+                    Ok(crate::admin::CheckpointRow {
+                        name: row.get(0)?,
+                        position: Position(row.get::<_, i64>(1)?.max(0) as u64),
+                        version: row.get(2)?,
+                        updated_at: from_micros(row.get(3)?),
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn leases(&self) -> Result<Vec<crate::admin::LeaseRow>, StoreError> {
+        self.read(|conn| {
+            rows(
+                conn,
+                "listing leases",
+                "SELECT name, owner, instance, token, expires_at FROM aftermath_leases ORDER BY name",
+                [],
+                |row| {
+                    Ok(crate::admin::LeaseRow {
+                        name: row.get(0)?,
+                        owner: row.get(1)?,
+                        instance: row.get(2)?,
+                        token: row.get::<_, i64>(3)?.max(0) as u64,
+                        expires_at: from_micros(row.get(4)?),
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn backlog(
+        &self,
+        after: Position,
+        cap: u64,
+    ) -> Result<crate::admin::Backlog, StoreError> {
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let (events, oldest): (i64, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT count(*), (SELECT recorded_at FROM events WHERE position > ?1 ORDER BY position LIMIT 1)
+                     FROM (SELECT 1 FROM events WHERE position > ?1 ORDER BY position LIMIT ?2)",
+                )
+                .and_then(|mut s| s.query_row((position(after), cap), |r| Ok((r.get(0)?, r.get(1)?))))
+                .map_err(db("counting the events after a checkpoint"))?;
+            Ok(crate::admin::Backlog {
+                events: events.max(0) as u64,
+                capped: events >= cap,
+                oldest: oldest.map(from_micros),
+            })
+        })
+        .await
+    }
+
+    async fn streams(
+        &self,
+        category: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::admin::StreamInfo>, StoreError> {
+        let prefix = category.map(|c| format!("{c}-"));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            rows(
+                conn,
+                "listing streams",
+                "SELECT stream, max(version), count(*), max(recorded_at) FROM events
+                 WHERE ?1 IS NULL OR substr(stream, 1, length(?1)) = ?1
+                 GROUP BY stream ORDER BY stream LIMIT ?2",
+                (&prefix, limit),
+                |row| {
+                    Ok(crate::admin::StreamInfo {
+                        stream: row.get(0)?,
+                        version: row.get::<_, i64>(1)?.max(0) as u64,
+                        events: row.get::<_, i64>(2)?.max(0) as u64,
+                        last_write: from_micros(row.get(3)?),
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn parked_messages_info(
+        &self,
+    ) -> Result<Vec<crate::admin::ParkedMessageInfo>, StoreError> {
+        self.read(|conn| {
+            rows(
+                conn,
+                "listing parked inbox messages",
+                "SELECT inbox, message_id, subject, error, parked_at FROM aftermath_inbox_parked
+                 ORDER BY parked_at, inbox, message_id",
+                [],
+                |row| {
+                    Ok(crate::admin::ParkedMessageInfo {
+                        inbox: row.get(0)?,
+                        message_id: row.get(1)?,
+                        subject: row.get(2)?,
+                        error: row.get(3)?,
+                        parked_at: from_micros(row.get(4)?),
+                    })
+                },
+            )
+        })
+        .await
+    }
+}

@@ -1,0 +1,6 @@
+//! The two-service example's `warehouse` binary, built in this package for
+//! `tests/two_services.rs` (the same code: `two_services::warehouse_main`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    aftermath_examples::two_services::warehouse_main()
+}
