@@ -365,6 +365,31 @@ impl Report {
         !self.needs_attention() && self.subscribers.iter().all(|s| s.lag_events == 0)
     }
 
+    /// Sets the store's gauges from this report through the `metrics`
+    /// facade (see [`crate::trace`]): what every replica would report alike,
+    /// so call it where one scrape endpoint answers (after [`settled`]).
+    ///
+    /// Gauges: `aftermath_effects_parked`, `aftermath_effects_blocked`,
+    /// `aftermath_processes_parked`, `aftermath_inbox_parked`,
+    /// `aftermath_projection_events_skipped`, and per `subscriber`
+    /// `aftermath_store_lag_events`, `aftermath_store_lag_seconds` and
+    /// `aftermath_store_held` (its effects holding their stream).
+    pub fn record_metrics(&self) {
+        metrics::gauge!("aftermath_effects_parked").set(self.parked_effects() as f64);
+        metrics::gauge!("aftermath_effects_blocked").set(self.blocked_effects() as f64);
+        metrics::gauge!("aftermath_processes_parked").set(self.parked_processes.len() as f64);
+        metrics::gauge!("aftermath_inbox_parked").set(self.parked_messages.len() as f64);
+        metrics::gauge!("aftermath_projection_events_skipped").set(self.skipped.len() as f64);
+        for s in &self.subscribers {
+            let name = s.name.clone();
+            metrics::gauge!("aftermath_store_lag_events", "subscriber" => name.clone())
+                .set(s.lag_events as f64);
+            metrics::gauge!("aftermath_store_lag_seconds", "subscriber" => name.clone())
+                .set(s.lag_seconds);
+            metrics::gauge!("aftermath_store_held", "subscriber" => name).set(s.held as f64);
+        }
+    }
+
     /// One line: the counts.
     pub fn summary(&self) -> String {
         let behind = self.subscribers.iter().filter(|s| s.lag_events > 0).count();
@@ -378,6 +403,36 @@ impl Report {
             self.parked_messages.len(),
         )
     }
+}
+
+/// How many pending deadlines [`record_metrics`] counts at most.
+pub const DEADLINES_COUNTED: usize = 100_000;
+
+/// Takes a [`settled`] report, sets the store's gauges from it
+/// ([`Report::record_metrics`]) and `aftermath_deadlines_pending` per
+/// `process` (at most [`DEADLINES_COUNTED`] read), and returns the report.
+/// Call it from a scrape endpoint's handler, before rendering.
+pub async fn record_metrics<S: Admin>(store: &S) -> Result<Report, StoreError> {
+    let report = settled(store).await?;
+    report.record_metrics();
+    // A process seen before with none pending now reads 0, not its last count.
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut pending: BTreeMap<String, u64> = BTreeMap::new();
+    for d in store.deadlines(DEADLINES_COUNTED).await? {
+        *pending.entry(d.process).or_default() += 1;
+    }
+    {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        for process in seen.iter() {
+            pending.entry(process.clone()).or_default();
+        }
+        seen.extend(pending.keys().cloned());
+    }
+    for (process, n) in pending {
+        metrics::gauge!("aftermath_deadlines_pending", "process" => process).set(n as f64);
+    }
+    Ok(report)
 }
 
 /// Is everything settled up to the head? Reads every checkpoint, lease and

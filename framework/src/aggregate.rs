@@ -19,6 +19,7 @@ use chrono::Utc;
 use futures::TryStreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::event::{DecodeError, EncodeError, Event, EventData, Metadata, Position};
@@ -94,6 +95,14 @@ impl CommandMeta {
     /// Adds a key/value pair to every event's metadata.
     pub fn extra(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.extra.insert(key.into(), value.into());
+        self
+    }
+
+    /// Stores this trace context with every event (instead of the current
+    /// span's, see [`crate::trace`]): for a context that arrived without
+    /// OpenTelemetry, such as an incoming request's `traceparent` header.
+    pub fn trace(mut self, trace: &crate::trace::TraceContext) -> Self {
+        trace.write_to(&mut self.extra);
         self
     }
 }
@@ -348,11 +357,59 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         A::Command: Clone,
     {
         let stream = A::stream_name(id);
+        let span = tracing::info_span!(
+            "aftermath.execute",
+            otel.name = %format_args!("execute {}", A::CATEGORY),
+            otel.kind = "internal",
+            otel.status_code = tracing::field::Empty,
+            aftermath.aggregate = A::CATEGORY,
+            aftermath.stream = %stream,
+            aftermath.command_id = tracing::field::Empty,
+            aftermath.outcome = tracing::field::Empty,
+            aftermath.retries = tracing::field::Empty,
+        );
+        if let Some(id) = meta.command_id {
+            span.record("aftermath.command_id", tracing::field::display(id));
+        }
+        let result = self
+            .execute_in_span(id, stream, command, meta)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(done) if done.duplicate => "duplicate",
+            Ok(_) => "executed",
+            Err(ExecuteError::Rejected(_)) => "rejected",
+            Err(ExecuteError::Conflict { .. }) => "conflict",
+            Err(_) => "error",
+        };
+        span.record("aftermath.outcome", outcome);
+        if let Ok(done) = &result {
+            span.record("aftermath.retries", done.retries);
+        } else if outcome == "error" {
+            span.record("otel.status_code", "ERROR");
+        }
+        metrics::counter!(crate::trace::COMMANDS, "aggregate" => A::CATEGORY, "outcome" => outcome)
+            .increment(1);
+        result
+    }
+
+    async fn execute_in_span(
+        &self,
+        id: &str,
+        stream: String,
+        command: A::Command,
+        meta: CommandMeta,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         let command_id = meta.command_id.unwrap_or_else(Uuid::now_v7);
+        let mut extra = meta.extra;
+        crate::trace::inject_current(&mut extra);
         let metadata = Metadata {
             correlation_id: meta.correlation_id.unwrap_or(command_id),
             causation_id: meta.causation_id.unwrap_or(command_id),
-            extra: meta.extra,
+            extra,
         };
         let mut attempt = 0;
         loop {
@@ -411,7 +468,24 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     .collect::<Result<Vec<_>, _>>()?
             };
             let expected = ExpectedVersion::Exact(loaded.version);
-            match self.store.append(&stream, expected, data).await {
+            let append = tracing::info_span!(
+                "aftermath.append",
+                otel.name = %format_args!("append {}", A::CATEGORY),
+                otel.kind = "client",
+                db.operation.name = "append",
+                aftermath.stream = %stream,
+                aftermath.events = data.len(),
+                aftermath.version = loaded.version,
+            );
+            let started = std::time::Instant::now();
+            let appended = self
+                .store
+                .append(&stream, expected, data)
+                .instrument(append)
+                .await;
+            metrics::histogram!(crate::trace::APPEND_SECONDS, "aggregate" => A::CATEGORY)
+                .record(started.elapsed().as_secs_f64());
+            match appended {
                 Ok(result) => {
                     for e in &events {
                         state.apply(e);

@@ -69,6 +69,7 @@ pub mod reactor;
 pub mod store;
 pub mod subscription;
 pub mod testing;
+pub mod trace;
 pub mod upcast;
 pub mod worker;
 

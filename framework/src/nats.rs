@@ -104,9 +104,31 @@ pub mod headers {
 
 /// The metadata keys the outbox copies into the trace context extensions.
 const TRACE_KEYS: [(&str, &str); 2] = [
-    ("traceparent", headers::TRACEPARENT),
-    ("tracestate", headers::TRACESTATE),
+    (crate::trace::TRACEPARENT, headers::TRACEPARENT),
+    (crate::trace::TRACESTATE, headers::TRACESTATE),
 ];
+
+/// The trace context a message carries: `ce-traceparent` (and
+/// `ce-tracestate`), else plain `traceparent` / `tracestate` headers (what
+/// OpenTelemetry's own propagators write). `None` when absent or malformed.
+pub fn message_trace(
+    headers: Option<&async_nats::HeaderMap>,
+) -> Option<crate::trace::TraceContext> {
+    let headers = headers?;
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| decode_header_value(v.as_str()))
+    };
+    let (parent, state) = match get(self::headers::TRACEPARENT) {
+        Some(parent) => (parent, get(self::headers::TRACESTATE)),
+        None => (
+            get(crate::trace::TRACEPARENT)?,
+            get(crate::trace::TRACESTATE),
+        ),
+    };
+    crate::trace::TraceContext::parse(&parent, state.as_deref()).ok()
+}
 
 /// Percent-encodes a header value as the CloudEvents NATS (and HTTP) binding
 /// prescribes: space, `"`, `%` and every byte outside printable ASCII.
@@ -523,12 +545,20 @@ impl<E: Event> Reactor for NatsOutbox<E> {
         &self.name
     }
 
-    async fn react(&self, event: &Recorded<E>, _ctx: &EffectContext) -> Result<(), ReactError> {
+    async fn react(&self, event: &Recorded<E>, ctx: &EffectContext) -> Result<(), ReactError> {
         let Some(subject) = (self.subject)(event) else {
             return Ok(());
         };
         let payload = event.event.encode().map_err(ReactError::fatal)?;
-        let map = event_headers(event);
+        let mut map = event_headers(event);
+        // The publish attempt's own context (a child of the event's span
+        // with `otel`), so the consumer's spans hang under this publish.
+        if let Some(trace) = &ctx.trace {
+            map.insert(headers::TRACEPARENT, trace.traceparent().as_str());
+            if let Some(state) = trace.tracestate() {
+                map.insert(headers::TRACESTATE, encode_header_value(state).as_str());
+            }
+        }
         let publish = async {
             let ack = self
                 .jetstream
@@ -706,7 +736,25 @@ where
         };
         let meta = CommandMeta::with_id(command_id(&self.name, &message_id))
             .extra("nats-message-id", message_id.clone());
-        match self.repository.execute_with(&id, command, meta).await {
+        let span = tracing::info_span!(
+            "aftermath.receive",
+            otel.name = %format_args!("receive {}", message.subject),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %message.subject,
+            messaging.message.id = %message_id,
+            messaging.consumer.group.name = %self.name,
+        );
+        let parent = message_trace(message.headers.as_ref());
+        // The command's events carry the sender's trace on.
+        let executed = crate::trace::continue_in(
+            span,
+            parent,
+            self.repository.execute_with(&id, command, meta),
+        )
+        .await;
+        match executed {
             Ok(done) => {
                 tracing::debug!(inbox = %self.name, message_id, duplicate = done.duplicate, "message executed");
                 Ok(())

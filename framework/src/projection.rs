@@ -911,15 +911,28 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
             let batch = events.clone();
             let limit = self.options.call_timeout;
             let commit = fence.commit(self.name(), self.projection.version(), from, through);
+            let name = self.name().to_owned();
             let work = tx_work::<P::Db, (), _>(move |tx| {
                 Box::pin(async move {
                     for (index, event) in batch.iter().enumerate() {
                         // A panicking handler fails on this event like an
                         // erring one (retried, then the error policy), rather
                         // than failing the whole write as if the store had.
-                        guarded(limit, projection.apply(&mut *tx, event))
-                            .await
-                            .map_err(|error| HandlerFailure { index, error })?;
+                        let span = crate::trace::handle_span(
+                            &name,
+                            event.event.event_type(),
+                            event.id,
+                            &event.stream,
+                            event.position,
+                        );
+                        let parent = crate::trace::TraceContext::from_metadata(&event.metadata);
+                        crate::trace::continue_in(
+                            span,
+                            parent,
+                            guarded(limit, projection.apply(&mut *tx, event)),
+                        )
+                        .await
+                        .map_err(|error| HandlerFailure { index, error })?;
                     }
                     Ok(())
                 })
@@ -1283,7 +1296,18 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> PageHandl
         let mut committed = saved;
         let mut handled = saved;
         for stored in &page.events {
-            match self.handle_with_retries(ctx, stored).await {
+            let span = crate::trace::handle_span(
+                self.name(),
+                &stored.event_type,
+                stored.id,
+                &stored.stream,
+                stored.position,
+            );
+            let parent = crate::trace::TraceContext::from_metadata(&stored.metadata);
+            let outcome =
+                crate::trace::continue_in(span, parent, self.handle_with_retries(ctx, stored))
+                    .await;
+            match outcome {
                 Ok(true) => {}
                 Ok(false) => return Ok(Handled::interrupted(committed, handled)),
                 Err(e) => {

@@ -26,6 +26,7 @@ use aftermath::reactor::{
     EffectContext, EffectJournal, ReactError, Reactor, ReactorOptions, ReactorRunner,
 };
 use aftermath::subscription::CheckpointStore;
+use aftermath::trace::TraceContext;
 use aftermath::worker::{Backoff, SubscriberError, SubscriberState, Worker};
 use aftermath::{
     CommandMeta, EventStore, Position, Recorded, Repository, SqliteStore, StoredEvent,
@@ -1584,4 +1585,78 @@ async fn inbox_rejected_command_is_handled_once_and_visible() {
         "{status:?}"
     );
     worker.shutdown().await;
+}
+
+/// The trace context crosses NATS: an event recorded inside a trace is
+/// published by the outbox with `ce-traceparent` of that trace; a command
+/// message sent on with those trace headers is executed by the inbox, and
+/// the events its command decides carry the same trace id (outbox header ->
+/// inbox -> command -> events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trace_context_crosses_nats() {
+    let Some(url) = url_or_skip("trace_context_crosses_nats") else {
+        return;
+    };
+    let _shared = SERVER_LOCK.read().await;
+    let js = jetstream(connect(&url).await, Duration::from_secs(5));
+    let stream = TestStream::create(&url, &js, "trace", |_| {}).await;
+    let (_dir, store) = sqlite().await;
+    let trace = TraceContext::parse(
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        Some("vendor=x"),
+    )
+    .unwrap();
+    Repository::<Account, _>::new(store.clone())
+        .execute_with(
+            "t1",
+            AccountCommand::Open {
+                owner: "tracer".into(),
+            },
+            CommandMeta::default().trace(&trace),
+        )
+        .await
+        .expect("open");
+    let prefix = stream.prefix.clone();
+    let outbox = NatsOutbox::new(OUTBOX, js.clone(), move |e: &Recorded<AccountEvent>| {
+        Some(subject_of(&prefix, e))
+    });
+    ReactorRunner::new(outbox, store.clone(), store.clone(), store.clone())
+        .catch_up()
+        .await
+        .expect("publish");
+    let messages = stream_messages(&js, &stream.name).await;
+    assert_eq!(messages.len(), 1);
+    let sent = messages[0]
+        .header(headers::TRACEPARENT)
+        .expect("the outbox publishes ce-traceparent");
+    assert_eq!(
+        messages[0].header(headers::TRACESTATE).as_deref(),
+        Some("vendor=x")
+    );
+    let published = TraceContext::parse(&sent, None).expect("a valid traceparent");
+    assert_eq!(published.trace_id(), trace.trace_id());
+
+    // The receiving service: a command message with the trace headers.
+    let (_receiver_dir, receiver) = sqlite().await;
+    let consumer = durable_consumer(&js, &stream, INBOX).await;
+    let mut trace_headers = async_nats::HeaderMap::new();
+    trace_headers.insert(headers::MSG_ID, "traced-1");
+    trace_headers.insert(headers::TRACEPARENT, sent.as_str());
+    js.publish_with_headers(
+        stream.subject("commands.open"),
+        trace_headers,
+        CommandMessage::open("r1").bytes().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let worker = inbox_worker(consumer, receiver.clone(), receiver.clone());
+    drained(&js, &stream, INBOX).await;
+    worker.shutdown().await;
+    let events = account_events(&receiver).await;
+    assert_eq!(events.len(), 1, "the inbox executed the command");
+    let received = TraceContext::from_metadata(&events[0].metadata)
+        .expect("the inbox's command stores the sender's trace");
+    assert_eq!(received.trace_id(), trace.trace_id());
 }

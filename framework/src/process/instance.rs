@@ -32,6 +32,8 @@ pub struct Instance<P: ProcessManager> {
     pub parked: Option<Parking>,
     deadlines: BTreeMap<String, (Uuid, DateTime<Utc>)>,
     registered: Vec<CommandSpec>,
+    /// The trace context of its latest record: a deadline firing continues it.
+    pub(crate) trace: Option<crate::trace::TraceContext>,
 }
 
 impl<P: ProcessManager> std::fmt::Debug for Instance<P>
@@ -99,6 +101,7 @@ impl<P: ProcessManager> Instance<P> {
             parked: None,
             deadlines: BTreeMap::new(),
             registered: Vec::new(),
+            trace: None,
         }
     }
 
@@ -148,6 +151,9 @@ impl<P: ProcessManager> Instance<P> {
     ) -> Result<(), String> {
         if self.version == 0 {
             self.correlation_id = metadata.correlation_id;
+        }
+        if let Some(trace) = crate::trace::TraceContext::from_metadata(metadata) {
+            self.trace = Some(trace);
         }
         // After completion only rejections are recorded, without `apply`.
         if let ProcessRecord::Received { input } = record
@@ -297,11 +303,12 @@ impl<P: ProcessManager> Instance<P> {
             return Ok(Vec::new());
         };
         let input_id = input.id();
-        let metadata = Metadata {
+        let mut metadata = Metadata {
             correlation_id,
             causation_id: input.cause(),
             extra: Default::default(),
         };
+        crate::trace::inject_current(&mut metadata.extra);
         records
             .iter()
             .enumerate()
@@ -325,6 +332,9 @@ impl<P: ProcessManager> Instance<P> {
     ) {
         if self.version == 0 {
             self.correlation_id = correlation_id;
+        }
+        if let Some(trace) = crate::trace::TraceContext::current() {
+            self.trace = Some(trace);
         }
         self.state = state;
         let first = (version + 1).saturating_sub(records.len() as u64);

@@ -25,6 +25,7 @@ use crate::event::{Event, EventData, Metadata, Position, Recorded, StoredEvent};
 use crate::store::{Direction, EventStore, ExpectedVersion, StoreError, read_stream_all};
 use crate::subscription::engine::{self, Handled, PageEnd, PageHandler};
 use crate::subscription::{CheckpointStore, Page, Partition, SubscriptionOptions, stopped};
+use crate::trace::TraceContext;
 use crate::worker::{RunContext, Subscriber, SubscriberError, panic_message};
 
 /// Appends retried after a version conflict on an instance's stream.
@@ -300,16 +301,30 @@ where
                 deadline: reached.clone(),
             };
             let correlation = inst.correlation_id;
-            self.handle_input(
-                ctx,
-                &mut inst,
-                Input::Deadline(reached),
-                record,
-                false,
-                correlation,
-                None,
+            let span = tracing::info_span!(
+                "aftermath.deadline",
+                otel.name = %format_args!("deadline {}", deadline.name),
+                otel.kind = "internal",
+                aftermath.process = P::NAME,
+                aftermath.instance = %deadline.instance,
+                aftermath.deadline = %deadline.name,
+            );
+            let parent = inst.trace.clone();
+            crate::trace::continue_in(
+                span,
+                parent,
+                self.handle_input(
+                    ctx,
+                    &mut inst,
+                    Input::Deadline(reached),
+                    record,
+                    false,
+                    correlation,
+                    None,
+                ),
             )
             .await?;
+            metrics::counter!(crate::trace::DEADLINES_FIRED, "process" => P::NAME).increment(1);
         }
         self.put(inst);
         // Delivered (or recognised as stale): the row has done its job.
@@ -403,14 +418,38 @@ where
                 self.put(inst);
                 return Ok(false);
             }
+            let stored = match &item {
+                Item::Input { stored, .. } | Item::Record(stored) => *stored,
+            };
+            let span = crate::trace::handle_span(
+                P::NAME,
+                &stored.event_type,
+                stored.id,
+                &stored.stream,
+                stored.position,
+            );
+            let parent = TraceContext::from_metadata(&stored.metadata);
             match item {
                 Item::Input {
                     stored,
                     event,
                     route,
-                } => self.on_event(ctx, &mut inst, stored, event, route).await?,
+                } => {
+                    crate::trace::continue_in(
+                        span,
+                        parent,
+                        self.on_event(ctx, &mut inst, stored, event, route),
+                    )
+                    .await?
+                }
                 Item::Record(stored) => {
-                    if !self.on_record(ctx, &mut inst, stored).await? {
+                    let carried = crate::trace::continue_in(
+                        span,
+                        parent,
+                        self.on_record(ctx, &mut inst, stored),
+                    )
+                    .await?;
+                    if !carried {
                         self.put(inst);
                         return Ok(false);
                     }
@@ -662,7 +701,18 @@ where
                 let meta = CommandMeta::with_id(stored.id)
                     .correlation(stored.metadata.correlation_id)
                     .causation(stored.id);
-                let outcome = match self.dispatch(ctx, stored, &command, meta).await? {
+                let dispatched = self.dispatch(ctx, stored, &command, meta).await?;
+                let counted = match &dispatched {
+                    None => None,
+                    Some(Ok(Dispatched::Rejected(_))) => Some("rejected"),
+                    Some(Ok(_)) => Some("accepted"),
+                    Some(Err(_)) => Some("parked"),
+                };
+                if let Some(outcome) = counted {
+                    metrics::counter!(crate::trace::PROCESS_COMMANDS, "process" => P::NAME, "outcome" => outcome)
+                        .increment(1);
+                }
+                let outcome = match dispatched {
                     None => return Ok(false),
                     Some(Ok(outcome)) => outcome,
                     Some(Err(error)) => {
@@ -757,11 +807,12 @@ where
             correlation_if_new
         };
         let id = control_id(P::NAME, &inst.id, kind, inst.version + 1);
-        let metadata = Metadata {
+        let mut metadata = Metadata {
             correlation_id: correlation,
             causation_id: causation,
             extra: Default::default(),
         };
+        crate::trace::inject_current(&mut metadata.extra);
         let data = EventData::encode(&record, id, metadata)
             .map_err(|e| self.instance_error(inst, kind, e.to_string()))?;
         match self
@@ -1029,7 +1080,16 @@ where
         let mut stop = ctx.shutdown.clone();
         let timeout = self.options.call_timeout;
         for attempt in 1..=attempts {
-            let span = tracing::info_span!("dispatch", process = P::NAME, command_id = %stored.id, target = %command.target, id = %command.id, attempt);
+            let span = tracing::info_span!(
+                "aftermath.dispatch",
+                otel.name = %format_args!("send {}", command.target),
+                otel.kind = "producer",
+                aftermath.process = P::NAME,
+                aftermath.command_id = %stored.id,
+                aftermath.target = %command.target,
+                aftermath.target_id = %command.id,
+                aftermath.attempt = attempt,
+            );
             let call = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
                 self.bus.dispatch(command, meta.clone()),
                 span,

@@ -92,6 +92,12 @@ pub struct EffectContext {
     /// Hand it to the external system (an `Idempotency-Key` header, a
     /// message id) so it can drop repeats.
     pub idempotency_key: String,
+    /// The trace context of this effect attempt (its span's, with feature
+    /// `otel`; otherwise the event's): pass
+    /// [`traceparent`](crate::trace::TraceContext::traceparent) on in an
+    /// outgoing call's `traceparent` header so the outside system's spans
+    /// join the trace. `None` when the event carried no trace.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// Namespace of idempotency keys (uuid v5).

@@ -18,6 +18,7 @@ use crate::event::{Event, Position, StoredEvent};
 use crate::store::{EventStore, StoreError};
 use crate::subscription::engine::{self, Handled, PageHandler};
 use crate::subscription::{CheckpointStore, Page, Partition, SubscriptionOptions};
+use crate::trace::TraceContext;
 use crate::worker::{RunContext, Subscriber, SubscriberError, panic_message};
 
 /// Runs a reactor as a [`Subscriber`]: events from `store`, effects keyed in
@@ -445,19 +446,37 @@ where
                 ctx,
             )
             .await?;
-            let effect_ctx = EffectContext {
-                reactor: self.name().to_owned(),
-                event_id: stored.id,
-                correlation_id: stored.metadata.correlation_id,
-                causation_id: stored.metadata.causation_id,
-                attempt: attempts,
-                idempotency_key: key.clone(),
-            };
-            let span = tracing::info_span!("effect", reactor = %self.name(), event_id = %stored.id, stream = %stored.stream, attempt = attempts);
+            let span = tracing::info_span!(
+                "aftermath.effect",
+                otel.name = %format_args!("effect {}", self.name()),
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                aftermath.reactor = %self.name(),
+                messaging.message.id = %stored.id,
+                messaging.destination.name = %stored.stream,
+                aftermath.idempotency_key = %key,
+                aftermath.attempt = attempts,
+                aftermath.outcome = tracing::field::Empty,
+            );
+            let parent = TraceContext::from_metadata(&stored.metadata);
             let timeout = self.options.call_timeout;
-            let call = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
-                self.reactor.react(&event, &effect_ctx),
-                span,
+            let call = std::panic::AssertUnwindSafe(crate::trace::continue_in(
+                span.clone(),
+                parent,
+                async {
+                    // Inside the effect's span: its context is the one the
+                    // reactor hands on to the outside system.
+                    let effect_ctx = EffectContext {
+                        reactor: self.name().to_owned(),
+                        event_id: stored.id,
+                        correlation_id: stored.metadata.correlation_id,
+                        causation_id: stored.metadata.causation_id,
+                        attempt: attempts,
+                        idempotency_key: key.clone(),
+                        trace: TraceContext::current(),
+                    };
+                    self.reactor.react(&event, &effect_ctx).await
+                },
             ))
             .catch_unwind();
             // A panic is a fatal failure of this event; a hung call a
@@ -472,6 +491,17 @@ where
                     "react timed out after {timeout:?}"
                 ))),
             };
+            let outcome = match &result {
+                Ok(()) => "done",
+                Err(ReactError::Retry(_)) if attempts < self.options.max_attempts => "retry",
+                Err(_) => "parked",
+            };
+            span.record("aftermath.outcome", outcome);
+            if outcome != "done" {
+                span.record("otel.status_code", "ERROR");
+            }
+            metrics::counter!(crate::trace::EFFECT_ATTEMPTS, "reactor" => self.name().to_owned(), "outcome" => outcome)
+                .increment(1);
             match result {
                 Ok(()) => {
                     self.record(&self.entry(stored, EffectState::Done, attempts, None), ctx)

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 
 use super::{CatchUp, CheckpointStore, Page, Partition, SubscriptionOptions, stopped};
 use crate::event::Position;
@@ -222,6 +223,17 @@ where
         .map_err(|e| handler.store_error(e))
 }
 
+/// The metrics of a committed page (see [`crate::trace`]).
+fn record_page_metrics(subscriber: &str, handled: usize, lag: &super::Lag) {
+    let name = subscriber.to_owned();
+    if handled > 0 {
+        metrics::counter!(crate::trace::EVENTS_HANDLED, "subscriber" => name.clone())
+            .increment(handled as u64);
+    }
+    metrics::gauge!(crate::trace::LAG_EVENTS, "subscriber" => name.clone()).set(lag.events as f64);
+    metrics::gauge!(crate::trace::LAG_SECONDS, "subscriber" => name).set(lag.seconds);
+}
+
 /// Runs `handler` over `store` until shutdown (or, with `catch_up`, until it
 /// has caught up with the head), starting over from the stored checkpoint
 /// after a lost race. Returns the checkpoint saved last.
@@ -296,8 +308,27 @@ where
             let handled = if page.events.is_empty() {
                 Handled::page(saved, &page)
             } else {
-                handler.handle(ctx, &mut run, saved, &page).await?
+                let span = tracing::info_span!(
+                    "aftermath.page",
+                    otel.name = %format_args!("process {}", handler.key()),
+                    otel.kind = "consumer",
+                    messaging.system = "aftermath",
+                    messaging.operation.type = "process",
+                    messaging.consumer.group.name = %handler.key(),
+                    messaging.batch.message_count = page.events.len(),
+                    aftermath.from = saved.0,
+                    aftermath.to = page.through.0,
+                );
+                handler
+                    .handle(ctx, &mut run, saved, &page)
+                    .instrument(span)
+                    .await?
             };
+            let done = page
+                .events
+                .iter()
+                .filter(|e| e.position <= handled.through)
+                .count();
             saved = saved.max(handled.committed);
             pending = pending.max(handled.through).max(saved);
             if pending > saved && (handled.interrupted || handler.commit_due(&mut run)) {
@@ -309,6 +340,7 @@ where
             }
             reader.advance(pending);
             let lag = reader.lag();
+            record_page_metrics(handler.key(), done, &lag);
             ctx.report_progress(lag);
             if caught_up {
                 ctx.report(|s| s.state = SubscriberState::Live);

@@ -7,7 +7,7 @@
 //! cargo run --release -p aftermath-benches --bin throughput            # ~3 min
 //! cargo run --release -p aftermath-benches --bin throughput -- --quick # ~15 s, for CI
 //! AFTERMATH_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo run ...  # adds PostgreSQL
-//! AFTERMATH_BENCH_ONLY=postgres cargo run ...                             # one section: sqlite, postgres or sagas
+//! AFTERMATH_BENCH_ONLY=postgres cargo run ...                             # one section: sqlite, postgres, sagas or telemetry
 //! ```
 //!
 //! Without `AFTERMATH_PG_URL` the PostgreSQL rows print as SKIPPED. Each
@@ -28,6 +28,7 @@ use std::time::Duration;
 mod pg;
 mod sagas;
 mod sqlite;
+mod telemetry;
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -237,7 +238,7 @@ fn main() -> Result<()> {
         "ratio = aftermath / baseline (throughput rows); latency rows are milliseconds, lower is better"
     );
 
-    // One section only: AFTERMATH_BENCH_ONLY=sqlite|postgres|sagas.
+    // One section only: AFTERMATH_BENCH_ONLY=sqlite|postgres|sagas|telemetry.
     let only = match std::env::var("AFTERMATH_BENCH_ONLY") {
         Ok(section) => Some(section),
         Err(_) if std::env::var_os("AFTERMATH_BENCH_ONLY_SAGAS").is_some() => Some("sagas".into()),
@@ -245,11 +246,12 @@ fn main() -> Result<()> {
     };
     let runs = |section: &str| only.as_deref().is_none_or(|only| only == section);
     if let Some(section) = only.as_deref()
-        && !["sqlite", "postgres", "sagas"].contains(&section)
+        && !["sqlite", "postgres", "sagas", "telemetry"].contains(&section)
     {
-        return Err(
-            format!("AFTERMATH_BENCH_ONLY={section}: use sqlite, postgres or sagas").into(),
-        );
+        return Err(format!(
+            "AFTERMATH_BENCH_ONLY={section}: use sqlite, postgres, sagas or telemetry"
+        )
+        .into());
     }
     if runs("sqlite") {
         sqlite::run(&rt, &plan)?;
@@ -259,6 +261,10 @@ fn main() -> Result<()> {
     }
     if runs("sagas") {
         sagas::run(&rt, &plan)?;
+    }
+    // Last: it installs a global `tracing` subscriber.
+    if runs("telemetry") {
+        telemetry::run(&rt, &plan)?;
     }
 
     println!();

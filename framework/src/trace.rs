@@ -1,0 +1,518 @@
+//! Traces and metrics: the W3C trace context that travels with every event,
+//! the spans aftermath opens, and the metrics it records.
+//!
+//! # One trace per business process
+//!
+//! When a command is executed inside a span (an HTTP handler's, say), the
+//! trace context of that span is stored with each event the command decides,
+//! as `traceparent` and `tracestate` in [`Metadata::extra`] (the
+//! [W3C Trace Context](https://www.w3.org/TR/trace-context/) header format).
+//! Every subscriber continues that trace for the work an event causes: a
+//! projection's apply, a reactor's effect attempt, a process manager's
+//! handling of its input and the commands it sends (whose events carry the
+//! trace on), a deadline firing, a message published through the NATS
+//! outbox (as headers) and received by an inbox. The context lives in the
+//! data, so the trace joins across processes and across a crash and
+//! restart: whichever worker handles the event continues it.
+//!
+//! Without the cargo feature `otel`, aftermath still opens its spans (they
+//! are `tracing` spans, printed by any `tracing` subscriber) and carries a
+//! trace context it received on to the events it causes. With `otel` and a
+//! [`tracing-opentelemetry`](https://docs.rs/tracing-opentelemetry) layer
+//! installed by the application, its spans become OpenTelemetry spans: the
+//! context stored with new events is the current span's, and each span that
+//! handles an event is a child of the span that recorded it.
+//!
+//! To start a trace from a context that arrived some other way (an incoming
+//! HTTP request's `traceparent` header in an application without
+//! OpenTelemetry), pass it explicitly:
+//!
+//! ```
+//! use aftermath::trace::TraceContext;
+//! use aftermath::CommandMeta;
+//!
+//! let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+//! let trace = TraceContext::parse(incoming, None).unwrap();
+//! let meta = CommandMeta::default().trace(&trace);
+//! assert_eq!(meta.extra["traceparent"], incoming);
+//! assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+//! ```
+//!
+//! # Spans
+//!
+//! | span (`tracing` name) | OpenTelemetry name | kind | attributes |
+//! |---|---|---|---|
+//! | `aftermath.execute` | `execute <category>` | internal | `aftermath.aggregate`, `aftermath.stream`, `aftermath.command_id`, `aftermath.outcome`, `aftermath.retries` |
+//! | `aftermath.append` | `append <category>` | client | `db.operation.name`, `aftermath.stream`, `aftermath.events`, `aftermath.version` |
+//! | `aftermath.page` | `process <subscriber>` | consumer | `messaging.system`, `messaging.operation.type`, `messaging.consumer.group.name`, `aftermath.from`, `aftermath.to`, `messaging.batch.message_count` |
+//! | `aftermath.handle` | `process <event type>` | consumer | `messaging.consumer.group.name`, `messaging.message.id`, `messaging.destination.name` (the stream), `aftermath.position` |
+//! | `aftermath.effect` | `effect <reactor>` | consumer | `aftermath.reactor`, `messaging.message.id`, `aftermath.idempotency_key`, `aftermath.attempt`, `aftermath.outcome` |
+//! | `aftermath.dispatch` | `send <target category>` | producer | `aftermath.process`, `aftermath.instance`, `aftermath.command_id`, `aftermath.target`, `aftermath.outcome` |
+//! | `aftermath.deadline` | `deadline <name>` | internal | `aftermath.process`, `aftermath.instance`, `aftermath.deadline` |
+//! | `aftermath.publish` / `aftermath.receive` | `publish <subject>` / `receive <subject>` | producer / consumer | `messaging.system` = `nats`, `messaging.destination.name`, `messaging.message.id` |
+//!
+//! A handling span (`aftermath.handle`, `aftermath.effect`, ...) is the child
+//! of the span that recorded the event; the page span that contains it
+//! starts its own trace (a page mixes events of many traces).
+//!
+//! # Metrics
+//!
+//! Recorded through the [`metrics`](https://docs.rs/metrics) facade: the
+//! application installs a recorder (a Prometheus exporter, an OpenTelemetry
+//! bridge); without one, each call is a no-op. The facade was chosen over
+//! the OpenTelemetry metrics API because it is small, stable and
+//! exporter-neutral, and the library should not pick the application's
+//! telemetry stack (a `metrics` → OpenTelemetry bridge exists for those who
+//! want OTLP). Names follow Prometheus conventions:
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | [`COMMANDS`] `aftermath_commands_total` | counter | `aggregate`, `outcome` (`executed`, `duplicate`, `rejected`, `conflict`, `error`) |
+//! | [`APPEND_SECONDS`] `aftermath_append_seconds` | histogram | `aggregate` |
+//! | [`EVENTS_HANDLED`] `aftermath_events_handled_total` | counter | `subscriber` |
+//! | [`LAG_EVENTS`] `aftermath_subscriber_lag_events` | gauge | `subscriber` |
+//! | [`LAG_SECONDS`] `aftermath_subscriber_lag_seconds` | gauge | `subscriber` |
+//! | [`EFFECT_ATTEMPTS`] `aftermath_effect_attempts_total` | counter | `reactor`, `outcome` (`done`, `retry`, `parked`) |
+//! | [`PROCESS_COMMANDS`] `aftermath_process_commands_total` | counter | `process`, `outcome` (`accepted`, `rejected`, `parked`) |
+//! | [`DEADLINES_FIRED`] `aftermath_deadlines_fired_total` | counter | `process` |
+//!
+//! The lag gauges are set by a running subscriber after each page. What the
+//! store holds (parked and blocked effects, parked process instances and
+//! inbox messages, pending deadlines: the same for every replica) is read
+//! on demand: [`crate::admin::Report::record_metrics`] sets
+//! `aftermath_effects_parked`, `aftermath_effects_blocked`,
+//! `aftermath_processes_parked`, `aftermath_inbox_parked`,
+//! `aftermath_projection_events_skipped` and, per subscriber, the lag the
+//! store sees (`aftermath_store_lag_events`, `aftermath_store_lag_seconds`);
+//! call it from the handler of a scrape endpoint.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+
+use tracing::Instrument;
+
+use crate::event::Metadata;
+
+/// The key of the W3C `traceparent` in [`Metadata::extra`] (and the NATS header).
+pub const TRACEPARENT: &str = "traceparent";
+/// The key of the W3C `tracestate` in [`Metadata::extra`] (and the NATS header).
+pub const TRACESTATE: &str = "tracestate";
+
+/// Counter: commands executed by a `Repository`, by `aggregate` and `outcome`.
+pub const COMMANDS: &str = "aftermath_commands_total";
+/// Histogram: seconds an append of a `Repository` took, by `aggregate`.
+pub const APPEND_SECONDS: &str = "aftermath_append_seconds";
+/// Counter: events a subscriber handled (committed pages), by `subscriber`.
+pub const EVENTS_HANDLED: &str = "aftermath_events_handled_total";
+/// Gauge: events of `$all` a running subscriber has still to read, by `subscriber`.
+pub const LAG_EVENTS: &str = "aftermath_subscriber_lag_events";
+/// Gauge: age in seconds of the last event a running subscriber handled
+/// while behind; 0 once it reached the head. By `subscriber`.
+pub const LAG_SECONDS: &str = "aftermath_subscriber_lag_seconds";
+/// Counter: effect attempts, by `reactor` and `outcome`.
+pub const EFFECT_ATTEMPTS: &str = "aftermath_effect_attempts_total";
+/// Counter: commands a process manager sent, by `process` and `outcome`.
+pub const PROCESS_COMMANDS: &str = "aftermath_process_commands_total";
+/// Counter: deadlines that fired, by `process`.
+pub const DEADLINES_FIRED: &str = "aftermath_deadlines_fired_total";
+
+/// A W3C trace context: which trace, which span in it is the parent, and
+/// whether it is sampled. See the [module docs](self).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+    tracestate: Option<String>,
+}
+
+impl fmt::Debug for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TraceContext")
+            .field(&self.traceparent())
+            .finish()
+    }
+}
+
+/// A `traceparent` that is not in the W3C format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid traceparent `{value}`: {reason}")]
+pub struct TraceContextError {
+    /// The value given.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+fn hex_field<T>(
+    value: &str,
+    part: &str,
+    len: usize,
+    what: &'static str,
+    parse: fn(&str, u32) -> Result<T, std::num::ParseIntError>,
+) -> Result<T, TraceContextError> {
+    let bad = || TraceContextError {
+        value: value.to_owned(),
+        reason: what,
+    };
+    if part.len() != len
+        || !part
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(bad());
+    }
+    parse(part, 16).map_err(|_| bad())
+}
+
+impl TraceContext {
+    /// A context from its parts; `None` when an id is zero (invalid in W3C).
+    pub fn new(trace_id: u128, span_id: u64, sampled: bool) -> Option<Self> {
+        (trace_id != 0 && span_id != 0).then_some(TraceContext {
+            trace_id,
+            span_id,
+            flags: u8::from(sampled),
+            tracestate: None,
+        })
+    }
+
+    /// Parses a `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`; a
+    /// later version's extra fields are ignored, as the spec asks) and an
+    /// optional `tracestate`.
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Result<Self, TraceContextError> {
+        let value = traceparent.trim();
+        let err = |reason| TraceContextError {
+            value: traceparent.to_owned(),
+            reason,
+        };
+        let mut parts = value.split('-');
+        let version = parts.next().unwrap_or_default();
+        let version = hex_field(
+            value,
+            version,
+            2,
+            "the version is not 2 hex digits",
+            u8::from_str_radix,
+        )?;
+        if version == 0xff {
+            return Err(err("version ff is invalid"));
+        }
+        let trace_id = hex_field(
+            value,
+            parts.next().unwrap_or_default(),
+            32,
+            "the trace id is not 32 lowercase hex digits",
+            u128::from_str_radix,
+        )?;
+        let span_id = hex_field(
+            value,
+            parts.next().unwrap_or_default(),
+            16,
+            "the parent id is not 16 lowercase hex digits",
+            u64::from_str_radix,
+        )?;
+        let flags = hex_field(
+            value,
+            parts.next().unwrap_or_default(),
+            2,
+            "the flags are not 2 hex digits",
+            u8::from_str_radix,
+        )?;
+        if version == 0 && parts.next().is_some() {
+            return Err(err("version 00 has exactly four fields"));
+        }
+        if trace_id == 0 {
+            return Err(err("the trace id is all zeros"));
+        }
+        if span_id == 0 {
+            return Err(err("the parent id is all zeros"));
+        }
+        Ok(TraceContext {
+            trace_id,
+            span_id,
+            flags,
+            tracestate: tracestate
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        })
+    }
+
+    /// The trace id.
+    pub fn trace_id(&self) -> u128 {
+        self.trace_id
+    }
+
+    /// The trace id as 32 lowercase hex digits (as trace viewers show it).
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The id of the parent span.
+    pub fn span_id(&self) -> u64 {
+        self.span_id
+    }
+
+    /// Whether the trace is sampled (flag bit 0).
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The vendor-specific `tracestate`, if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.tracestate.as_deref()
+    }
+
+    /// The same context with this `tracestate`.
+    pub fn with_tracestate(mut self, tracestate: impl Into<String>) -> Self {
+        let s = tracestate.into();
+        self.tracestate = (!s.is_empty()).then_some(s);
+        self
+    }
+
+    /// The `traceparent` header value (version 00).
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+
+    /// The context stored in `extra` (see [`TRACEPARENT`]); `None` when
+    /// there is none or it is malformed (logged at debug: a foreign writer's
+    /// value must not fail the handling of its event).
+    pub fn from_extra(extra: &BTreeMap<String, String>) -> Option<Self> {
+        let parent = extra.get(TRACEPARENT)?;
+        match Self::parse(parent, extra.get(TRACESTATE).map(String::as_str)) {
+            Ok(ctx) => Some(ctx),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a malformed trace context");
+                None
+            }
+        }
+    }
+
+    /// The context stored with an event (see [`Self::from_extra`]).
+    pub fn from_metadata(metadata: &Metadata) -> Option<Self> {
+        Self::from_extra(&metadata.extra)
+    }
+
+    /// Writes the context into `extra` (`traceparent`, and `tracestate`
+    /// when there is one; a stale `tracestate` is removed).
+    pub fn write_to(&self, extra: &mut BTreeMap<String, String>) {
+        extra.insert(TRACEPARENT.to_owned(), self.traceparent());
+        match &self.tracestate {
+            Some(state) => extra.insert(TRACESTATE.to_owned(), state.clone()),
+            None => extra.remove(TRACESTATE),
+        };
+    }
+
+    /// The context of the work running now: with feature `otel`, the
+    /// current OpenTelemetry span's (when a `tracing-opentelemetry` layer
+    /// is installed and the span is valid); otherwise the context of the
+    /// event aftermath is handling on this task, if it carried one.
+    pub fn current() -> Option<Self> {
+        #[cfg(feature = "otel")]
+        if let Some(ctx) = otel::current() {
+            return Some(ctx);
+        }
+        AMBIENT.try_with(Clone::clone).ok().flatten()
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.traceparent())
+    }
+}
+
+tokio::task_local! {
+    /// The trace context of the event being handled on this task.
+    static AMBIENT: Option<TraceContext>;
+}
+
+/// Writes the current context ([`TraceContext::current`]) into `extra`
+/// unless `extra` already holds one (an explicit context wins).
+pub(crate) fn inject_current(extra: &mut BTreeMap<String, String>) {
+    if extra.contains_key(TRACEPARENT) {
+        return;
+    }
+    if let Some(ctx) = TraceContext::current() {
+        ctx.write_to(extra);
+    }
+}
+
+/// Runs `fut` inside `span`, continuing `parent`: with `otel`, the span's
+/// parent is `parent`'s span; on every build, work inside sees `parent` as
+/// [`TraceContext::current`] (unless an OpenTelemetry span overrides it).
+pub(crate) async fn continue_in<F: Future>(
+    span: tracing::Span,
+    parent: Option<TraceContext>,
+    fut: F,
+) -> F::Output {
+    #[cfg(feature = "otel")]
+    if let Some(p) = &parent {
+        otel::set_parent(&span, p);
+    }
+    AMBIENT.scope(parent, fut.instrument(span)).await
+}
+
+/// The span of one event handled by `subscriber` (see the module docs).
+pub(crate) fn handle_span(
+    subscriber: &str,
+    event_type: &str,
+    id: uuid::Uuid,
+    stream: &str,
+    position: crate::event::Position,
+) -> tracing::Span {
+    tracing::info_span!(
+        "aftermath.handle",
+        otel.name = %format_args!("process {event_type}"),
+        otel.kind = "consumer",
+        messaging.system = "aftermath",
+        messaging.operation.type = "process",
+        messaging.consumer.group.name = %subscriber,
+        messaging.message.id = %id,
+        messaging.destination.name = %stream,
+        aftermath.position = position.0,
+    )
+}
+
+/// Runs `fut` with `ctx` as the current trace context: commands it
+/// executes store `ctx` with their events (unless an OpenTelemetry span is
+/// current, see [`TraceContext::current`]). For an application without
+/// OpenTelemetry that received a `traceparent` and runs several commands.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use aftermath::trace::{TraceContext, with_context};
+///
+/// let incoming = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None).unwrap();
+/// let seen = with_context(Some(incoming.clone()), async { TraceContext::current() }).await;
+/// assert_eq!(seen, Some(incoming));
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+pub async fn with_context<F: Future>(ctx: Option<TraceContext>, fut: F) -> F::Output {
+    AMBIENT.scope(ctx, fut).await
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::TraceContext;
+
+    pub(super) fn current() -> Option<TraceContext> {
+        let cx = tracing::Span::current().context();
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return None;
+        }
+        let state = sc.trace_state().header();
+        Some(TraceContext {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            flags: sc.trace_flags().to_u8(),
+            tracestate: (!state.is_empty()).then_some(state),
+        })
+    }
+
+    pub(super) fn set_parent(span: &tracing::Span, parent: &TraceContext) {
+        let state = parent
+            .tracestate()
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        let sc = SpanContext::new(
+            TraceId::from_bytes(parent.trace_id.to_be_bytes()),
+            SpanId::from_bytes(parent.span_id.to_be_bytes()),
+            TraceFlags::new(parent.flags),
+            true,
+            state,
+        );
+        let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+        #[allow(clippy::let_unit_value, unused_must_use)]
+        {
+            let _ = span.set_parent(cx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::parse(value, Some("vendor=1")).unwrap();
+        assert_eq!(ctx.traceparent(), value);
+        assert!(ctx.sampled());
+        assert_eq!(ctx.tracestate(), Some("vendor=1"));
+        let mut extra = BTreeMap::new();
+        ctx.write_to(&mut extra);
+        assert_eq!(TraceContext::from_extra(&extra), Some(ctx));
+    }
+
+    #[test]
+    fn malformed_traceparents_are_refused_with_the_reason() {
+        for (value, reason) in [
+            ("", "the version is not 2 hex digits"),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "version ff is invalid",
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                "the trace id is not 32 lowercase hex digits",
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                "the trace id is all zeros",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                "the parent id is all zeros",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+                "the flags are not 2 hex digits",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                "version 00 has exactly four fields",
+            ),
+        ] {
+            let err = TraceContext::parse(value, None).unwrap_err();
+            assert_eq!(err.reason, reason, "{value}");
+        }
+        // A later version may carry more fields.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert!(TraceContext::parse(later, None).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_stored_context_is_ignored() {
+        let mut extra = BTreeMap::new();
+        extra.insert(TRACEPARENT.to_owned(), "garbage".to_owned());
+        assert_eq!(TraceContext::from_extra(&extra), None);
+    }
+
+    #[tokio::test]
+    async fn the_handled_event_s_context_is_current_on_its_task() {
+        let ctx = TraceContext::new(7, 9, true).unwrap();
+        assert_eq!(TraceContext::current(), None);
+        let seen = with_context(Some(ctx.clone()), async { TraceContext::current() }).await;
+        assert_eq!(seen, Some(ctx.clone()));
+        let mut extra = BTreeMap::new();
+        with_context(Some(ctx.clone()), async { inject_current(&mut extra) }).await;
+        assert_eq!(TraceContext::from_extra(&extra), Some(ctx));
+    }
+}
