@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aftermath::admin::{self, Admin, Report};
 use aftermath::process::{TimelineEntry, describe_record, timeline};
-use aftermath::{Direction, StoredEvent};
+use aftermath::{Direction, Position, StoredEvent};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -30,6 +30,9 @@ pub async fn run(cli: Cli, target: Target) -> Result<u8, Failure> {
     let (store, versions) = Store::open(&target, &cli.schema, migrate).await?;
     let json = cli.json;
     let describe = store.describe();
+    if let Command::Console { bind, port, token } = cli.command {
+        return crate::console::serve(store, describe, bind, port, token).await;
+    }
     with_store!(&store, s => match cli.command {
         Command::Status { watch } => status(s, &describe, json, watch).await,
         Command::DeadLetters { reactor } => dead_letters(s, reactor.as_deref(), json).await,
@@ -49,6 +52,10 @@ pub async fn run(cli: Cli, target: Target) -> Result<u8, Failure> {
         Command::Processes { process, state, limit } => {
             processes(s, process.as_deref(), state.as_deref(), limit, json).await
         }
+        Command::Tail { types, categories, from } => {
+            tail(s, &types, &categories, from, json).await
+        }
+        Command::Console { .. } => unreachable!("served above"),
         Command::Check => check(&describe, versions, json),
         Command::Migrate { .. } => migrated(&describe, versions, json),
     })
@@ -72,11 +79,7 @@ async fn status<S: Admin>(s: &S, describe: &str, json: bool, watch: bool) -> Res
     loop {
         let report = admin::settled(s).await?;
         if json {
-            let mut value = serde_json::to_value(&report)
-                .map_err(|e| Failure::error(format!("cannot print JSON: {e}")))?;
-            value["store"] = json!(describe);
-            value["needs_attention"] = json!(report.needs_attention());
-            value["settled"] = json!(report.is_settled());
+            let value = status_json(&report, describe);
             if watch {
                 outln!("{value}");
             } else {
@@ -97,6 +100,16 @@ async fn status<S: Admin>(s: &S, describe: &str, json: bool, watch: bool) -> Res
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// The report as `status --json` prints it (and the console serves it).
+pub(crate) fn status_json(report: &Report, describe: &str) -> Value {
+    let mut value =
+        serde_json::to_value(report).unwrap_or_else(|e| json!({"error": e.to_string()}));
+    value["store"] = json!(describe);
+    value["needs_attention"] = json!(report.needs_attention());
+    value["settled"] = json!(report.is_settled());
+    value
 }
 
 fn render_status(report: &Report, describe: &str) -> String {
@@ -179,12 +192,7 @@ async fn dead_letters<S: Admin>(s: &S, reactor: Option<&str>, json: bool) -> Res
         known_reactor(s, r).await?;
     }
     if json {
-        print_json(&json!({
-            "effects": effects,
-            "parked_processes": report.parked_processes,
-            "skipped": report.skipped,
-            "parked_messages": report.parked_messages,
-        }))?;
+        print_json(&dead_letters_json(&report, reactor))?;
         return Ok(OK);
     }
     let mut out = String::new();
@@ -255,6 +263,22 @@ async fn dead_letters<S: Admin>(s: &S, reactor: Option<&str>, json: bool) -> Res
     }
     out!("{out}");
     Ok(OK)
+}
+
+/// The dead letters as `dead-letters --json` prints them (and the console
+/// serves them): of every reactor, or of `reactor`.
+pub(crate) fn dead_letters_json(report: &Report, reactor: Option<&str>) -> Value {
+    let effects: Vec<_> = report
+        .held_effects
+        .iter()
+        .filter(|e| reactor.is_none_or(|r| e.reactor == r))
+        .collect();
+    json!({
+        "effects": effects,
+        "parked_processes": report.parked_processes,
+        "skipped": report.skipped,
+        "parked_messages": report.parked_messages,
+    })
 }
 
 /// Fails unless `reactor` has a checkpoint or journal entries in the store.
@@ -398,7 +422,7 @@ fn event_json(e: &StoredEvent) -> Value {
 
 /// The correlation id given, or that of the first event of `stream`, or
 /// that of `event`.
-async fn conversation<S: Admin>(
+pub(crate) async fn conversation<S: Admin>(
     s: &S,
     correlation_id: Option<Uuid>,
     stream: Option<&str>,
@@ -558,6 +582,70 @@ fn render_mermaid(entries: &[TimelineEntry]) -> String {
         out.push('\n');
     }
     out
+}
+
+// ------------------------------------------------------------------ tail
+
+/// The stream's category: what comes before its first `-`.
+fn in_categories(stream: &str, categories: &[String]) -> bool {
+    categories.is_empty()
+        || categories.iter().any(|c| {
+            stream.len() > c.len()
+                && stream.starts_with(c.as_str())
+                && stream[c.len()..].starts_with('-')
+        })
+}
+
+async fn tail<S: Admin>(
+    s: &S,
+    types: &[String],
+    categories: &[String],
+    from: Option<u64>,
+    json: bool,
+) -> Result<u8, Failure> {
+    const PAGE: usize = 500;
+    let mut after = match from {
+        Some(p) => Position(p),
+        None => s.head().await?,
+    };
+    let type_names: Vec<&str> = types.iter().map(String::as_str).collect();
+    let filter = (!type_names.is_empty()).then_some(type_names.as_slice());
+    eprintln!("following $all after position {} (Ctrl-C stops)", after.0);
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        let page = s.read_all(after, filter, PAGE).await?;
+        if let Some(last) = page.last() {
+            after = last.position;
+        }
+        let mut text = String::new();
+        for e in page.iter().filter(|e| in_categories(&e.stream, categories)) {
+            if json {
+                text.push_str(&event_json(e).to_string());
+            } else {
+                text.push_str(&format!(
+                    "@{}  {}  {} v{}  {}  id {}  correlation {}",
+                    e.position.0,
+                    time(e.recorded_at),
+                    e.stream,
+                    e.version,
+                    e.event_type,
+                    e.id,
+                    e.metadata.correlation_id
+                ));
+            }
+            text.push('\n');
+        }
+        if !text.is_empty() {
+            out!("{text}");
+        }
+        if page.len() < PAGE {
+            tokio::select! {
+                _ = &mut stop => return Ok(OK),
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
 }
 
 // --------------------------------------------------------------- streams
