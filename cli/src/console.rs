@@ -355,10 +355,10 @@ struct Release {
     event_id: Uuid,
 }
 
-/// `Ok` when the request carries the token; the refusal otherwise.
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
+/// The refusal of a request without the token (`None`: it has it).
+fn refusal(app: &App, headers: &HeaderMap) -> Option<Response> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(api_error(
+        return Some(api_error(
             StatusCode::UNAUTHORIZED,
             "retry and skip need the token printed by `aftermath console` (Authorization: Bearer TOKEN)",
         ));
@@ -370,7 +370,7 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
         .map(str::trim)
         .unwrap_or("");
     if given.is_empty() {
-        return Err(api_error(
+        return Some(api_error(
             StatusCode::UNAUTHORIZED,
             "retry and skip need the token printed by `aftermath console`",
         ));
@@ -384,15 +384,15 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> {
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
     if same {
-        Ok(())
+        None
     } else {
-        Err(api_error(StatusCode::FORBIDDEN, "wrong token"))
+        Some(api_error(StatusCode::FORBIDDEN, "wrong token"))
     }
 }
 
 async fn release(app: App, headers: HeaderMap, body: &[u8], skip: bool) -> Response {
     // The token first: nothing about the request is answered without it.
-    if let Err(refused) = authorize(&app, &headers) {
+    if let Some(refused) = refusal(&app, &headers) {
         return refused;
     }
     let Release { reactor, event_id } = match serde_json::from_slice(body) {

@@ -2,7 +2,7 @@
 //! application's own code, mounted in the application's `main` (as `sqlx`'s
 //! migrations are).
 //!
-//! [`rebuild`] rebuilds a projection the application registers, with a
+//! [`rebuild()`] rebuilds a projection the application registers, with a
 //! progress bar on a terminal and a safe stop on Ctrl-C; [`resume`]
 //! continues an interrupted rebuild from its checkpoint:
 //!
