@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
-use aftermath::admin::{self, Admin, Report};
+use aftermath::admin::{self, Admin, Report, SubscriberState};
 use aftermath::process::{TimelineEntry, describe_record, timeline};
 use aftermath::{Direction, Position, StoredEvent};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::store::{Store, Target, Versions};
-use crate::table::{Table, cut, seconds};
+use crate::table::{Table, colors, cut, paint, seconds};
 use crate::{Cli, Command, Failure, NOT_SETTLED, OK, with_store};
 
 /// Runs the command of `cli` on `target`; the exit code, or the failure.
@@ -89,7 +89,7 @@ async fn status<S: Admin>(s: &S, describe: &str, json: bool, watch: bool) -> Res
             if clear {
                 out!("\x1b[2J\x1b[H");
             }
-            out!("{}", render_status(&report, describe));
+            out!("{}", render_status(&report, describe, colors()));
         }
         if !watch {
             return Ok(if report.needs_attention() {
@@ -112,7 +112,7 @@ pub(crate) fn status_json(report: &Report, describe: &str) -> Value {
     value
 }
 
-fn render_status(report: &Report, describe: &str) -> String {
+fn render_status(report: &Report, describe: &str, color: bool) -> String {
     let mut out = format!(
         "{describe}: head {} at {}\n\n",
         report.head.0,
@@ -150,6 +150,13 @@ fn render_status(report: &Report, describe: &str) -> String {
         } else {
             sub.state.as_str().to_owned()
         };
+        // Red: waits for an operator; yellow: behind; green: at the head.
+        let code = match sub.state {
+            SubscriberState::Held | SubscriberState::Stopped => "31",
+            SubscriberState::CatchingUp | SubscriberState::Behind => "33",
+            SubscriberState::Live | SubscriberState::AtHead => "32",
+        };
+        let state = paint(&state, if sub.held > 0 { "31" } else { code }, color);
         table.row(vec![
             sub.name.clone(),
             state,
@@ -168,11 +175,19 @@ fn render_status(report: &Report, describe: &str) -> String {
     out.push_str(&report.summary());
     out.push('\n');
     if report.needs_attention() {
-        out.push_str(
-            "NOT SETTLED: something waits for an operator (see `aftermath dead-letters`)\n",
-        );
+        out.push_str(&paint(
+            "NOT SETTLED: something waits for an operator (see `aftermath dead-letters`)",
+            "1;31",
+            color,
+        ));
+        out.push('\n');
     } else if report.is_settled() {
-        out.push_str("settled: every subscriber is at the head, nothing is parked\n");
+        out.push_str(&paint(
+            "settled: every subscriber is at the head, nothing is parked",
+            "32",
+            color,
+        ));
+        out.push('\n');
     } else {
         out.push_str("nothing is parked; some subscribers are behind the head\n");
     }
