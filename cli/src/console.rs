@@ -74,6 +74,10 @@ pub async fn serve(
         .route("/api/dead-letters", get(dead_letters_api))
         .route("/api/retry", post(retry_api))
         .route("/api/skip", post(skip_api))
+        .layer(axum::middleware::from_fn_with_state(
+            bind.is_loopback(),
+            only_local_hosts,
+        ))
         .with_state(app);
     let host = match addr {
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
@@ -97,6 +101,38 @@ pub async fn serve(
         .await
         .map_err(|e| Failure::error(format!("the console stopped: {e}")))?;
     Ok(OK)
+}
+
+/// On a loopback address, refuses requests for any other host name: a web
+/// page whose name an attacker re-points at 127.0.0.1 (DNS rebinding) must
+/// not read the store through the visitor's browser.
+async fn only_local_hosts(
+    State(loopback): State<bool>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if loopback {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        let local = matches!(name, "localhost" | "[::1]")
+            || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !local {
+            return api_error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "host `{host}` refused: the console answers to localhost and loopback addresses only"
+                ),
+            );
+        }
+    }
+    next.run(request).await
 }
 
 // ------------------------------------------------------------ rendering

@@ -154,6 +154,23 @@ fn console_serves_status_dead_letters_and_timelines_and_retry_needs_the_token() 
         !page.body.contains("http://") && !page.body.contains("https://"),
         "no CDN"
     );
+    // DNS rebinding: a page of another name re-pointed at 127.0.0.1.
+    let foreign = http::request(
+        "GET",
+        &console.addr,
+        "/api/status",
+        &[("Host", "attacker.example:4680")],
+        None,
+    );
+    assert_eq!(foreign.status, 403, "{}", foreign.body);
+    let local = http::request(
+        "GET",
+        &console.addr,
+        "/api/status",
+        &[("Host", "localhost:4680")],
+        None,
+    );
+    assert_eq!(local.status, 200);
 
     // Dead letters: the parked effect with its error and buttons.
     let page = console.get("/dead-letters");
@@ -294,7 +311,18 @@ fn examples() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let target = target_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // Without the variables cargo set for this test (they would make the
+    // examples' build differ from a plain `cargo build`, and rebuild both).
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+            || name == "OUT_DIR"
+        {
+            build.env_remove(&*name);
+        }
+    }
+    let status = build
         .current_dir(workspace)
         .env("CARGO_TARGET_DIR", &target)
         .args([
