@@ -5,15 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
-use aftermath::admin::{self, Admin, Report};
+use aftermath::admin::{self, Admin, Report, SubscriberState};
 use aftermath::process::{TimelineEntry, describe_record, timeline};
-use aftermath::{Direction, StoredEvent};
+use aftermath::{Direction, Position, StoredEvent};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::store::{Store, Target, Versions};
-use crate::table::{Table, cut, seconds};
+use crate::table::{Table, colors, cut, paint, seconds};
 use crate::{Cli, Command, Failure, NOT_SETTLED, OK, with_store};
 
 /// Runs the command of `cli` on `target`; the exit code, or the failure.
@@ -30,6 +30,9 @@ pub async fn run(cli: Cli, target: Target) -> Result<u8, Failure> {
     let (store, versions) = Store::open(&target, &cli.schema, migrate).await?;
     let json = cli.json;
     let describe = store.describe();
+    if let Command::Console { bind, port, token } = cli.command {
+        return crate::console::serve(store, describe, bind, port, token).await;
+    }
     with_store!(&store, s => match cli.command {
         Command::Status { watch } => status(s, &describe, json, watch).await,
         Command::DeadLetters { reactor } => dead_letters(s, reactor.as_deref(), json).await,
@@ -49,6 +52,10 @@ pub async fn run(cli: Cli, target: Target) -> Result<u8, Failure> {
         Command::Processes { process, state, limit } => {
             processes(s, process.as_deref(), state.as_deref(), limit, json).await
         }
+        Command::Tail { types, categories, from } => {
+            tail(s, &types, &categories, from, json).await
+        }
+        Command::Console { .. } => unreachable!("served above"),
         Command::Check => check(&describe, versions, json),
         Command::Migrate { .. } => migrated(&describe, versions, json),
     })
@@ -72,11 +79,7 @@ async fn status<S: Admin>(s: &S, describe: &str, json: bool, watch: bool) -> Res
     loop {
         let report = admin::settled(s).await?;
         if json {
-            let mut value = serde_json::to_value(&report)
-                .map_err(|e| Failure::error(format!("cannot print JSON: {e}")))?;
-            value["store"] = json!(describe);
-            value["needs_attention"] = json!(report.needs_attention());
-            value["settled"] = json!(report.is_settled());
+            let value = status_json(&report, describe);
             if watch {
                 outln!("{value}");
             } else {
@@ -86,7 +89,7 @@ async fn status<S: Admin>(s: &S, describe: &str, json: bool, watch: bool) -> Res
             if clear {
                 out!("\x1b[2J\x1b[H");
             }
-            out!("{}", render_status(&report, describe));
+            out!("{}", render_status(&report, describe, colors()));
         }
         if !watch {
             return Ok(if report.needs_attention() {
@@ -99,7 +102,17 @@ async fn status<S: Admin>(s: &S, describe: &str, json: bool, watch: bool) -> Res
     }
 }
 
-fn render_status(report: &Report, describe: &str) -> String {
+/// The report as `status --json` prints it (and the console serves it).
+pub(crate) fn status_json(report: &Report, describe: &str) -> Value {
+    let mut value =
+        serde_json::to_value(report).unwrap_or_else(|e| json!({"error": e.to_string()}));
+    value["store"] = json!(describe);
+    value["needs_attention"] = json!(report.needs_attention());
+    value["settled"] = json!(report.is_settled());
+    value
+}
+
+fn render_status(report: &Report, describe: &str, color: bool) -> String {
     let mut out = format!(
         "{describe}: head {} at {}\n\n",
         report.head.0,
@@ -137,6 +150,13 @@ fn render_status(report: &Report, describe: &str) -> String {
         } else {
             sub.state.as_str().to_owned()
         };
+        // Red: waits for an operator; yellow: behind; green: at the head.
+        let code = match sub.state {
+            SubscriberState::Held | SubscriberState::Stopped => "31",
+            SubscriberState::CatchingUp | SubscriberState::Behind => "33",
+            SubscriberState::Live | SubscriberState::AtHead => "32",
+        };
+        let state = paint(&state, if sub.held > 0 { "31" } else { code }, color);
         table.row(vec![
             sub.name.clone(),
             state,
@@ -155,11 +175,19 @@ fn render_status(report: &Report, describe: &str) -> String {
     out.push_str(&report.summary());
     out.push('\n');
     if report.needs_attention() {
-        out.push_str(
-            "NOT SETTLED: something waits for an operator (see `aftermath dead-letters`)\n",
-        );
+        out.push_str(&paint(
+            "NOT SETTLED: something waits for an operator (see `aftermath dead-letters`)",
+            "1;31",
+            color,
+        ));
+        out.push('\n');
     } else if report.is_settled() {
-        out.push_str("settled: every subscriber is at the head, nothing is parked\n");
+        out.push_str(&paint(
+            "settled: every subscriber is at the head, nothing is parked",
+            "32",
+            color,
+        ));
+        out.push('\n');
     } else {
         out.push_str("nothing is parked; some subscribers are behind the head\n");
     }
@@ -179,12 +207,7 @@ async fn dead_letters<S: Admin>(s: &S, reactor: Option<&str>, json: bool) -> Res
         known_reactor(s, r).await?;
     }
     if json {
-        print_json(&json!({
-            "effects": effects,
-            "parked_processes": report.parked_processes,
-            "skipped": report.skipped,
-            "parked_messages": report.parked_messages,
-        }))?;
+        print_json(&dead_letters_json(&report, reactor))?;
         return Ok(OK);
     }
     let mut out = String::new();
@@ -255,6 +278,22 @@ async fn dead_letters<S: Admin>(s: &S, reactor: Option<&str>, json: bool) -> Res
     }
     out!("{out}");
     Ok(OK)
+}
+
+/// The dead letters as `dead-letters --json` prints them (and the console
+/// serves them): of every reactor, or of `reactor`.
+pub(crate) fn dead_letters_json(report: &Report, reactor: Option<&str>) -> Value {
+    let effects: Vec<_> = report
+        .held_effects
+        .iter()
+        .filter(|e| reactor.is_none_or(|r| e.reactor == r))
+        .collect();
+    json!({
+        "effects": effects,
+        "parked_processes": report.parked_processes,
+        "skipped": report.skipped,
+        "parked_messages": report.parked_messages,
+    })
 }
 
 /// Fails unless `reactor` has a checkpoint or journal entries in the store.
@@ -398,7 +437,7 @@ fn event_json(e: &StoredEvent) -> Value {
 
 /// The correlation id given, or that of the first event of `stream`, or
 /// that of `event`.
-async fn conversation<S: Admin>(
+pub(crate) async fn conversation<S: Admin>(
     s: &S,
     correlation_id: Option<Uuid>,
     stream: Option<&str>,
@@ -558,6 +597,70 @@ fn render_mermaid(entries: &[TimelineEntry]) -> String {
         out.push('\n');
     }
     out
+}
+
+// ------------------------------------------------------------------ tail
+
+/// The stream's category: what comes before its first `-`.
+fn in_categories(stream: &str, categories: &[String]) -> bool {
+    categories.is_empty()
+        || categories.iter().any(|c| {
+            stream.len() > c.len()
+                && stream.starts_with(c.as_str())
+                && stream[c.len()..].starts_with('-')
+        })
+}
+
+async fn tail<S: Admin>(
+    s: &S,
+    types: &[String],
+    categories: &[String],
+    from: Option<u64>,
+    json: bool,
+) -> Result<u8, Failure> {
+    const PAGE: usize = 500;
+    let mut after = match from {
+        Some(p) => Position(p),
+        None => s.head().await?,
+    };
+    let type_names: Vec<&str> = types.iter().map(String::as_str).collect();
+    let filter = (!type_names.is_empty()).then_some(type_names.as_slice());
+    eprintln!("following $all after position {} (Ctrl-C stops)", after.0);
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        let page = s.read_all(after, filter, PAGE).await?;
+        if let Some(last) = page.last() {
+            after = last.position;
+        }
+        let mut text = String::new();
+        for e in page.iter().filter(|e| in_categories(&e.stream, categories)) {
+            if json {
+                text.push_str(&event_json(e).to_string());
+            } else {
+                text.push_str(&format!(
+                    "@{}  {}  {} v{}  {}  id {}  correlation {}",
+                    e.position.0,
+                    time(e.recorded_at),
+                    e.stream,
+                    e.version,
+                    e.event_type,
+                    e.id,
+                    e.metadata.correlation_id
+                ));
+            }
+            text.push('\n');
+        }
+        if !text.is_empty() {
+            out!("{text}");
+        }
+        if page.len() < PAGE {
+            tokio::select! {
+                _ = &mut stop => return Ok(OK),
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
 }
 
 // --------------------------------------------------------------- streams

@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 mod commands;
+mod console;
 mod store;
 mod table;
 
@@ -259,6 +260,63 @@ Examples:
         /// At most this many deadlines.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Follow `$all`: print each new event as it is written, until Ctrl-C.
+    #[command(after_help = format!("\
+One line per event: position, time, stream and version, type, event id,
+correlation id. Starts at the head (only new events) unless --from.
+
+Examples:
+  aftermath --sqlite shop.db tail
+  aftermath --sqlite shop.db tail --category order --type OrderPlaced
+  aftermath --sqlite shop.db tail --from 0 --json | jq .event_type
+
+{EXIT_CODES}"))]
+    Tail {
+        /// Only events of this type (repeatable).
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// Only events of streams `<CATEGORY>-...` (repeatable).
+        #[arg(long = "category", value_name = "CATEGORY")]
+        categories: Vec<String>,
+        /// Start after this position of `$all` (0: from the first event)
+        /// instead of at the head.
+        #[arg(long, value_name = "POSITION")]
+        from: Option<u64>,
+    },
+    /// Serve the web console: live status, dead letters with retry and
+    /// skip, timelines drawn as sequence diagrams.
+    #[command(after_help = format!("\
+Serves on http://127.0.0.1:4680/ by default and prints the address it bound
+(with --port 0, a free port) and the token on stdout. Pages are read-only;
+retry and skip need the token (typed into the page, or sent as
+`Authorization: Bearer TOKEN`): without it they are refused (401, 403 for a
+wrong one). A token is generated at start unless --token (or
+AFTERMATH_CONSOLE_TOKEN) gives one; binding to an address other than
+loopback requires an explicit token.
+
+Examples:
+  aftermath --sqlite shop.db console
+  aftermath --sqlite shop.db console --port 0
+  AFTERMATH_CONSOLE_TOKEN=s3cret aftermath --postgres postgres://app@db/shop console --bind 0.0.0.0
+
+{EXIT_CODES}"))]
+    Console {
+        /// The address to listen on.
+        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// The port (0: any free port; the bound address is printed).
+        #[arg(long, default_value_t = 4680)]
+        port: u16,
+        /// The token that retry and skip require (default: a random one,
+        /// printed at start). Required with a non-loopback --bind.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "AFTERMATH_CONSOLE_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
     },
     /// Open the store and check its schema: this build must support it.
     #[command(after_help = format!("\

@@ -27,11 +27,11 @@ impl Table {
 
     /// The table as lines.
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| visible_len(h)).collect();
         for row in &self.rows {
             for (i, cell) in row.iter().enumerate() {
                 if i < widths.len() {
-                    widths[i] = widths[i].max(cell.chars().count());
+                    widths[i] = widths[i].max(visible_len(cell));
                 }
             }
         }
@@ -41,7 +41,7 @@ impl Table {
                 if i + 1 == cells.len() {
                     out.push_str(cell);
                 } else {
-                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    let pad = widths[i].saturating_sub(visible_len(cell));
                     out.push_str(cell);
                     out.push_str(&" ".repeat(pad + 2));
                 }
@@ -85,5 +85,38 @@ pub fn seconds(s: f64) -> String {
         } else {
             format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600)
         }
+    }
+}
+
+/// The characters of `text` a terminal shows: without ANSI color codes.
+pub fn visible_len(text: &str) -> usize {
+    let mut n = 0;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Whether to color: stdout is a terminal and `NO_COLOR` is not set.
+pub fn colors() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `text` in a color (an ANSI SGR code such as `31` for red) when `on`.
+pub fn paint(text: &str, code: &str, on: bool) -> String {
+    if on {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_owned()
     }
 }

@@ -241,3 +241,68 @@ fn a_missing_schema_an_unreachable_server_and_a_newer_schema_are_one_line_errors
         .stderr(one_error_line())
         .stderr(predicate::str::contains("is at version 99"));
 }
+
+#[test]
+fn console_serves_a_postgres_schema_and_retries_with_the_token() {
+    use std::io::BufRead;
+    let Some(url) = url() else { return };
+    let (schema, filled) = filled(&url);
+    let s = schema.name.as_str();
+    /// Kills the console when the test ends, passed or not.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aftermath"))
+        .env_remove("AFTERMATH_SQLITE")
+        .env_remove("AFTERMATH_PG_SCHEMA")
+        .env_remove("AFTERMATH_CONSOLE_TOKEN")
+        .env("AFTERMATH_PG_URL", &url)
+        .args([
+            "--schema",
+            s,
+            "console",
+            "--port",
+            "0",
+            "--token",
+            "pg-s3cret",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _console = Killed(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the console printed its address")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("listening on http://") {
+            break a.trim_end_matches('/').to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let report = common::http::get(&addr, "/api/status").json();
+    assert_eq!(report["store"], format!("postgres schema {s}"));
+    assert_eq!(report["needs_attention"], true);
+    let body = serde_json::json!({"reactor": "mailer", "event_id": filled.parked}).to_string();
+    let refused = common::http::request("POST", &addr, "/api/retry", &[], Some(&body));
+    assert_eq!(refused.status, 401);
+    let done = common::http::request(
+        "POST",
+        &addr,
+        "/api/retry",
+        &[("Authorization", "Bearer pg-s3cret")],
+        Some(&body),
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    let list = json_of(cli(&url, s).arg("dead-letters"));
+    assert_eq!(list["effects"][0]["state"], "retry_requested", "{list}");
+    let page = common::http::get(&addr, &format!("/timeline?id={}", filled.correlation));
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("data-lane=\"order-o-1\""));
+}

@@ -699,3 +699,40 @@ fn deadlines_lists_pending_deadlines_earliest_first() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["name"], "payment");
 }
+
+#[test]
+fn status_colors_its_states_on_a_terminal_only() {
+    let (_dir, path, _) = filled();
+    // Piped: plain text.
+    let piped = on(&path).arg("status").output().unwrap();
+    assert!(!String::from_utf8_lossy(&piped.stdout).contains('\x1b'));
+    // On a terminal (util-linux `script` gives it one): the held state red,
+    // the columns still aligned on what shows.
+    let command = format!(
+        "{} --sqlite {} status",
+        env!("CARGO_BIN_EXE_aftermath"),
+        path.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("NO_COLOR")
+        .env_remove("AFTERMATH_SQLITE")
+        .env_remove("AFTERMATH_PG_URL")
+        .output()
+        .expect("util-linux `script`");
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(text.contains("\x1b[31mheld (2)\x1b[0m"), "{text:?}");
+    assert!(text.contains("\x1b[1;31mNOT SETTLED"), "{text:?}");
+    // Without the color codes, the POSITION column lines up under its title.
+    let shown = text
+        .replace("\x1b[31m", "")
+        .replace("\x1b[33m", "")
+        .replace("\x1b[1;31m", "")
+        .replace("\x1b[0m", "");
+    let header = shown.lines().find(|l| l.starts_with("SUBSCRIBER")).unwrap();
+    let column = header.find("POSITION").unwrap();
+    for (row, position) in [("audit-log", '1'), ("mailer", '4')] {
+        let line = shown.lines().find(|l| l.starts_with(row)).unwrap();
+        assert_eq!(line[column..].chars().next(), Some(position), "{shown}");
+    }
+}

@@ -496,6 +496,11 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
         &self.db
     }
 
+    /// The event store it reads.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
     fn name(&self) -> String {
         self.key.clone()
     }
