@@ -66,6 +66,12 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod backend;
+mod settle;
+
+pub use backend::{Backend, BackendWorker};
+pub use settle::SettleError;
+
 use crate::event::Position;
 use crate::store::StoreError;
 use crate::subscription::{Holder, Lag, Lease, LeaseStore, Shutdown, is_stopped, stopped};

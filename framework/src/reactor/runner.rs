@@ -142,7 +142,7 @@ where
         for key in &keys {
             let at = self
                 .checkpoints
-                .load(key)
+                .load_checkpoint(key)
                 .await
                 .map_err(|e| self.store_error(e))?;
             floor = floor.min(at.unwrap_or(Position::ORIGIN));
@@ -165,7 +165,7 @@ where
     async fn cleanup_mark(&self) -> Result<Position, SubscriberError> {
         Ok(self
             .checkpoints
-            .load(&cleanup_key(self.name()))
+            .load_checkpoint(&cleanup_key(self.name()))
             .await
             .map_err(|e| self.store_error(e))?
             .unwrap_or(Position::ORIGIN))
