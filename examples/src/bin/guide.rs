@@ -107,8 +107,10 @@ impl CardProcessor {
         }
         self.charges.lock().unwrap().push((card.to_owned(), amount));
     }
-    // ANCHOR_END: card_processor
+}
+// ANCHOR_END: card_processor
 
+impl CardProcessor {
     fn charges(&self) -> usize {
         self.charges.lock().unwrap().len()
     }
@@ -301,8 +303,10 @@ impl Broker {
             messages.push((message_id, body));
         }
     }
-    // ANCHOR_END: broker
+}
+// ANCHOR_END: broker
 
+impl Broker {
     fn stored(&self) -> usize {
         self.messages.lock().unwrap().len()
     }
