@@ -7,15 +7,14 @@
 
 use std::sync::Arc;
 
-use aftermath::PostgresStore;
+// The prelude has what projections need for raw SQL on either backend:
+// `SqliteTx`, `rusqlite`, `PgTx`, `pg_query`, `AssertSqlSafe`, `Row`'s methods.
 use aftermath::prelude::*;
-use aftermath::projection::{HandlerError, Projection};
-use aftermath::store::postgres::PgTx;
-use aftermath::store::postgres::sqlx_core::{self, query::query, row::Row, sql_str::AssertSqlSafe};
+use aftermath::store::postgres::sqlx_core;
 use aftermath::store::postgres::sqlx_postgres::PgPool;
-use aftermath::store::sqlite::{SqliteTx, rusqlite};
 use serde::{Deserialize, Serialize};
 
+// ANCHOR: events
 /// What happened to an account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 #[event(prefix = "account")]
@@ -39,6 +38,9 @@ pub enum AccountEvent {
     },
 }
 
+// ANCHOR_END: events
+
+// ANCHOR: commands
 /// What an account can be asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AccountCommand {
@@ -81,6 +83,9 @@ pub enum AccountError {
     },
 }
 
+// ANCHOR_END: commands
+
+// ANCHOR: aggregate
 /// An account's state, folded from its events.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Account {
@@ -121,6 +126,9 @@ impl Aggregate for Account {
     }
 }
 
+// ANCHOR_END: aggregate
+
+// ANCHOR: projection
 /// The `balances` read model: one row per account, kept by a projection in
 /// the same SQLite file as the events. Rows and checkpoint commit in one
 /// transaction, so each event is applied exactly once, even across crashes.
@@ -189,6 +197,8 @@ impl Projection for Balances {
     }
 }
 
+// ANCHOR_END: projection
+
 /// The account of a stream `account-<id>`.
 fn account_of(stream: &str) -> &str {
     stream.strip_prefix("account-").unwrap_or(stream)
@@ -241,7 +251,7 @@ impl PgBalances {
             "SELECT account, owner, balance, movements FROM {} ORDER BY account",
             self.table
         );
-        query(AssertSqlSafe(sql))
+        pg_query(AssertSqlSafe(sql))
             .fetch_all(pool)
             .await?
             .iter()
@@ -259,14 +269,14 @@ impl Projection for PgBalances {
     }
 
     async fn setup(&self, tx: &mut PgTx) -> Result<(), HandlerError> {
-        query(AssertSqlSafe(self.create.clone()))
+        pg_query(AssertSqlSafe(self.create.clone()))
             .execute(tx.conn())
             .await?;
         Ok(())
     }
 
     async fn reset(&self, tx: &mut PgTx) -> Result<(), HandlerError> {
-        query(AssertSqlSafe(self.drop.clone()))
+        pg_query(AssertSqlSafe(self.drop.clone()))
             .execute(tx.conn())
             .await?;
         Ok(())
@@ -280,7 +290,7 @@ impl Projection for PgBalances {
         let account = account_of(&event.stream);
         let (sql, amount) = match &event.event {
             AccountEvent::Opened { owner } => {
-                query(AssertSqlSafe(self.open.clone()))
+                pg_query(AssertSqlSafe(self.open.clone()))
                     .bind(account)
                     .bind(owner)
                     .execute(tx.conn())
@@ -290,7 +300,7 @@ impl Projection for PgBalances {
             AccountEvent::Deposited { amount } => (&self.deposit, i64::try_from(*amount)?),
             AccountEvent::Withdrew { amount } => (&self.withdraw, i64::try_from(*amount)?),
         };
-        query(AssertSqlSafe(sql.clone()))
+        pg_query(AssertSqlSafe(sql.clone()))
             .bind(account)
             .bind(amount)
             .execute(tx.conn())
@@ -322,6 +332,7 @@ mod tests {
         .then_error(AccountError::AlreadyOpen);
     }
 
+    // ANCHOR: test
     #[test]
     fn never_overdraws() {
         let opened = AccountEvent::Opened {
@@ -341,6 +352,7 @@ mod tests {
                 requested: 11,
             });
     }
+    // ANCHOR_END: test
 
     #[test]
     fn needs_an_open_account_and_a_positive_amount() {

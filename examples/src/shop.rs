@@ -183,6 +183,7 @@ impl<S> ChargePayment<S> {
     }
 }
 
+// ANCHOR: charge_payment
 #[async_trait::async_trait]
 impl<S: EventStore + Clone> Reactor for ChargePayment<S> {
     type Event = OrderEvent;
@@ -229,6 +230,7 @@ impl<S: EventStore + Clone> Reactor for ChargePayment<S> {
         }
     }
 }
+// ANCHOR_END: charge_payment
 
 /// Mails the customer when an order is paid.
 pub struct ConfirmationMail<S> {

@@ -22,11 +22,14 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 use uuid::Uuid;
 
+mod on_demand;
+
 use crate::event::{DecodeError, EncodeError, Event, EventData, Metadata, Position};
 use crate::store::{
     Direction, EventStore, ExpectedVersion, FoldEvent, Snapshot, StoreError, read_stream_all,
 };
 
+// ANCHOR: trait
 /// A consistency boundary that decides, purely, what happens.
 ///
 /// `decide` must be pure and synchronous: no I/O, no clock, no randomness.
@@ -55,6 +58,7 @@ pub trait Aggregate: Default + Send + Sync + 'static {
         format!("{}-{}", Self::CATEGORY, id)
     }
 }
+// ANCHOR_END: trait
 
 /// Ids and metadata of one command.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

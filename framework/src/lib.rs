@@ -8,6 +8,14 @@
 //! business processes, calls to the outside world) happens afterwards, in
 //! subscribers that read the log from a saved checkpoint.
 //!
+//! The guide in the repository's `docs/` (an mdBook) teaches the idea from
+//! the start: why two-phase commit fails, and how the outbox, the inbox,
+//! at-least-once effects with idempotency keys and sagas replace it. Start
+//! with [`prelude`]; the extension points are [`Aggregate`],
+//! [`projection::Projection`], [`reactor::Reactor`] and
+//! [`process::ProcessManager`], run by a [`Worker`] (on one [`Backend`]
+//! with [`Worker::on`]).
+//!
 //! ```
 //! use aftermath::prelude::*;
 //! use serde::{Deserialize, Serialize};
@@ -100,14 +108,31 @@ pub use store::postgres::{Blocker, HeldBack, PostgresOptions, PostgresStore};
 pub use store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 pub use store::{AppendResult, Direction, EventStore, ExpectedVersion, Snapshot, StoreError};
 pub use upcast::Upcasters;
+pub use worker::{Backend, Worker};
 
-/// Everything an application usually needs, in one import.
+/// Everything an application usually needs, in one import: the decision
+/// side (aggregates, repositories, stores), the three kinds of subscribers
+/// with their runners, the worker, and what a projection needs to write SQL
+/// on its backend (the transaction types, `rusqlite`, and for PostgreSQL
+/// `pg_query`, `AssertSqlSafe` and the `Row` trait's methods).
 pub mod prelude {
     pub use crate::aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Repository};
     pub use crate::event::{Event, Metadata, Position, Recorded};
+    pub use crate::process::{Input, Outputs, ProcessManager, ProcessRunner, Route};
+    pub use crate::projection::{HandlerError, Projection, ProjectionRunner, ReadModelDb};
+    pub use crate::reactor::{EffectContext, ReactError, Reactor, ReactorRunner};
     pub use crate::store::memory::MemoryStore;
+    #[cfg(feature = "postgres")]
+    pub use crate::store::postgres::sqlx_core::{
+        query::query as pg_query, row::Row as _, sql_str::AssertSqlSafe,
+    };
+    #[cfg(feature = "postgres")]
+    pub use crate::store::postgres::{PgTx, PostgresStore};
     #[cfg(feature = "sqlite")]
-    pub use crate::store::sqlite::SqliteStore;
+    pub use crate::store::sqlite::{SqliteStore, SqliteTx, rusqlite};
     pub use crate::store::{EventStore, ExpectedVersion};
+    pub use crate::worker::{Backend, BackendWorker, Worker};
     pub use aftermath_derive::{Event, EventUnion};
+    /// `#[async_trait]`, for implementing [`Reactor`] (and the store traits).
+    pub use async_trait::async_trait;
 }

@@ -23,7 +23,7 @@
 //!
 //! Header values are percent-encoded as the binding prescribes (space, `"`,
 //! `%` and anything outside printable ASCII); [`MessageAttributes`] reads
-//! them back. The page `docs/message-contract.md` in the repository describes
+//! them back. The page `docs/src/message-contract.md` in the repository describes
 //! the contract for consumers in other languages.
 //!
 //! **Outbox.** [`NatsOutbox`] is a ready [`Reactor`]: it publishes selected

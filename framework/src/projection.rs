@@ -238,6 +238,7 @@ pub trait ReadModelDb: Clone + Send + Sync + 'static {
     async fn skipped(&self, subscriber: Option<&str>) -> Result<Vec<SkippedEvent>, StoreError>;
 }
 
+// ANCHOR: trait
 /// A read model maintained in a [`ReadModelDb`], exactly once per event.
 ///
 /// `apply` runs inside the batch's transaction: write through `tx` only,
@@ -278,6 +279,7 @@ pub trait Projection: Send + Sync + 'static {
         event: &Recorded<Self::Event>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
+// ANCHOR_END: trait
 
 /// Runs one handler call: a panic or a call that takes longer than `limit`
 /// is a failure of its event, like an error, never of the runner. Off a

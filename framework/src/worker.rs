@@ -19,6 +19,13 @@
 //! [`CheckpointStore`](crate::subscription::CheckpointStore)); the loser of
 //! a race rolls back, re-reads the checkpoint and continues.
 //!
+//! With one store in every role (a [`Backend`]: SQLite, PostgreSQL),
+//! [`Worker::on`] builds each runner on it, taking the store once. A
+//! started worker answers "has this subscriber caught up?":
+//! [`RunningWorker::settled`] waits until it has handled the log up to a
+//! position (for a projection: its rows are committed), and
+//! [`RunningWorker::settled_at_head`] up to the head as of the call.
+//!
 //! # Owner names
 //!
 //! [`Worker::owner`] sets the name that lease rows and logs show for this
@@ -65,6 +72,12 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+mod backend;
+mod settle;
+
+pub use backend::{Backend, BackendWorker};
+pub use settle::SettleError;
 
 use crate::event::Position;
 use crate::store::StoreError;

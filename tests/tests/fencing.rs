@@ -67,7 +67,10 @@ async fn checkpoint_compare_and_set<C: CheckpointStore + Clone>(store: C) {
         ),
         "a second writer from the origin must lose"
     );
-    assert_eq!(store.load("cas").await.unwrap(), Some(Position(5)));
+    assert_eq!(
+        store.load_checkpoint("cas").await.unwrap(),
+        Some(Position(5))
+    );
     store
         .save("cas", Some(Position(5)), Position(9), None)
         .await
@@ -77,9 +80,12 @@ async fn checkpoint_compare_and_set<C: CheckpointStore + Clone>(store: C) {
             .save("missing", Some(Position(3)), Position(4), None)
             .await
     ));
-    assert_eq!(store.load("missing").await.unwrap(), None);
+    assert_eq!(store.load_checkpoint("missing").await.unwrap(), None);
     store.save("cas", None, Position(1), None).await.unwrap();
-    assert_eq!(store.load("cas").await.unwrap(), Some(Position(1)));
+    assert_eq!(
+        store.load_checkpoint("cas").await.unwrap(),
+        Some(Position(1))
+    );
 
     // Racing writers, on a new row and on an existing one.
     for (name, from) in [("race", Position::ORIGIN), ("cas", Position(1))] {
@@ -104,7 +110,7 @@ async fn checkpoint_compare_and_set<C: CheckpointStore + Clone>(store: C) {
         }
         assert_eq!(won.len(), 1, "exactly one racing writer wins on `{name}`");
         assert_eq!(
-            store.load(name).await.unwrap(),
+            store.load_checkpoint(name).await.unwrap(),
             Some(Position(100 + won[0]))
         );
     }
@@ -248,7 +254,10 @@ async fn same_owner_two_instances<L: LeaseStore, C: CheckpointStore>(leases: &L,
         .save("sub", Some(Position(3)), Position(9), Some(&lb))
         .await
         .unwrap();
-    assert_eq!(checkpoints.load("sub").await.unwrap(), Some(Position(9)));
+    assert_eq!(
+        checkpoints.load_checkpoint("sub").await.unwrap(),
+        Some(Position(9))
+    );
 }
 
 #[tokio::test]

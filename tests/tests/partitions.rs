@@ -175,9 +175,13 @@ where
     }
     for index in 0..COUNT {
         let key = Partition::new(index, COUNT).key("ext");
-        assert_eq!(checkpoints.load(&key).await.unwrap(), Some(head), "{key}");
+        assert_eq!(
+            checkpoints.load_checkpoint(&key).await.unwrap(),
+            Some(head),
+            "{key}"
+        );
     }
-    assert_eq!(checkpoints.load("ext").await.unwrap(), None);
+    assert_eq!(checkpoints.load_checkpoint("ext").await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,7 +467,11 @@ async fn reactor_partitions_share_one_journal() {
     let head = store.head().await.unwrap();
     for index in 0..COUNT {
         let key = Partition::new(index, COUNT).key("fx");
-        assert_eq!(checkpoints.load(&key).await.unwrap(), Some(head), "{key}");
+        assert_eq!(
+            checkpoints.load_checkpoint(&key).await.unwrap(),
+            Some(head),
+            "{key}"
+        );
     }
 
     // Fixed and retried: the stream's partition runs it and the held ones.

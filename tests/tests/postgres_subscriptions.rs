@@ -434,7 +434,9 @@ async fn stale_owner_fenced_write_fails_with_lease_lost() {
     // Nothing of a's moved.
     assert_eq!(state(&store, "bal").await.unwrap().position, Position(5));
     assert_eq!(
-        CheckpointStore::load(&store, "ext").await.unwrap(),
+        CheckpointStore::load_checkpoint(&store, "ext")
+            .await
+            .unwrap(),
         Some(Position(5))
     );
     let count: i64 = query(AssertSqlSafe(format!("SELECT count(*) FROM {marks}")))
@@ -561,7 +563,10 @@ async fn fence_is_checked_atomically_with_the_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_hold_any_position() {
     let (_guard, store) = fresh_or_skip!("checkpoints_hold_any_position");
-    assert_eq!(CheckpointStore::load(&store, "x").await.unwrap(), None);
+    assert_eq!(
+        CheckpointStore::load_checkpoint(&store, "x").await.unwrap(),
+        None
+    );
     for p in [
         0,
         1,
@@ -574,7 +579,7 @@ async fn checkpoints_hold_any_position() {
             .await
             .unwrap();
         assert_eq!(
-            CheckpointStore::load(&store, "x").await.unwrap(),
+            CheckpointStore::load_checkpoint(&store, "x").await.unwrap(),
             Some(Position(p))
         );
     }
@@ -662,7 +667,9 @@ async fn external_projection_checkpoints_in_postgres() {
     .await;
     worker.shutdown().await;
     assert_eq!(
-        CheckpointStore::load(&store, "ext").await.unwrap(),
+        CheckpointStore::load_checkpoint(&store, "ext")
+            .await
+            .unwrap(),
         Some(head)
     );
     let more = append_accounts(&store, 40, 5, 5, 2).await;
@@ -680,7 +687,9 @@ async fn external_projection_checkpoints_in_postgres() {
     worker.shutdown().await;
     assert!(again.0.lock().unwrap().iter().all(|p| *p > head));
     assert_eq!(
-        CheckpointStore::load(&store, "ext").await.unwrap(),
+        CheckpointStore::load_checkpoint(&store, "ext")
+            .await
+            .unwrap(),
         Some(more)
     );
 }

@@ -267,7 +267,7 @@ async fn finished(store: &SqliteStore, progress: &Progress) -> bool {
     }
     let head = store.head().await.expect("head");
     for name in [PROCESS, CARRIER] {
-        let checkpoint = CheckpointStore::load(store, name)
+        let checkpoint = CheckpointStore::load_checkpoint(store, name)
             .await
             .expect("checkpoint");
         if checkpoint.is_none_or(|c| c < head) {

@@ -524,7 +524,9 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_sqlite() {
     // Nothing of a's moved.
     assert_eq!(state(&store, "bal").await.unwrap().position, Position(5));
     assert_eq!(
-        CheckpointStore::load(&store, "ext").await.unwrap(),
+        CheckpointStore::load_checkpoint(&store, "ext")
+            .await
+            .unwrap(),
         Some(Position(5))
     );
     let marks: i64 = store
@@ -602,12 +604,18 @@ async fn stale_owner_fenced_write_fails_with_lease_lost_memory() {
         leases.renew(&a, ttl).await,
         Err(StoreError::LeaseLost { .. })
     ));
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(3)));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(Position(3))
+    );
     checkpoints
         .save("ext", None, Position(7), Some(&b))
         .await
         .unwrap();
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(7)));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(Position(7))
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1400,10 +1408,16 @@ where
     let (task, _stop) = spawn_external(&crashing, &store, &checkpoints, policy, options(100));
     seen_len(&crashing, 25).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(20)));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(Position(20))
+    );
     task.abort(); // a crash: no shutdown, no final save
     assert!(task.await.unwrap_err().is_cancelled());
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(20)));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(Position(20))
+    );
 
     let restarted = Recorder::new(None);
     let (task, stop) = spawn_external(&restarted, &store, &checkpoints, policy, options(100));
@@ -1412,7 +1426,7 @@ where
     task.await.unwrap().unwrap();
     assert_eq!(restarted.seen(), (21..=40).collect::<Vec<_>>());
     assert_eq!(
-        checkpoints.load("ext").await.unwrap(),
+        checkpoints.load_checkpoint("ext").await.unwrap(),
         Some(head),
         "saved on shutdown"
     );
@@ -1457,7 +1471,7 @@ where
     let (task, stop) = spawn_external(&recorder, &store, &checkpoints, policy, options(100));
     seen_len(&recorder, 5).await;
     eventually("time-based save", WAIT, || async {
-        (checkpoints.load("ext").await.unwrap() == Some(five)).then_some(())
+        (checkpoints.load_checkpoint("ext").await.unwrap() == Some(five)).then_some(())
     })
     .await;
     let policy_every_hour = CheckpointPolicy {
@@ -1481,13 +1495,16 @@ where
     assert_eq!(recorder.seen(), (6..=12).collect::<Vec<_>>());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
-        checkpoints.load("ext").await.unwrap(),
+        checkpoints.load_checkpoint("ext").await.unwrap(),
         Some(five),
         "no save yet"
     );
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(twelve));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(twelve)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1518,7 +1535,11 @@ where
     let crashing = Recorder::new(Some(6));
     let (task, _stop) = spawn_external(&crashing, &store, &checkpoints, policy, opts.clone());
     eventually("the start saved", WAIT, || async {
-        checkpoints.load("ext").await.unwrap().map(|_| ())
+        checkpoints
+            .load_checkpoint("ext")
+            .await
+            .unwrap()
+            .map(|_| ())
     })
     .await;
     append_accounts(&store, 5, 3, 3, 1).await; // 6..=8; hangs on 6
@@ -1604,7 +1625,9 @@ async fn external_failing_event_stops_before_it_in_pages_of(batch: usize) {
     }
     assert_eq!(recorder.seen(), (1..=11).collect::<Vec<_>>());
     assert_eq!(
-        CheckpointStore::load(&store, "ext").await.unwrap(),
+        CheckpointStore::load_checkpoint(&store, "ext")
+            .await
+            .unwrap(),
         Some(Position(11))
     );
 }
@@ -1669,7 +1692,10 @@ async fn graceful_shutdown_keeps_the_lease_until_the_batch_is_done() {
     seen_len(&recorder_a, 12).await;
     a.shutdown().await;
     assert_eq!(recorder_a.seen(), (1..=20).collect::<Vec<_>>());
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(Position(20)));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(Position(20))
+    );
     live_at(&b, "ext", head).await;
     assert_eq!(
         recorder_b.seen(),
@@ -1754,7 +1780,10 @@ async fn memory_leases_one_active_worker_and_failover() {
     );
     assert_eq!(recorder_b.seen().first(), Some(&71));
     b.shutdown().await;
-    assert_eq!(checkpoints.load("ext").await.unwrap(), Some(head));
+    assert_eq!(
+        checkpoints.load_checkpoint("ext").await.unwrap(),
+        Some(head)
+    );
 }
 
 /// `read_all_pages` sanity for the helpers: the log's account events are

@@ -109,7 +109,7 @@ async fn checkpoint_passes_settled_only<J: EffectJournal, C: CheckpointStore>(
     events: &[StoredEvent],
 ) -> Position {
     let checkpoint = checkpoints
-        .load(NAME)
+        .load_checkpoint(NAME)
         .await
         .expect("load the checkpoint")
         .unwrap_or(Position::ORIGIN);
@@ -1039,7 +1039,10 @@ where
     );
     // Both partitions passed every event (a checkpoint may pass the last
     // event, up to the head it read), and the mark is their minimum.
-    let mark = checkpoints.load("notifier#cleaned").await.unwrap();
+    let mark = checkpoints
+        .load_checkpoint("notifier#cleaned")
+        .await
+        .unwrap();
     let last = first.iter().map(|e| e.position).max().unwrap();
     assert!(
         mark.is_some_and(|m| m >= last),

@@ -125,6 +125,7 @@ async fn commands<S: EventStore + Clone>(store: &S) -> Result<(), Box<dyn std::e
         ),
     ];
     println!("== commands");
+    // ANCHOR: execute
     for (account, name, command) in script {
         let meta = CommandMeta::with_id(command_id(name));
         match accounts.execute_with(account, command, meta).await {
@@ -140,6 +141,7 @@ async fn commands<S: EventStore + Clone>(store: &S) -> Result<(), Box<dyn std::e
             Err(e) => return Err(e.into()),
         }
     }
+    // ANCHOR_END: execute
 
     println!("\n== a client retries after a timeout (same command id)");
     let retry = accounts
@@ -200,8 +202,10 @@ fn print_balances(rows: Vec<(String, String, i64, i64)>) {
 async fn project_sqlite(store: &SqliteStore) -> Result<(), Box<dyn std::error::Error>> {
     println!("\n== read model `balances` (a projection in the same file)");
     report_checkpoint(store).await?;
+    // ANCHOR: catch_up
     let runner = ProjectionRunner::new(Balances, store.clone(), store.clone());
     let reached = runner.catch_up().await?;
+    // ANCHOR_END: catch_up
     println!("  caught up through position {reached}");
     let rows = store
         .read(|conn| Balances::rows(conn).map_err(|e| StoreError::database("reading balances", e)))

@@ -21,9 +21,7 @@
 use std::time::Duration;
 
 use aftermath::prelude::*;
-use aftermath::process::{ManualClock, ProcessOptions, ProcessRunner, timeline};
-use aftermath::reactor::ReactorRunner;
-use aftermath::worker::Worker;
+use aftermath::process::{ManualClock, ProcessOptions, timeline};
 use aftermath_examples::fulfillment::aggregates::OrderStatus;
 use aftermath_examples::fulfillment::reactors::{Carrier, CarrierBooking, CustomerMail, Mailbox};
 use aftermath_examples::fulfillment::*;
@@ -40,9 +38,11 @@ async fn main() -> Result<(), Error> {
     let store = SqliteStore::open(&path).await?;
     println!("event store: {path} (SQLite)\n");
 
+    // ANCHOR: worker
     let clock = ManualClock::at(chrono::Utc::now());
     let carrier = Carrier::new();
     let mailbox = Mailbox::new();
+    // The saga on a virtual clock, so the example can let two days pass.
     let saga = ProcessRunner::new(
         Fulfillment,
         store.clone(),
@@ -52,27 +52,19 @@ async fn main() -> Result<(), Error> {
     )
     .clock(clock.clone())
     .options(ProcessOptions::default().deadline_poll(Duration::from_millis(50)));
-    let worker = Worker::new()
-        .with_leases(store.clone(), Duration::from_secs(10))
+    // One store in every role: events, journal, checkpoints, deadlines, leases.
+    let worker = Worker::on(store.clone())
+        .leased(Duration::from_secs(10))
         .add_subscriber(saga)
-        .add_subscriber(ReactorRunner::new(
-            CarrierBooking {
-                carrier: carrier.clone(),
-            },
-            store.clone(),
-            store.clone(),
-            store.clone(),
-        ))
-        .add_subscriber(ReactorRunner::new(
-            CustomerMail {
-                mailbox: mailbox.clone(),
-            },
-            store.clone(),
-            store.clone(),
-            store.clone(),
-        ))
+        .reactor(CarrierBooking {
+            carrier: carrier.clone(),
+        })
+        .reactor(CustomerMail {
+            mailbox: mailbox.clone(),
+        })
         .start()
         .expect("unique subscriber names");
+    // ANCHOR_END: worker
 
     let orders = Repository::<Order, _>::new(store.clone());
     let shipping = Repository::<Shipping, _>::new(store.clone());
@@ -123,7 +115,9 @@ async fn main() -> Result<(), Error> {
     .await?;
     let confirmed = carrier.call_back(&shipping).await;
     println!("carrier webhook confirmed {confirmed} pickup(s); two days pass (virtual clock)");
+    // ANCHOR: advance
     clock.advance(chrono::Duration::hours(49));
+    // ANCHOR_END: advance
     wait_for(&orders, &format!("C-{run}"), OrderStatus::Cancelled).await?;
     print_timeline(&store, late).await?;
 
@@ -152,6 +146,7 @@ async fn main() -> Result<(), Error> {
 
 /// Places an order with a fresh correlation id (the order's conversation);
 /// the saga instance and every command it sends carry it.
+// ANCHOR: place
 async fn place(
     orders: &Repository<Order, SqliteStore>,
     id: &str,
@@ -177,6 +172,7 @@ async fn place(
     println!("placed order {id} (card {card}, address {address})");
     Ok(correlation)
 }
+// ANCHOR_END: place
 
 async fn wait_for(
     orders: &Repository<Order, SqliteStore>,
@@ -209,6 +205,8 @@ where
 async fn print_timeline(store: &SqliteStore, correlation: Uuid) -> Result<(), Error> {
     // The saga's last records are written just after the order's last event.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // ANCHOR: timeline
     println!("\n{}", timeline(store, store, correlation).await?);
+    // ANCHOR_END: timeline
     Ok(())
 }

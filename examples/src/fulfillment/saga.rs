@@ -11,6 +11,7 @@ use super::aggregates::*;
 pub const SHIPPING_DEADLINE_HOURS: i64 = 48;
 
 /// Everything the saga listens to.
+// ANCHOR: input
 #[derive(Debug, Clone, PartialEq, EventUnion)]
 pub enum FulfillmentInput {
     /// Orders.
@@ -22,6 +23,7 @@ pub enum FulfillmentInput {
     /// Shipments.
     Shipping(ShippingEvent),
 }
+// ANCHOR_END: input
 
 /// What an instance remembers (folded from its inputs).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -52,6 +54,7 @@ pub struct FulfillmentState {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fulfillment;
 
+// ANCHOR: process
 impl ProcessManager for Fulfillment {
     const NAME: &'static str = "fulfillment";
     type Input = FulfillmentInput;
@@ -99,6 +102,7 @@ impl ProcessManager for Fulfillment {
         }
     }
 
+    // ANCHOR: handle
     fn handle(&self, s: &FulfillmentState, input: &Input<FulfillmentInput>, out: &mut Outputs) {
         use FulfillmentInput as I;
         let order = s.order.clone();
@@ -173,7 +177,9 @@ impl ProcessManager for Fulfillment {
             Input::Rejected(_) | Input::Deadline(_) => {}
         }
     }
+    // ANCHOR_END: handle
 }
+// ANCHOR_END: process
 
 /// Undo what succeeded (newest first), cancel the order, finish.
 fn give_up(out: &mut Outputs, order: &str, reason: &str) {

@@ -245,6 +245,7 @@ pub async fn serve_orders(
     topology.ensure_streams(&js).await?;
     let options = reactor_options();
     let placed = topology.placed_subject();
+    // ANCHOR: nats_outbox
     let outbox = NatsOutbox::new(
         ORDERS_OUTBOX,
         js.clone(),
@@ -265,6 +266,7 @@ pub async fn serve_orders(
         "orders: outbox may re-publish for {:?}, stream {} drops repeats for {:?}: covered",
         check.retry_horizon, check.stream, check.duplicate_window
     );
+    // ANCHOR_END: nats_outbox
     let consumer = inbox_consumer(
         &js,
         &topology.warehouse_stream(),
@@ -273,6 +275,7 @@ pub async fn serve_orders(
     )
     .await?;
     let repository = Repository::<Order, _>::new(store.clone());
+    // ANCHOR: nats_worker
     let running = worker()
         .add_subscriber(
             ReactorRunner::new(outbox, store.clone(), store.clone(), store.clone())
@@ -286,6 +289,7 @@ pub async fn serve_orders(
             orders::map_warehouse_message,
         ))
         .start()?;
+    // ANCHOR_END: nats_worker
     println!("orders: started on {db}");
     let work = async {
         for n in 1..=count {

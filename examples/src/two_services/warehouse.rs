@@ -100,6 +100,7 @@ impl Aggregate for Stock {
 /// The warehouse inbox's mapping: an order placed in the `orders` service
 /// (read through the message contract: `ce-source` is `order-<id>`)
 /// becomes a reservation on its article's stock.
+// ANCHOR: map_message
 pub fn map_order_message(message: &async_nats::Message) -> Result<(String, StockCommand), String> {
     let attributes = MessageAttributes::from_message(message).map_err(|e| e.to_string())?;
     let order = attributes
@@ -117,3 +118,4 @@ pub fn map_order_message(message: &async_nats::Message) -> Result<(String, Stock
         None => Err(format!("`{}` is not an order event", attributes.event_type)),
     }
 }
+// ANCHOR_END: map_message

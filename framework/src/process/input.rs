@@ -144,7 +144,18 @@ impl Rejection {
         self.command.is::<A>()
     }
 
-    /// The refused command as `A`'s command type.
+    /// The refused command as `A`'s command type (`None` when it was
+    /// addressed to another aggregate type), to branch on what was refused:
+    ///
+    /// ```ignore
+    /// Input::Rejected(r) => match r.command::<Payment>() {
+    ///     // The charge was declined: undo the earlier steps and finish.
+    ///     Some(PaymentCommand::Charge { .. }) => { out.compensate(); out.complete(); }
+    ///     // A refund was refused: try again in an hour.
+    ///     Some(PaymentCommand::Refund) => out.set_deadline_after("refund", Duration::hours(1)),
+    ///     None => {}
+    /// },
+    /// ```
     pub fn command<A: Aggregate>(&self) -> Option<A::Command>
     where
         A::Command: serde::de::DeserializeOwned,

@@ -48,7 +48,36 @@
 //!   the runner reads its page (milliseconds; on PostgreSQL also one held
 //!   back by an older append still in flight) is read after the deadline
 //!   fired. A process whose outcome must not depend on that race cancels
-//!   first and compensates on the refusal (see the fulfillment example).
+//!   first and compensates once the cancellation is accepted (below).
+//! - **Deadlines are real time, so they fire whenever anything lags.**
+//!   [`Outputs::set_deadline_after`] counts from [`Outputs::now`], when the
+//!   runner handled the input. The answer it waits for needs the whole round
+//!   trip: this runner dispatching the command, a reactor calling the outside
+//!   world, the answer coming back as an event, this runner reading it. A
+//!   backlog anywhere on that path (a runner catching up after a deploy, a
+//!   reactor backing off, a worker that was down longer than the deadline)
+//!   makes the deadline fire although nothing failed: after a long outage
+//!   every deadline that passed meanwhile fires as soon as the inputs
+//!   recorded before it are handled. So size deadlines well above the lag
+//!   you tolerate, and read a deadline as "no answer yet", never as "it
+//!   failed".
+//! - **Cancel first, then compensate.** When a deadline fires for a step
+//!   that may still succeed (a carrier that may have picked the parcel up,
+//!   a payment still in flight), do not undo the earlier steps at once: the
+//!   late success would then land on an instance that already refunded and
+//!   completed. Send the step's aggregate a cancellation instead. If it
+//!   accepts (the cancelled event comes back), compensate and finish; if it
+//!   refuses because the step succeeded meanwhile (an [`Input::Rejected`]),
+//!   do nothing and wait for the success event, which follows. The step's
+//!   aggregate decides the race, once, in its stream. The fulfillment
+//!   example's shipping deadline does this; the guide's saga chapter shows
+//!   the naive version failing.
+//! - **Rejections carry the refused command.** [`Rejection::is`] tells which
+//!   aggregate type refused, [`Rejection::command`]`::<A>()` decodes the
+//!   command that was sent (so a process that sent several kinds of command
+//!   to one aggregate can tell which was refused without keeping extra
+//!   state), [`Rejection::compensation`] whether it was an undo command, and
+//!   [`Rejection::error`] the aggregate's error as text (its `Display`).
 //! - **One input at a time per instance**; different instances run in
 //!   parallel (up to [`ProcessOptions::concurrency`]). A completed instance
 //!   receives nothing more.
@@ -131,6 +160,7 @@ pub use record::ProcessRecord;
 pub use runner::ProcessRunner;
 pub use timeline::{Timeline, TimelineEntry, describe_record, timeline};
 
+// ANCHOR: trait
 /// A business process coordinating aggregates. See the module docs.
 ///
 /// `route`, `apply` and `handle` are pure: no I/O, no clock (use
@@ -156,6 +186,7 @@ pub trait ProcessManager: Send + Sync + 'static {
     /// Decides the outputs for an input, given the state after it.
     fn handle(&self, state: &Self::State, input: &Input<Self::Input>, out: &mut Outputs);
 }
+// ANCHOR_END: trait
 
 /// Tuning of a process runner.
 #[derive(Debug, Clone)]

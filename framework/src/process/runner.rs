@@ -733,7 +733,7 @@ where
                 if let Dispatched::Rejected(error) = outcome {
                     tracing::info!(process = P::NAME, instance = %inst.id, command_id = %stored.id, target = %command.target, id = %command.id, %error, "command rejected");
                     if inst.completed {
-                        tracing::warn!(process = P::NAME, instance = %inst.id, command_id = %stored.id, "a command of a completed instance was rejected; recorded, nothing handles it");
+                        tracing::debug!(process = P::NAME, instance = %inst.id, command_id = %stored.id, "a command of a completed instance was rejected (an expected race); recorded, nothing handles it");
                     }
                     let rejection = Rejection {
                         command_id: stored.id,

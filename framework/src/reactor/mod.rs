@@ -151,6 +151,7 @@ impl fmt::Display for ReactError {
 
 impl std::error::Error for ReactError {}
 
+// ANCHOR: trait
 /// Runs effects for events. See the module docs for the guarantees.
 #[async_trait]
 pub trait Reactor: Send + Sync + 'static {
@@ -168,6 +169,7 @@ pub trait Reactor: Send + Sync + 'static {
         ctx: &EffectContext,
     ) -> Result<(), ReactError>;
 }
+// ANCHOR_END: trait
 
 /// What happens to later events of a stream while one of its events is parked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -143,7 +143,7 @@ where
         for key in &keys {
             let at = self
                 .checkpoints
-                .load(key)
+                .load_checkpoint(key)
                 .await
                 .map_err(|e| self.store_error(e))?;
             floor = floor.min(at.unwrap_or(Position::ORIGIN));
@@ -166,7 +166,7 @@ where
     async fn cleanup_mark(&self) -> Result<Position, SubscriberError> {
         Ok(self
             .checkpoints
-            .load(&cleanup_key(self.name()))
+            .load_checkpoint(&cleanup_key(self.name()))
             .await
             .map_err(|e| self.store_error(e))?
             .unwrap_or(Position::ORIGIN))

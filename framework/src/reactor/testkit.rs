@@ -349,8 +349,8 @@ impl<C> FaultyCheckpoints<C> {
 
 #[async_trait]
 impl<C: CheckpointStore> CheckpointStore for FaultyCheckpoints<C> {
-    async fn load(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
-        self.inner.load(subscriber).await
+    async fn load_checkpoint(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
+        self.inner.load_checkpoint(subscriber).await
     }
 
     async fn save(
@@ -984,7 +984,7 @@ impl<J: EffectJournal, C: CheckpointStore> Run<'_, J, C> {
     /// ones the runner runs again from the journal (`Started` by a re-run
     /// of a failed, released or interrupted effect that has not finished).
     async fn check_checkpoint(&mut self) -> Result<(), StoreError> {
-        let Some(checkpoint) = self.checkpoints.load(self.name).await? else {
+        let Some(checkpoint) = self.checkpoints.load_checkpoint(self.name).await? else {
             return Ok(());
         };
         let passed: Vec<&EventRef> = self

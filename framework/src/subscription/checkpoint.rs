@@ -31,7 +31,7 @@ use crate::store::StoreError;
 #[async_trait]
 pub trait CheckpointStore: Send + Sync + 'static {
     /// The saved position of `subscriber`, if any.
-    async fn load(&self, subscriber: &str) -> Result<Option<Position>, StoreError>;
+    async fn load_checkpoint(&self, subscriber: &str) -> Result<Option<Position>, StoreError>;
 
     /// Saves `position` for `subscriber` if the stored checkpoint is still
     /// `expected` (no row counts as the origin), else fails with
@@ -72,7 +72,7 @@ impl MemoryCheckpoints {
 
 #[async_trait]
 impl CheckpointStore for MemoryCheckpoints {
-    async fn load(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
+    async fn load_checkpoint(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
         Ok(self
             .positions
             .lock()
@@ -134,7 +134,7 @@ where
     S: crate::store::EventStore + ?Sized,
     C: CheckpointStore + ?Sized,
 {
-    if let Some(saved) = checkpoints.load(key).await? {
+    if let Some(saved) = checkpoints.load_checkpoint(key).await? {
         return Ok(saved);
     }
     let start = start.resolve(store).await?;
@@ -147,7 +147,7 @@ where
         {
             Ok(()) => {}
             Err(StoreError::CheckpointMoved { .. }) => {
-                return Ok(checkpoints.load(key).await?.unwrap_or(start));
+                return Ok(checkpoints.load_checkpoint(key).await?.unwrap_or(start));
             }
             Err(e) => return Err(e),
         }

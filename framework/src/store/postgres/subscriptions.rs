@@ -671,7 +671,7 @@ impl ReadModelDb for PostgresStore {
 /// one row, whoever writes it).
 #[async_trait]
 impl CheckpointStore for PostgresStore {
-    async fn load(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
+    async fn load_checkpoint(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
         Ok(ReadModelDb::load_state(self, subscriber)
             .await?
             .map(|s| s.position))

@@ -248,7 +248,7 @@ impl ReadModelDb for SqliteStore {
 
 #[async_trait]
 impl CheckpointStore for SqliteStore {
-    async fn load(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
+    async fn load_checkpoint(&self, subscriber: &str) -> Result<Option<Position>, StoreError> {
         Ok(ReadModelDb::load_state(self, subscriber)
             .await?
             .map(|s| s.position))
