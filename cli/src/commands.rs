@@ -42,6 +42,8 @@ pub async fn run(cli: Cli, target: Target) -> Result<u8, Failure> {
         Command::Skip { reactor, event_id, yes } => {
             release(s, &reactor, Some(event_id), false, yes, true, json).await
         }
+        Command::RetryProcess { stream, yes } => release_process(s, &stream, yes, false, json).await,
+        Command::SkipProcess { stream, yes } => release_process(s, &stream, yes, true, json).await,
         Command::Timeline { correlation_id, stream, event, mermaid } => {
             let id = conversation(s, correlation_id, stream.as_deref(), event).await?;
             show_timeline(s, id, json, mermaid).await
@@ -409,6 +411,50 @@ async fn release<S: Admin>(
         outln!("{reactor}: skipped the effect for {event_id}; it will not run, its stream goes on");
     } else {
         outln!("{reactor}: the effect for {event_id} will run again on the reactor's next pass");
+    }
+    Ok(OK)
+}
+
+async fn release_process<S: Admin>(
+    s: &S,
+    stream: &str,
+    yes: bool,
+    skip: bool,
+    json: bool,
+) -> Result<u8, Failure> {
+    let parked = aftermath::admin::parked_processes(s).await?;
+    let Some(p) = parked.iter().find(|p| p.stream == stream) else {
+        return Err(Failure::error(format!(
+            "no parked process instance with stream `{stream}` (see `aftermath dead-letters`)"
+        )));
+    };
+    confirm(
+        &format!(
+            "{} the parked process instance {stream} (parked at v{}: {})?",
+            if skip {
+                "Skip the parked input of"
+            } else {
+                "Retry"
+            },
+            p.parked_version,
+            cut(&p.error, 80)
+        ),
+        yes,
+    )?;
+    if !aftermath::admin::release_process(s, stream, skip).await? {
+        return Err(Failure::error(format!(
+            "process instance `{stream}` is no longer parked: nothing to release"
+        )));
+    }
+    let verb = if skip { "skip" } else { "retry" };
+    if json {
+        print_json(&json!({"stream": stream, "action": verb}))?;
+    } else if skip {
+        outln!(
+            "{stream}: released; its parked input is dropped and the inputs held behind it run on the runner's next pass"
+        );
+    } else {
+        outln!("{stream}: released; its parked input runs again on the runner's next pass");
     }
     Ok(OK)
 }

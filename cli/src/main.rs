@@ -171,6 +171,40 @@ Examples:
         #[arg(long, short)]
         yes: bool,
     },
+    /// Release a parked process instance: handle its parked input (or send
+    /// its failed command) again, then the inputs held behind it.
+    #[command(after_help = format!("\
+The instance is named by its stream (see `dead-letters` or `processes`); its
+runner carries the release out on its next pass. Asks for confirmation on a
+terminal unless --yes.
+
+Examples:
+  aftermath --sqlite shop.db retry-process fulfillment.process-order-42 --yes
+
+{EXIT_CODES}"))]
+    RetryProcess {
+        /// The instance's stream, `<process>.process-<instance>`.
+        stream: String,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// Release a parked process instance, dropping its parked input (or not
+    /// sending its failed command); the inputs held behind it go on.
+    #[command(after_help = format!("\
+Asks for confirmation on a terminal unless --yes.
+
+Examples:
+  aftermath --sqlite shop.db skip-process fulfillment.process-order-42 --yes
+
+{EXIT_CODES}"))]
+    SkipProcess {
+        /// The instance's stream, `<process>.process-<instance>`.
+        stream: String,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+    },
     /// Everything that happened under one correlation id, as a causal tree.
     #[command(after_help = format!("\
 Events of every stream (aggregates and process instances) with the reactors'

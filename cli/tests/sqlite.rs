@@ -736,3 +736,70 @@ fn status_colors_its_states_on_a_terminal_only() {
         assert_eq!(line[column..].chars().next(), Some(position), "{shown}");
     }
 }
+
+/// A parked process instance: `dead-letters` lists it, `retry-process`
+/// appends the release its runner carries out (the runner's side is
+/// `operator_release_through_the_store_is_carried_out` in the tests crate),
+/// a second release finds nothing parked, and an unknown or malformed
+/// stream is one error line.
+#[test]
+fn a_parked_process_instance_is_released_by_stream() {
+    use aftermath::process::ProcessRecord;
+    use aftermath::{EventData, EventStore, ExpectedVersion, Metadata};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("parked.db");
+    let stream = "demo.process-42";
+    runtime().block_on(async {
+        let store = SqliteStore::open(&path).await.unwrap();
+        let id = uuid::Uuid::now_v7();
+        let parked = ProcessRecord::Parked {
+            input: None,
+            stop: false,
+            command: None,
+            from_version: 1,
+            error: "command 42: the target refused it".into(),
+        };
+        let data = EventData::encode(&parked, id, Metadata::caused_by(id)).unwrap();
+        store
+            .append(stream, ExpectedVersion::NoStream, vec![data])
+            .await
+            .unwrap();
+    });
+    on(&path).arg("dead-letters").assert().stdout(
+        predicate::str::contains(stream).and(predicate::str::contains("the target refused it")),
+    );
+    on(&path)
+        .args(["retry-process", stream, "--yes"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "released; its parked input runs again",
+        ));
+    let last = runtime().block_on(async {
+        let store = SqliteStore::open(&path).await.unwrap();
+        store
+            .read_stream(stream, 2, aftermath::Direction::Forward, 10)
+            .await
+            .unwrap()
+    });
+    assert_eq!(last.len(), 1);
+    assert_eq!(
+        last[0].decode_known::<ProcessRecord>().unwrap().event,
+        ProcessRecord::Released {
+            from_version: 1,
+            parked_version: 1,
+            skip: false
+        }
+    );
+    on(&path)
+        .args(["skip-process", stream, "--yes"])
+        .assert()
+        .code(1)
+        .stderr(one_error_line().and(predicate::str::contains("no parked process instance")));
+    on(&path)
+        .args(["retry-process", "order-1", "--yes"])
+        .assert()
+        .code(1)
+        .stderr(one_error_line());
+}

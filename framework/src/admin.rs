@@ -405,6 +405,90 @@ impl Report {
     }
 }
 
+/// Releases the parked process instance whose stream is `stream` (a
+/// `<process>.process-<instance>` stream, see
+/// [`parked_processes`]): appends the same `Released` record that
+/// [`ProcessRunner::retry`](crate::process::ProcessRunner::retry) (`skip`
+/// false) or `skip` (`skip` true) appends, without the process manager's
+/// types, so an operator's tool can do it. The runner carries the release
+/// out when it reads the record: a retry handles the parked input again
+/// (or sends the failed command again), a skip drops it; the inputs held
+/// behind it follow. `Ok(false)` when the instance is not parked.
+pub async fn release_process<S: EventStore + ?Sized>(
+    store: &S,
+    stream: &str,
+    skip: bool,
+) -> Result<bool, StoreError> {
+    const PAGE: usize = 500;
+    let Some((process, instance)) = stream.split_once(".process-") else {
+        return Err(StoreError::InvalidStream {
+            stream: stream.to_owned(),
+            reason: "not a process instance stream (`<process>.process-<instance>`)",
+        });
+    };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut open: Option<(u64, u64)> = None;
+        let mut version = 0;
+        let mut correlation = None;
+        loop {
+            let page = store
+                .read_stream(stream, version + 1, Direction::Forward, PAGE)
+                .await?;
+            let n = page.len();
+            for e in page {
+                version = e.version;
+                correlation.get_or_insert(e.metadata.correlation_id);
+                match ProcessRecord::decode(&e.event_type, &e.payload) {
+                    Ok(Some(ProcessRecord::Parked { from_version, .. })) => {
+                        open = Some((from_version, e.version));
+                    }
+                    Ok(Some(ProcessRecord::Released { parked_version, .. }))
+                        if open.is_some_and(|(_, p)| p == parked_version) =>
+                    {
+                        open = None;
+                    }
+                    _ => {}
+                }
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        let (Some((from_version, parked_version)), Some(correlation)) = (open, correlation) else {
+            return Ok(false);
+        };
+        let record = ProcessRecord::Released {
+            from_version,
+            parked_version,
+            skip,
+        };
+        let id = crate::process::record::control_id(process, instance, "released", version + 1);
+        let metadata = crate::event::Metadata::caused_by(correlation);
+        let data = crate::event::EventData::encode(&record, id, metadata).map_err(|_| {
+            StoreError::InvalidStream {
+                stream: stream.to_owned(),
+                reason: "its `Released` record does not encode",
+            }
+        })?;
+        match store
+            .append(
+                stream,
+                crate::store::ExpectedVersion::Exact(version),
+                vec![data],
+            )
+            .await
+        {
+            Ok(_) => return Ok(true),
+            // The runner (or another operator) wrote meanwhile: look again.
+            Err(StoreError::WrongExpectedVersion { .. } | StoreError::DuplicateEventId { .. })
+                if attempts < 5 => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// How many pending deadlines [`record_metrics`] counts at most.
 pub const DEADLINES_COUNTED: usize = 100_000;
 

@@ -120,14 +120,13 @@ pub fn message_trace(
             .get(name)
             .and_then(|v| decode_header_value(v.as_str()))
     };
-    let (parent, state) = match get(self::headers::TRACEPARENT) {
-        Some(parent) => (parent, get(self::headers::TRACESTATE)),
-        None => (
-            get(crate::trace::TRACEPARENT)?,
-            get(crate::trace::TRACESTATE),
-        ),
+    let parse = |parent: &str, state: &str| {
+        let state = get(state);
+        crate::trace::TraceContext::parse(&get(parent)?, state.as_deref()).ok()
     };
-    crate::trace::TraceContext::parse(&parent, state.as_deref()).ok()
+    // A malformed CloudEvents header falls back on the plain one.
+    parse(self::headers::TRACEPARENT, self::headers::TRACESTATE)
+        .or_else(|| parse(crate::trace::TRACEPARENT, crate::trace::TRACESTATE))
 }
 
 /// Percent-encodes a header value as the CloudEvents NATS (and HTTP) binding
@@ -280,6 +279,15 @@ impl MessageAttributes {
 
 /// The headers the outbox publishes `event` with (see the [module docs](self)).
 pub fn event_headers<E: Event>(event: &Recorded<E>) -> async_nats::HeaderMap {
+    headers_with_trace(event, None)
+}
+
+/// [`event_headers`], with `trace` (when given) as the trace context
+/// instead of the one stored with the event.
+fn headers_with_trace<E: Event>(
+    event: &Recorded<E>,
+    trace: Option<&crate::trace::TraceContext>,
+) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     let mut set = |name: &'static str, value: &str| {
         map.insert(name, encode_header_value(value).as_str());
@@ -306,9 +314,19 @@ pub fn event_headers<E: Event>(event: &Recorded<E>) -> async_nats::HeaderMap {
         &event.metadata.causation_id.to_string(),
     );
     set(headers::STREAM_VERSION, &event.version.to_string());
-    for (key, header) in TRACE_KEYS {
-        if let Some(value) = event.metadata.extra.get(key) {
-            set(header, value);
+    match trace {
+        Some(trace) => {
+            set(headers::TRACEPARENT, &trace.traceparent());
+            if let Some(state) = trace.tracestate() {
+                set(headers::TRACESTATE, state);
+            }
+        }
+        None => {
+            for (key, header) in TRACE_KEYS {
+                if let Some(value) = event.metadata.extra.get(key) {
+                    set(header, value);
+                }
+            }
         }
     }
     map
@@ -550,15 +568,9 @@ impl<E: Event> Reactor for NatsOutbox<E> {
             return Ok(());
         };
         let payload = event.event.encode().map_err(ReactError::fatal)?;
-        let mut map = event_headers(event);
         // The publish attempt's own context (a child of the event's span
         // with `otel`), so the consumer's spans hang under this publish.
-        if let Some(trace) = &ctx.trace {
-            map.insert(headers::TRACEPARENT, trace.traceparent().as_str());
-            if let Some(state) = trace.tracestate() {
-                map.insert(headers::TRACESTATE, encode_header_value(state).as_str());
-            }
-        }
+        let map = headers_with_trace(event, ctx.trace.as_ref());
         let publish = async {
             let ack = self
                 .jetstream

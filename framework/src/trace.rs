@@ -69,7 +69,7 @@
 //! |---|---|---|
 //! | [`COMMANDS`] `aftermath_commands_total` | counter | `aggregate`, `outcome` (`executed`, `duplicate`, `rejected`, `conflict`, `error`) |
 //! | [`APPEND_SECONDS`] `aftermath_append_seconds` | histogram | `aggregate` |
-//! | [`EVENTS_HANDLED`] `aftermath_events_handled_total` | counter | `subscriber` |
+//! | [`EVENTS_HANDLED`] `aftermath_events_handled_total` | counter | `subscriber` (a page handled again after a lost race counts again) |
 //! | [`LAG_EVENTS`] `aftermath_subscriber_lag_events` | gauge | `subscriber` |
 //! | [`LAG_SECONDS`] `aftermath_subscriber_lag_seconds` | gauge | `subscriber` |
 //! | [`EFFECT_ATTEMPTS`] `aftermath_effect_attempts_total` | counter | `reactor`, `outcome` (`done`, `retry`, `parked`) |
@@ -103,7 +103,8 @@ pub const TRACESTATE: &str = "tracestate";
 pub const COMMANDS: &str = "aftermath_commands_total";
 /// Histogram: seconds an append of a `Repository` took, by `aggregate`.
 pub const APPEND_SECONDS: &str = "aftermath_append_seconds";
-/// Counter: events a subscriber handled (committed pages), by `subscriber`.
+/// Counter: events of the pages a subscriber handled, by `subscriber` (a
+/// page handled again after another writer committed first counts again).
 pub const EVENTS_HANDLED: &str = "aftermath_events_handled_total";
 /// Gauge: events of `$all` a running subscriber has still to read, by `subscriber`.
 pub const LAG_EVENTS: &str = "aftermath_subscriber_lag_events";
@@ -344,17 +345,17 @@ pub(crate) fn inject_current(extra: &mut BTreeMap<String, String>) {
 }
 
 /// Runs `fut` inside `span`, continuing `parent`: with `otel`, the span's
-/// parent is `parent`'s span; on every build, work inside sees `parent` as
+/// parent is `parent`'s span (none: the span starts a trace); on every build, work inside sees `parent` as
 /// [`TraceContext::current`] (unless an OpenTelemetry span overrides it).
 pub(crate) async fn continue_in<F: Future>(
     span: tracing::Span,
     parent: Option<TraceContext>,
     fut: F,
 ) -> F::Output {
+    // An event without a context starts a trace of its own rather than
+    // joining the page's (which mixes unrelated events).
     #[cfg(feature = "otel")]
-    if let Some(p) = &parent {
-        otel::set_parent(&span, p);
-    }
+    otel::set_parent(&span, parent.as_ref());
     AMBIENT.scope(parent, fut.instrument(span)).await
 }
 
@@ -425,7 +426,14 @@ mod otel {
         })
     }
 
-    pub(super) fn set_parent(span: &tracing::Span, parent: &TraceContext) {
+    pub(super) fn set_parent(span: &tracing::Span, parent: Option<&TraceContext>) {
+        let Some(parent) = parent else {
+            #[allow(clippy::let_unit_value, unused_must_use)]
+            {
+                let _ = span.set_parent(opentelemetry::Context::new());
+            }
+            return;
+        };
         let state = parent
             .tracestate()
             .and_then(|s| s.parse::<TraceState>().ok())

@@ -2033,6 +2033,62 @@ pub async fn strict_start_of_existing_instance_parks_it<B: ProcessBackend>() {
     );
 }
 
+/// An operator's release written straight to the store (what the
+/// `aftermath` tool does, without the process manager's types:
+/// `admin::release_process`) is carried out by the runner like its own
+/// `retry`/`skip`: here a skip drops the misrouted input, the held tick
+/// follows, and a second release finds nothing parked.
+pub async fn operator_release_through_the_store_is_carried_out<B: ProcessBackend>() {
+    let parts = parts!(B, "operator_release_through_the_store_is_carried_out");
+    let clock = ManualClock::at(t0());
+    let [first, _again, tick] = misrouted_inputs(&parts.store).await;
+    let runner = tally_runner(&parts, &clock);
+    runner.catch_up().await.unwrap();
+    assert_eq!(runner.parked().await.unwrap().len(), 1);
+    let stream = stream_of("tally", "t-1");
+    let listed = aftermath::admin::parked_processes(&parts.store)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|p| p.stream.as_str()).collect::<Vec<_>>(),
+        vec![stream.as_str()]
+    );
+    // The runner has the instance cached; the release comes from outside.
+    assert!(
+        aftermath::admin::release_process(&parts.store, &stream, true)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !aftermath::admin::release_process(&parts.store, &stream, true)
+            .await
+            .unwrap(),
+        "released already: nothing parked"
+    );
+    runner.catch_up().await.unwrap();
+    assert!(runner.parked().await.unwrap().is_empty());
+    assert!(
+        aftermath::admin::parked_processes(&parts.store)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let ids: Vec<Uuid> = received(&records(&parts.store, "tally", "t-1").await)
+        .iter()
+        .map(|i| i.id())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![first, tick],
+        "skipped the misrouted input, then handled the held tick"
+    );
+    let bad = aftermath::admin::release_process(&parts.store, "tally-in-2", false).await;
+    assert!(
+        matches!(bad, Err(aftermath::StoreError::InvalidStream { .. })),
+        "{bad:?}"
+    );
+}
+
 /// With `skip_misrouted(true)` the event is skipped, counted in the
 /// status, and the runner goes on.
 pub async fn misrouted_event_skipped_and_counted<B: ProcessBackend>() {
@@ -2332,6 +2388,7 @@ macro_rules! process_tests {
             timeline_in_causal_order,
             concurrent_runners_handle_each_input_once,
             strict_start_of_existing_instance_parks_it,
+            operator_release_through_the_store_is_carried_out,
             misrouted_event_skipped_and_counted,
             instances_run_in_parallel_inputs_in_order,
             deadline_never_beats_an_input_recorded_before_it_is_due,

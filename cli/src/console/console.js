@@ -68,10 +68,12 @@
   if (document.getElementById("subscribers")) poll();
 
   // The token: from ?token=..., else from this tab's storage.
+  // Kept on any page (the printed link opens the status page), for the
+  // dead-letters page's buttons.
+  var fromUrl = new URLSearchParams(location.search).get("token");
+  if (fromUrl) sessionStorage.setItem("aftermath-token", fromUrl);
   var tokenInput = document.getElementById("token");
   if (tokenInput) {
-    var fromUrl = new URLSearchParams(location.search).get("token");
-    if (fromUrl) sessionStorage.setItem("aftermath-token", fromUrl);
     tokenInput.value = sessionStorage.getItem("aftermath-token") || "";
     tokenInput.addEventListener("input", function () { sessionStorage.setItem("aftermath-token", tokenInput.value); });
   }

@@ -952,8 +952,14 @@ where
                 .decode::<P::Input>(&|e| self.store.upcast(e))
                 .map_err(|m| self.event_error(parked, m))?;
             let correlation = inst.correlation_id;
-            self.handle_input(ctx, inst, typed, input, stop, correlation, floor)
-                .await?;
+            // In the trace of the parked input (the `Parked` record carries
+            // it), not the operator's release.
+            crate::trace::continue_in(
+                released_span(P::NAME, parked),
+                TraceContext::from_metadata(&parked.metadata),
+                self.handle_input(ctx, inst, typed, input, stop, correlation, floor),
+            )
+            .await?;
         }
         for earlier in passed {
             if inst.parked.is_some() {
@@ -976,7 +982,13 @@ where
                 | ProcessRecord::DeadlineSet { .. }
                 | ProcessRecord::DeadlineCancelled { .. }
                 | ProcessRecord::Completed {} => {
-                    if !self.carry_out(ctx, inst, &earlier, record, floor).await? {
+                    let carried = crate::trace::continue_in(
+                        released_span(P::NAME, &earlier),
+                        TraceContext::from_metadata(&earlier.metadata),
+                        self.carry_out(ctx, inst, &earlier, record, floor),
+                    )
+                    .await?;
+                    if !carried {
                         return Ok(false);
                     }
                     None
@@ -988,8 +1000,12 @@ where
                     .decode::<P::Input>(&|e| self.store.upcast(e))
                     .map_err(|m| self.event_error(&earlier, m))?;
                 let correlation = inst.correlation_id;
-                self.handle_input(ctx, inst, typed, input, stop, correlation, floor)
-                    .await?;
+                crate::trace::continue_in(
+                    released_span(P::NAME, &earlier),
+                    TraceContext::from_metadata(&earlier.metadata),
+                    self.handle_input(ctx, inst, typed, input, stop, correlation, floor),
+                )
+                .await?;
             }
         }
         Ok(true)
@@ -1126,6 +1142,17 @@ where
         }
         Ok(None)
     }
+}
+
+/// The span of a record carried out after an operator's release.
+fn released_span(process: &str, record: &StoredEvent) -> tracing::Span {
+    crate::trace::handle_span(
+        process,
+        &record.event_type,
+        record.id,
+        &record.stream,
+        record.position,
+    )
 }
 
 #[async_trait]

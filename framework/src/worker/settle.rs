@@ -46,10 +46,11 @@ pub enum SettleError {
 /// Whether `status` says that everything up to `target` is handled (and, for
 /// a projection, committed).
 fn reached(status: &SubscriberStatus, target: Position) -> bool {
+    // The position is reported once a page is committed, and a committed
+    // page moves it through the page's end (events of other types passed
+    // included). The head is not enough: it is reported before the page
+    // it covers is handled.
     status.lag.position >= target
-        // A filtered subscriber is live at the head it read although its
-        // last own event is older.
-        || (status.state == SubscriberState::Live && status.lag.head >= target)
 }
 
 impl RunningWorker {
@@ -59,7 +60,11 @@ impl RunningWorker {
     /// status then. For a projection that means the read model includes
     /// those events (its checkpoint commits with them); for a reactor, that
     /// their effects are settled (done, parked or skipped); for a process
-    /// manager, that its inputs are handled and its commands dispatched.
+    /// manager, that its inputs are handled: their decisions recorded in
+    /// the instances' streams. The commands those records send are
+    /// dispatched when the runner reads the records back, at later
+    /// positions: to wait for them too, wait again for the head after this
+    /// returns ([`Self::settled_at_head`]).
     ///
     /// "Handled" counts events the subscriber does not read (other types):
     /// passing them is enough. Fails when `timeout` passes first, or when
