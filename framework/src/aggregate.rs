@@ -472,7 +472,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     .collect::<Result<Vec<_>, _>>()?
             };
             let expected = ExpectedVersion::Exact(loaded.version);
-            let append = tracing::info_span!(
+            let append = tracing::debug_span!(
                 "aftermath.append",
                 otel.name = %format_args!("append {}", A::CATEGORY),
                 otel.kind = "client",

@@ -925,7 +925,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                         // A panicking handler fails on this event like an
                         // erring one (retried, then the error policy), rather
                         // than failing the whole write as if the store had.
-                        let span = crate::trace::handle_span(
+                        let span = crate::trace::apply_span(
                             &name,
                             event.event.event_type(),
                             event.id,
@@ -1303,7 +1303,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> PageHandl
         let mut committed = saved;
         let mut handled = saved;
         for stored in &page.events {
-            let span = crate::trace::handle_span(
+            let span = crate::trace::apply_span(
                 self.name(),
                 &stored.event_type,
                 stored.id,

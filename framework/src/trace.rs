@@ -53,7 +53,12 @@
 //!
 //! A handling span (`aftermath.handle`, `aftermath.effect`, ...) is the child
 //! of the span that recorded the event; the page span that contains it
-//! starts its own trace (a page mixes events of many traces).
+//! starts its own trace (a page mixes events of many traces). Spans are at
+//! INFO level except two that come in volume: a projection's apply of one
+//! event (`aftermath.handle` of a projection) and `aftermath.append` are at
+//! DEBUG, so an exporting layer filtered at INFO (the usual setting, and
+//! what the throughput report measures) leaves them out; lower its filter
+//! to DEBUG for `aftermath` to see them.
 //!
 //! # Metrics
 //!
@@ -314,11 +319,18 @@ impl TraceContext {
     /// is installed and the span is valid); otherwise the context of the
     /// event aftermath is handling on this task, if it carried one.
     pub fn current() -> Option<Self> {
+        let ambient = AMBIENT.try_with(Clone::clone).ok();
+        // A handling span filtered out (a DEBUG apply span under an INFO
+        // filter) is not current in OpenTelemetry's eyes: its enclosing
+        // page span is. The event's own context is the right one then.
+        if let Some(Ambient { ctx, pinned: true }) = ambient {
+            return ctx;
+        }
         #[cfg(feature = "otel")]
         if let Some(ctx) = otel::current() {
             return Some(ctx);
         }
-        AMBIENT.try_with(Clone::clone).ok().flatten()
+        ambient.and_then(|a| a.ctx)
     }
 }
 
@@ -328,9 +340,17 @@ impl fmt::Display for TraceContext {
     }
 }
 
+/// The trace context of the event being handled on this task; `pinned`
+/// when its span is disabled, so the context must not come from an
+/// enclosing span.
+#[derive(Clone)]
+struct Ambient {
+    ctx: Option<TraceContext>,
+    pinned: bool,
+}
+
 tokio::task_local! {
-    /// The trace context of the event being handled on this task.
-    static AMBIENT: Option<TraceContext>;
+    static AMBIENT: Ambient;
 }
 
 /// Writes the current context ([`TraceContext::current`]) into `extra`
@@ -356,7 +376,11 @@ pub(crate) async fn continue_in<F: Future>(
     // joining the page's (which mixes unrelated events).
     #[cfg(feature = "otel")]
     otel::set_parent(&span, parent.as_ref());
-    AMBIENT.scope(parent, fut.instrument(span)).await
+    let ambient = Ambient {
+        ctx: parent,
+        pinned: span.is_disabled(),
+    };
+    AMBIENT.scope(ambient, fut.instrument(span)).await
 }
 
 /// The span of one event handled by `subscriber` (see the module docs).
@@ -368,6 +392,29 @@ pub(crate) fn handle_span(
     position: crate::event::Position,
 ) -> tracing::Span {
     tracing::info_span!(
+        "aftermath.handle",
+        otel.name = %format_args!("process {event_type}"),
+        otel.kind = "consumer",
+        messaging.system = "aftermath",
+        messaging.operation.type = "process",
+        messaging.consumer.group.name = %subscriber,
+        messaging.message.id = %id,
+        messaging.destination.name = %stream,
+        aftermath.position = position.0,
+    )
+}
+
+/// [`handle_span`] at DEBUG level: a projection's apply of one event (one
+/// per event of a catch-up, so below the usual INFO filter of an exporting
+/// layer; the page span stays at INFO).
+pub(crate) fn apply_span(
+    subscriber: &str,
+    event_type: &str,
+    id: uuid::Uuid,
+    stream: &str,
+    position: crate::event::Position,
+) -> tracing::Span {
+    tracing::debug_span!(
         "aftermath.handle",
         otel.name = %format_args!("process {event_type}"),
         otel.kind = "consumer",
@@ -398,7 +445,7 @@ pub(crate) fn handle_span(
 /// # }
 /// ```
 pub async fn with_context<F: Future>(ctx: Option<TraceContext>, fut: F) -> F::Output {
-    AMBIENT.scope(ctx, fut).await
+    AMBIENT.scope(Ambient { ctx, pinned: false }, fut).await
 }
 
 #[cfg(feature = "otel")]

@@ -1,7 +1,8 @@
 //! The telemetry rows: commands/s and a projection's catch-up events/s on
 //! SQLite with no `tracing` subscriber, then again with an OpenTelemetry
-//! layer installed whose provider has no exporter (every span is built and
-//! dropped: the cost the `otel` feature adds before anything is exported).
+//! layer at INFO installed whose provider has no exporter (every span is
+//! built and dropped: the cost the `otel` feature adds before anything is
+//! exported).
 //! The layer is installed globally and cannot be removed, so this section
 //! runs last and its two sides run one after the other, not alternating.
 
@@ -14,6 +15,7 @@ use aftermath_benches::TempDb;
 use aftermath_benches::domain::{Account, AccountCommand};
 use aftermath_benches::projections::NoOp;
 use opentelemetry::trace::TracerProvider as _;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 
 use super::{Plan, Result, Tally, header, row, verdict};
@@ -66,8 +68,12 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, plan: &Plan) -> Result<()> {
     let events = plan.catch_up_events.min(20_000);
     let off = rt.block_on(measure(plan.budget, events))?;
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")));
+    // The usual setting of an exporting layer: INFO and above.
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("bench"))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+    );
     tracing::subscriber::set_global_default(subscriber)?;
     let on = rt.block_on(measure(plan.budget, events))?;
     let note = |on: f64, off: f64| verdict(">= 95%", on >= 0.95 * off);
