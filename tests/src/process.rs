@@ -84,6 +84,35 @@ pub trait ProcessBackend: Sized + Send + Sync + 'static {
     async fn reopen(parts: Parts<Self>) -> Parts<Self>;
 }
 
+/// The in-memory backend: `MemoryStore`, `MemoryDeadlines`,
+/// `MemoryCheckpoints` and one `MemoryJournal` shared by the reactors.
+pub struct MemoryBackend;
+
+#[async_trait]
+impl ProcessBackend for MemoryBackend {
+    type Store = aftermath::MemoryStore;
+    type Deadlines = aftermath::process::MemoryDeadlines;
+    type Checkpoints = aftermath::subscription::MemoryCheckpoints;
+    type Journal = aftermath::reactor::MemoryJournal;
+    const NAME: &'static str = "memory";
+
+    async fn open() -> Result<Parts<Self>, String> {
+        Ok(Parts {
+            store: aftermath::MemoryStore::new(),
+            deadlines: aftermath::process::MemoryDeadlines::new(),
+            checkpoints: aftermath::subscription::MemoryCheckpoints::new(),
+            journal: aftermath::reactor::MemoryJournal::new(),
+            guard: Box::new(()),
+        })
+    }
+
+    /// The data lives in the handles: a restart keeps them (everything the
+    /// runner held in memory besides is gone with the runner).
+    async fn reopen(parts: Parts<Self>) -> Parts<Self> {
+        parts
+    }
+}
+
 /// Opens fresh parts or prints why the test is skipped.
 pub async fn open_process_or_skip<B: ProcessBackend>(test: &str) -> Option<Parts<B>> {
     match B::open().await {
