@@ -122,6 +122,8 @@ pub const EFFECT_ATTEMPTS: &str = "aftermath_effect_attempts_total";
 pub const PROCESS_COMMANDS: &str = "aftermath_process_commands_total";
 /// Counter: deadlines that fired, by `process`.
 pub const DEADLINES_FIRED: &str = "aftermath_deadlines_fired_total";
+/// Gauge: partitions of a consumer `group` assigned to this worker.
+pub const GROUP_PARTITIONS: &str = "aftermath_group_partitions";
 
 /// A W3C trace context: which trace, which span in it is the parent, and
 /// whether it is sampled. See the [module docs](self).

@@ -74,14 +74,18 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod backend;
+mod group;
 mod settle;
 
 pub use backend::{Backend, BackendWorker};
+pub use group::Partitioned;
 pub use settle::SettleError;
 
 use crate::event::Position;
 use crate::store::StoreError;
-use crate::subscription::{Holder, Lag, Lease, LeaseStore, Shutdown, is_stopped, stopped};
+use crate::subscription::{
+    Holder, Lag, Lease, LeaseStore, Partition, Shutdown, is_stopped, stopped,
+};
 
 /// What a subscriber is doing.
 #[derive(Debug, Clone, PartialEq)]
@@ -341,6 +345,20 @@ pub enum WorkerError {
         /// 0-based index of the second.
         second: usize,
     },
+    /// A partition's runner of a [`Partitioned`] subscriber is not named
+    /// after its partition (`<name>#<index>of<count>`): it would keep its
+    /// checkpoint and lease under another key than its group's.
+    #[error(
+        "partition runner of group `{group}` is named `{found}`, expected `{expected}`: make it with `.partition(index, count)` from the partition handed to the closure"
+    )]
+    PartitionName {
+        /// The group.
+        group: String,
+        /// The name the partition must have.
+        expected: String,
+        /// The runner's name.
+        found: String,
+    },
 }
 
 /// Restart delays: exponential from `initial`, capped at `max`, with jitter.
@@ -384,6 +402,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// [`Worker::start`].
 pub struct Worker {
     subscribers: Vec<Arc<dyn Subscriber>>,
+    groups: Vec<Partitioned>,
     leases: Option<(DynLeases, Duration)>,
     holder: Holder,
     backoff: Backoff,
@@ -411,6 +430,7 @@ impl Worker {
     pub fn new() -> Self {
         Worker {
             subscribers: Vec::new(),
+            groups: Vec::new(),
             leases: None,
             holder: Holder::new(format!("worker-{}", std::process::id())),
             backoff: Backoff::default(),
@@ -473,17 +493,61 @@ impl Worker {
         self
     }
 
-    /// Starts every subscriber in its own task; fails (starting none) when
-    /// two subscribers have the same name.
+    /// Adds a partitioned subscriber, whose partitions this worker shares
+    /// with the other workers running it (its consumer group).
+    ///
+    /// With leases ([`Worker::with_leases`]), this worker joins the group
+    /// `<name>#*of<count>`: it sends a heartbeat every `ttl / 3` to the
+    /// lease store, runs the partitions the assignment gives it (each under
+    /// its own lease, so a partition moves only after its old holder has
+    /// stopped committing) and hands the others over; on shutdown it leaves
+    /// the group first, so the others take its partitions over without
+    /// waiting for its membership to expire. With N live workers each runs
+    /// `count / N` partitions or one more. See
+    /// [`crate::subscription::group`].
+    ///
+    /// Without leases, this worker runs every partition (several such
+    /// workers stay correct through the fenced checkpoints, but duplicate
+    /// work).
+    ///
+    /// Each partition appears in [`RunningWorker::status`] under its own
+    /// name (`<name>#<index>of<count>`); one assigned to another worker is
+    /// [`SubscriberState::Standby`].
+    pub fn add_partitioned(mut self, subscriber: Partitioned) -> Self {
+        self.groups.push(subscriber);
+        self
+    }
+
+    /// Starts every subscriber in its own task (and every partitioned one's
+    /// group membership); fails, starting none, when two subscribers (or
+    /// partitions) have the same name, or a partition's runner is not named
+    /// after its partition.
     pub fn start(self) -> Result<RunningWorker, WorkerError> {
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-        for (index, subscriber) in self.subscribers.iter().enumerate() {
-            if let Some(first) = seen.insert(subscriber.name(), index) {
+        let names = self.subscribers.iter().map(|s| s.name()).chain(
+            self.groups
+                .iter()
+                .flat_map(|g| g.partitions().iter().map(|s| s.name())),
+        );
+        for (index, name) in names.enumerate() {
+            if let Some(first) = seen.insert(name, index) {
                 return Err(WorkerError::DuplicateSubscriber {
-                    name: subscriber.name().to_owned(),
+                    name: name.to_owned(),
                     first,
                     second: index,
                 });
+            }
+        }
+        for group in &self.groups {
+            for (index, subscriber) in group.partitions().iter().enumerate() {
+                let expected = Partition::new(index as u32, group.count()).key(group.name());
+                if subscriber.name() != expected {
+                    return Err(WorkerError::PartitionName {
+                        group: group.group(),
+                        expected,
+                        found: subscriber.name().to_owned(),
+                    });
+                }
             }
         }
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -501,6 +565,61 @@ impl Worker {
                 standby_poll: self.standby_poll,
                 stall_limit: self.stall_limit,
                 status,
+            };
+            tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
+        }
+        for group in self.groups {
+            let mut group_statuses = Vec::new();
+            for subscriber in group.partitions() {
+                let name = subscriber.name().to_owned();
+                let status = Arc::new(Mutex::new(SubscriberStatus::new(&name)));
+                statuses.insert(name, status.clone());
+                group_statuses.push(status);
+            }
+            let Some((leases, ttl)) = self.leases.clone() else {
+                // No leases: every partition runs here.
+                for (subscriber, status) in group.partitions().iter().zip(group_statuses) {
+                    let supervisor = Supervisor {
+                        subscriber: subscriber.clone(),
+                        leases: None,
+                        holder: self.holder.clone(),
+                        backoff: self.backoff,
+                        standby_poll: self.standby_poll,
+                        stall_limit: self.stall_limit,
+                        status,
+                    };
+                    tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
+                }
+                continue;
+            };
+            let template = (
+                self.leases.clone(),
+                self.holder.clone(),
+                self.backoff,
+                self.standby_poll,
+                self.stall_limit,
+            );
+            let supervise = Arc::new(move |subscriber, status| {
+                let (leases, holder, backoff, standby_poll, stall_limit) = template.clone();
+                Supervisor {
+                    subscriber,
+                    leases,
+                    holder,
+                    backoff,
+                    standby_poll,
+                    stall_limit,
+                    status,
+                }
+            });
+            let supervisor = group::GroupSupervisor {
+                group: group.group(),
+                count: group.count(),
+                partitions: group.partitions().to_vec(),
+                statuses: group_statuses,
+                leases,
+                ttl,
+                holder: self.holder.clone(),
+                supervise,
             };
             tasks.push(tokio::spawn(supervisor.run(stop_rx.clone())));
         }

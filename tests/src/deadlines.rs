@@ -84,7 +84,7 @@ pub async fn schedule_is_an_idempotent_upsert<B: DeadlineBackend>() {
         vec![d.clone()]
     );
     assert_eq!(
-        s.due("shipping", at(60), 10).await.unwrap(),
+        s.due("shipping", None, at(60), 10).await.unwrap(),
         vec![d.clone()]
     );
 
@@ -99,8 +99,13 @@ pub async fn schedule_is_an_idempotent_upsert<B: DeadlineBackend>() {
         vec![moved.clone()],
         "replaced, not added"
     );
-    assert!(s.due("shipping", at(60), 10).await.unwrap().is_empty());
-    assert_eq!(s.next_due("shipping").await.unwrap(), Some(at(120)));
+    assert!(
+        s.due("shipping", None, at(60), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.next_due("shipping", None).await.unwrap(), Some(at(120)));
 }
 
 /// `cancel` removes one deadline of one process; absent ids are no error.
@@ -125,7 +130,7 @@ pub async fn cancel_removes_one_deadline<B: DeadlineBackend>() {
     );
     s.cancel("shipping", b.id).await.unwrap();
     assert!(s.pending("shipping", "order-1").await.unwrap().is_empty());
-    assert_eq!(s.next_due("shipping").await.unwrap(), None);
+    assert_eq!(s.next_due("shipping", None).await.unwrap(), None);
 }
 
 /// `cancel_instance` removes every deadline of one instance of one process.
@@ -155,7 +160,10 @@ pub async fn cancel_instance_removes_its_deadlines<B: DeadlineBackend>() {
         s.pending("billing", "order-1").await.unwrap(),
         vec![namesake]
     );
-    assert_eq!(s.due("shipping", at(100), 10).await.unwrap(), vec![sibling]);
+    assert_eq!(
+        s.due("shipping", None, at(100), 10).await.unwrap(),
+        vec![sibling]
+    );
     // Nothing left to cancel: no error.
     s.cancel_instance("shipping", "order-1").await.unwrap();
     s.cancel_instance("shipping", "never-was").await.unwrap();
@@ -188,51 +196,64 @@ pub async fn due_is_ordered_and_limited<B: DeadlineBackend>() {
         .collect();
     assert_eq!(due_at_30.len(), 6);
     assert_eq!(
-        s.due("shipping", at(30), 100).await.unwrap(),
+        s.due("shipping", None, at(30), 100).await.unwrap(),
         due_at_30,
         "due at or before now, by due time then id"
     );
     assert_eq!(
-        s.due("shipping", at(30), 4).await.unwrap(),
+        s.due("shipping", None, at(30), 4).await.unwrap(),
         due_at_30[..4].to_vec()
     );
     assert_eq!(
-        s.due("shipping", at(30), 1).await.unwrap(),
+        s.due("shipping", None, at(30), 1).await.unwrap(),
         due_at_30[..1].to_vec()
     );
-    assert!(s.due("shipping", at(30), 0).await.unwrap().is_empty());
-    assert!(s.due("shipping", at(9), 100).await.unwrap().is_empty());
+    assert!(s.due("shipping", None, at(30), 0).await.unwrap().is_empty());
+    assert!(
+        s.due("shipping", None, at(9), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        s.due("shipping", at(30) + Duration::microseconds(1), 100)
+        s.due("shipping", None, at(30) + Duration::microseconds(1), 100)
             .await
             .unwrap(),
         due_at_30
     );
     assert_eq!(
-        s.due("shipping", at(30) - Duration::microseconds(1), 100)
+        s.due("shipping", None, at(30) - Duration::microseconds(1), 100)
             .await
             .unwrap(),
         sorted[..4].to_vec(),
         "a deadline is not due a microsecond early"
     );
-    assert_eq!(s.due("shipping", at(1000), 100).await.unwrap(), sorted);
-    assert!(s.due("nobody", at(1000), 100).await.unwrap().is_empty());
+    assert_eq!(
+        s.due("shipping", None, at(1000), 100).await.unwrap(),
+        sorted
+    );
+    assert!(
+        s.due("nobody", None, at(1000), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// `next_due` is the earliest pending due time of the process, if any.
 pub async fn next_due_is_the_earliest<B: DeadlineBackend>() {
     let f = fresh!(B, "next_due_is_the_earliest");
     let s = &f.store;
-    assert_eq!(s.next_due("shipping").await.unwrap(), None);
+    assert_eq!(s.next_due("shipping", None).await.unwrap(), None);
     let late = deadline("shipping", "order-1", "late", 300);
     let early = deadline("shipping", "order-2", "early", -30);
     let middle = deadline("shipping", "order-1", "middle", 100);
     schedule_all(s, &[late.clone(), early.clone(), middle.clone()]).await;
-    assert_eq!(s.next_due("shipping").await.unwrap(), Some(at(-30)));
+    assert_eq!(s.next_due("shipping", None).await.unwrap(), Some(at(-30)));
     s.cancel("shipping", early.id).await.unwrap();
-    assert_eq!(s.next_due("shipping").await.unwrap(), Some(at(100)));
+    assert_eq!(s.next_due("shipping", None).await.unwrap(), Some(at(100)));
     s.cancel_instance("shipping", "order-1").await.unwrap();
-    assert_eq!(s.next_due("shipping").await.unwrap(), None);
+    assert_eq!(s.next_due("shipping", None).await.unwrap(), None);
 }
 
 /// `pending` lists one instance's deadlines, earliest first.
@@ -280,14 +301,14 @@ pub async fn processes_are_isolated<B: DeadlineBackend>() {
         vec![billing.clone()]
     );
     assert_eq!(
-        s.due("shipping", at(100), 10).await.unwrap(),
+        s.due("shipping", None, at(100), 10).await.unwrap(),
         vec![shipping.clone()]
     );
     assert_eq!(
-        s.due("billing", at(100), 10).await.unwrap(),
+        s.due("billing", None, at(100), 10).await.unwrap(),
         vec![billing.clone()]
     );
-    assert_eq!(s.next_due("billing").await.unwrap(), Some(at(20)));
+    assert_eq!(s.next_due("billing", None).await.unwrap(), Some(at(20)));
     // Rescheduling one process's id leaves the other's alone.
     let moved = Deadline {
         due_at: at(5),
@@ -306,7 +327,7 @@ pub async fn processes_are_isolated<B: DeadlineBackend>() {
     s.schedule(&moved).await.unwrap();
     s.cancel_instance("billing", "order-1").await.unwrap();
     assert_eq!(s.pending("shipping", "order-1").await.unwrap(), vec![moved]);
-    assert_eq!(s.next_due("billing").await.unwrap(), None);
+    assert_eq!(s.next_due("billing", None).await.unwrap(), None);
 }
 
 /// Deadlines are durable: the storage opened anew has them (backends that
@@ -326,14 +347,60 @@ pub async fn deadlines_survive_reopening<B: DeadlineBackend>() {
         return;
     };
     assert_eq!(
-        store.due("shipping", at(100), 10).await.unwrap(),
+        store.due("shipping", None, at(100), 10).await.unwrap(),
         vec![kept[0].clone(), kept[1].clone()]
     );
-    assert_eq!(store.next_due("billing").await.unwrap(), Some(at(15)));
+    assert_eq!(store.next_due("billing", None).await.unwrap(), Some(at(15)));
     assert_eq!(
         store.pending("billing", "order-1").await.unwrap(),
         vec![kept[2].clone()]
     );
+    drop(store);
+    drop(guard);
+}
+
+/// With a partition, `due` and `next_due` see only the deadlines of the
+/// instances in it (by their stream's hash), and every deadline is in
+/// exactly one partition of a count.
+pub async fn due_by_partition<B: DeadlineBackend>() {
+    use aftermath::subscription::Partition;
+    let Fresh { store, guard } = fresh!(B, "due_by_partition");
+    let all: Vec<Deadline> = (0..40)
+        .map(|i| deadline("shipping", &format!("order-{i}"), "ship", i))
+        .collect();
+    schedule_all(&store, &all).await;
+    let count = 4;
+    let mut seen = Vec::new();
+    for index in 0..count {
+        let p = Partition::new(index, count);
+        let due = store.due("shipping", Some(p), at(100), 100).await.unwrap();
+        let expected: Vec<Deadline> = all
+            .iter()
+            .filter(|d| p.contains_hash(d.instance_hash()))
+            .cloned()
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "40 instances fill every one of 4 partitions"
+        );
+        assert_eq!(
+            due, expected,
+            "partition {p}: its own deadlines, earliest first"
+        );
+        assert_eq!(
+            store.next_due("shipping", Some(p)).await.unwrap(),
+            Some(expected[0].due_at),
+            "partition {p}"
+        );
+        // A limit counts only the partition's deadlines.
+        assert_eq!(
+            store.due("shipping", Some(p), at(100), 1).await.unwrap(),
+            vec![expected[0].clone()]
+        );
+        seen.extend(due);
+    }
+    seen.sort_by_key(|d| d.due_at);
+    assert_eq!(seen, all, "every deadline in exactly one partition");
     drop(store);
     drop(guard);
 }
@@ -352,6 +419,7 @@ macro_rules! deadline_store_tests {
             pending_lists_one_instance,
             processes_are_isolated,
             deadlines_survive_reopening,
+            due_by_partition,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {

@@ -363,6 +363,7 @@ async fn duplicate_subscriber_names_fail_at_start() {
         }) => {
             assert_eq!((name.as_str(), first, second), ("bal", 0, 2));
         }
+        Err(other) => panic!("expected a duplicate name, got {other}"),
         Ok(_) => panic!("two subscribers named `bal` started"),
     }
     // Nothing ran.

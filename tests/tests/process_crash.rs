@@ -274,7 +274,12 @@ async fn finished(store: &SqliteStore, progress: &Progress) -> bool {
             return false;
         }
     }
-    if store.next_due(PROCESS).await.expect("next due").is_some() {
+    if store
+        .next_due(PROCESS, None)
+        .await
+        .expect("next due")
+        .is_some()
+    {
         return false;
     }
     store.head().await.expect("head") == head

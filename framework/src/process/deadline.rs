@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::store::StoreError;
+use crate::subscription::Partition;
 
 /// One scheduled deadline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,15 @@ pub struct Deadline {
     pub due_at: DateTime<Utc>,
 }
 
+impl Deadline {
+    /// The [`stream_hash`](crate::subscription::stream_hash) of its
+    /// instance's stream: the partition of a partitioned process runner it
+    /// belongs to is the partition of its instance.
+    pub fn instance_hash(&self) -> u64 {
+        crate::subscription::stream_hash(&super::record::stream_of(&self.process, &self.instance))
+    }
+}
+
 /// Where deadlines wait until they are due. Implemented by the in-memory
 /// [`MemoryDeadlines`], [`SqliteStore`](crate::SqliteStore) and
 /// `PostgresStore`.
@@ -49,20 +59,32 @@ pub trait DeadlineStore: Send + Sync + 'static {
     async fn cancel_instance(&self, process: &str, instance: &str) -> Result<(), StoreError>;
 
     /// Up to `limit` deadlines of `process` due at or before `now`, earliest
-    /// first (ties by id).
+    /// first (ties by id); with a `partition`, only those of the instances
+    /// in it ([`Deadline::instance_hash`]).
     async fn due(
         &self,
         process: &str,
+        partition: Option<Partition>,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Deadline>, StoreError>;
 
-    /// When the earliest pending deadline of `process` is due, if any.
-    async fn next_due(&self, process: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// When the earliest pending deadline of `process` (in `partition`, if
+    /// given) is due, if any.
+    async fn next_due(
+        &self,
+        process: &str,
+        partition: Option<Partition>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// Every pending deadline of `instance`, earliest first (for operators
     /// and tests).
     async fn pending(&self, process: &str, instance: &str) -> Result<Vec<Deadline>, StoreError>;
+}
+
+/// Whether `deadline` belongs to `partition` (always without one).
+fn in_partition(deadline: &Deadline, partition: Option<Partition>) -> bool {
+    partition.is_none_or(|p| p.contains_hash(deadline.instance_hash()))
 }
 
 /// (process, due_at, id) -> deadline: ordered by due time.
@@ -112,24 +134,29 @@ impl DeadlineStore for MemoryDeadlines {
     async fn due(
         &self,
         process: &str,
+        partition: Option<Partition>,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Deadline>, StoreError> {
         Ok(self
             .rows()
             .iter()
-            .filter(|((p, due, _), _)| p == process && *due <= now)
+            .filter(|((p, due, _), d)| p == process && *due <= now && in_partition(d, partition))
             .take(limit)
             .map(|(_, d)| d.clone())
             .collect())
     }
 
-    async fn next_due(&self, process: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn next_due(
+        &self,
+        process: &str,
+        partition: Option<Partition>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         Ok(self
             .rows()
-            .keys()
-            .find(|(p, _, _)| p == process)
-            .map(|(_, due, _)| *due))
+            .iter()
+            .find(|((p, _, _), d)| p == process && in_partition(d, partition))
+            .map(|((_, due, _), _)| *due))
     }
 
     async fn pending(&self, process: &str, instance: &str) -> Result<Vec<Deadline>, StoreError> {

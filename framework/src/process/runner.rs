@@ -44,6 +44,10 @@ pub struct ProcessRunner<P: ProcessManager, S, D, C> {
     clock: Arc<dyn Clock>,
     options: ProcessOptions,
     cache: Mutex<HashMap<String, Instance<P>>>,
+    /// The instances this runner handles, when partitioned.
+    partition: Option<Partition>,
+    /// Its checkpoint and lease key: `P::NAME`, or the partition's key.
+    key: String,
 }
 
 /// One event of a page, for one instance's lane.
@@ -74,7 +78,50 @@ where
             clock: Arc::new(SystemClock),
             options: ProcessOptions::default(),
             cache: Mutex::new(HashMap::new()),
+            partition: None,
+            key: P::NAME.to_owned(),
         }
+    }
+
+    /// Handles only the instances in partition `index` of `count`: those
+    /// whose stream (`<process>.process-<instance>`) has its
+    /// [`stream_hash`](crate::subscription::stream_hash) in that partition,
+    /// so the instances of a process run on up to `count` workers in
+    /// parallel while each instance's inputs stay in order, in one
+    /// partition. The checkpoint and lease key become
+    /// `<process>#<index>of<count>`, and the partition fires only its own
+    /// instances' deadlines. Run every partition with
+    /// [`Worker::add_partitioned`](crate::worker::Worker::add_partitioned),
+    /// which spreads them over the workers of a group.
+    ///
+    /// Each partition reads every input event (an input's partition is
+    /// known only once it is routed to its instance) and keeps those of its
+    /// instances; its own records are filtered by stream.
+    ///
+    /// Changing `count` gives every partition a fresh checkpoint: the new
+    /// partitions read the log again from
+    /// [`SubscriptionOptions::start_from`](crate::subscription::SubscriptionOptions),
+    /// which repeats nothing (an instance's stream records the inputs it
+    /// handled, commands carry derived ids the targets deduplicate, and
+    /// deadline rows are keyed by id) but costs a read of the log. While
+    /// runners of the old and the new count overlap (a rolling deploy), both
+    /// may handle one instance: its stream's expected version serializes
+    /// them, and the loser reloads and finds the input handled.
+    ///
+    /// # Panics
+    ///
+    /// When `count` is 0 or `index >= count`.
+    pub fn partition(mut self, index: u32, count: u32) -> Self {
+        let partition = Partition::new(index, count);
+        self.key = partition.key(P::NAME);
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Whether instance `id` is this runner's (always when unpartitioned).
+    fn owns(&self, instance: &str) -> bool {
+        self.partition
+            .is_none_or(|p| p.contains(&super::record::stream_of(P::NAME, instance)))
     }
 
     /// Sets the options.
@@ -109,13 +156,13 @@ where
     /// examples; outputs recorded meanwhile are dispatched by the next call.
     pub async fn catch_up(&self) -> Result<Position, SubscriberError> {
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        let mut ctx = RunContext::standalone(P::NAME, rx);
+        let mut ctx = RunContext::standalone(&self.key, rx);
         engine::drive(self, &self.store, &mut ctx, true).await
     }
 
     fn store_error(&self, source: StoreError) -> SubscriberError {
         SubscriberError::Store {
-            subscriber: P::NAME.to_owned(),
+            subscriber: self.key.clone(),
             source,
         }
     }
@@ -133,7 +180,7 @@ where
 
     fn event_error(&self, stored: &StoredEvent, message: impl Into<String>) -> SubscriberError {
         SubscriberError::Event {
-            subscriber: P::NAME.to_owned(),
+            subscriber: self.key.clone(),
             position: stored.position,
             stream: stored.stream.clone(),
             version: stored.version,
@@ -149,7 +196,7 @@ where
         message: impl Into<String>,
     ) -> SubscriberError {
         SubscriberError::Event {
-            subscriber: P::NAME.to_owned(),
+            subscriber: self.key.clone(),
             position: Position::ORIGIN,
             stream: inst.stream(),
             version: inst.version,
@@ -160,7 +207,7 @@ where
 
     fn check_config(&self) -> Result<(), SubscriberError> {
         let config = |message| SubscriberError::Config {
-            subscriber: P::NAME.to_owned(),
+            subscriber: self.key.clone(),
             message,
         };
         check_name(P::NAME).map_err(config)?;
@@ -250,7 +297,7 @@ where
         let poll = self.options.deadline_poll;
         let next = self
             .deadlines
-            .next_due(P::NAME)
+            .next_due(P::NAME, self.partition)
             .await
             .map_err(|e| self.store_error(e))?;
         Ok(match next {
@@ -272,7 +319,7 @@ where
         loop {
             let due = self
                 .deadlines
-                .due(P::NAME, cutoff, batch)
+                .due(P::NAME, self.partition, cutoff, batch)
                 .await
                 .map_err(|e| self.store_error(e))?;
             let n = due.len();
@@ -345,6 +392,9 @@ where
         let mut lanes: HashMap<String, Vec<Item<'_, P::Input>>> = HashMap::new();
         for stored in events {
             let (instance, item) = if let Some(instance) = instance_of(P::NAME, &stored.stream) {
+                if !self.owns(instance) {
+                    continue;
+                }
                 (instance.to_owned(), Item::Record(stored))
             } else if DISPATCHED_TYPES.contains(&stored.event_type.as_str()) {
                 // Another process's record.
@@ -365,6 +415,9 @@ where
                 let Some(instance) = route.instance() else {
                     continue;
                 };
+                if !self.owns(instance) {
+                    continue;
+                }
                 (
                     instance.to_owned(),
                     Item::Input {
@@ -1164,7 +1217,7 @@ where
     C: CheckpointStore,
 {
     fn name(&self) -> &str {
-        P::NAME
+        &self.key
     }
 
     async fn run(&self, ctx: &mut RunContext) -> Result<(), SubscriberError> {
@@ -1192,7 +1245,7 @@ where
     type Run = ProcessRun;
 
     fn key(&self) -> &str {
-        P::NAME
+        &self.key
     }
 
     fn subscription(&self) -> &SubscriptionOptions {
@@ -1205,6 +1258,8 @@ where
         types
     }
 
+    /// Not pushed into the read: an input's partition is its instance's,
+    /// known only once routed (see [`ProcessRunner::partition`]).
     fn partition(&self) -> Option<Partition> {
         None
     }

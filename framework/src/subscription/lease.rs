@@ -41,7 +41,7 @@
 //! costs only a takeover: the old holder's next fenced write or renewal
 //! fails with `LeaseLost` and it stands by.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,12 +107,51 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// Gives the lease up (it expires at once).
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Records `holder` as a live member of the consumer group `group` for
+    /// `ttl` from now (joining it when it is not a member), and returns the
+    /// group's live members, this one included, ordered by instance id.
+    /// A member is live until its last heartbeat's `ttl` has passed, or
+    /// until the store can tell that its process is gone (as for leases).
+    /// See [`crate::subscription::group`].
+    async fn heartbeat(
+        &self,
+        group: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, StoreError>;
+
+    /// Removes `holder` from `group` at once (a graceful leave: the others
+    /// take its partitions over at their next heartbeat, without waiting
+    /// for its membership to expire). No error when it is not a member.
+    async fn leave(&self, group: &str, holder: &Holder) -> Result<(), StoreError>;
+
+    /// The live members of every group, ordered by group and instance (for
+    /// operators: `aftermath status`).
+    async fn members(&self) -> Result<Vec<Member>, StoreError>;
+}
+
+/// A live member of a consumer group: one worker that runs the group's
+/// partitioned subscriber (see [`crate::subscription::group`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The group: `<subscriber>#*of<count>`.
+    pub group: String,
+    /// The member's owner name (for people).
+    pub owner: String,
+    /// The member's instance id (unique per running worker).
+    pub instance: String,
+    /// When it joined (its first heartbeat since it last left or expired).
+    pub joined_at: DateTime<Utc>,
+    /// When its membership expires unless it sends another heartbeat.
+    pub expires_at: DateTime<Utc>,
 }
 
 /// Leases in memory: for tests of several workers in one process.
 #[derive(Clone, Default)]
 pub struct MemoryLeases {
     rows: Arc<Mutex<HashMap<String, Lease>>>,
+    members: Arc<Mutex<BTreeMap<(String, String), Member>>>,
 }
 
 impl MemoryLeases {
@@ -186,5 +225,53 @@ impl LeaseStore for MemoryLeases {
             row.expires_at = Utc::now();
         }
         Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, StoreError> {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Utc::now();
+        members.retain(|_, m| m.expires_at > now);
+        let key = (group.to_owned(), holder.instance.clone());
+        let joined_at = members.get(&key).map_or(now, |m| m.joined_at);
+        members.insert(
+            key,
+            Member {
+                group: group.to_owned(),
+                owner: holder.owner.clone(),
+                instance: holder.instance.clone(),
+                joined_at,
+                expires_at: expiry(ttl),
+            },
+        );
+        Ok(members
+            .values()
+            .filter(|m| m.group == group)
+            .cloned()
+            .collect())
+    }
+
+    async fn leave(&self, group: &str, holder: &Holder) -> Result<(), StoreError> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(group.to_owned(), holder.instance.clone()));
+        Ok(())
+    }
+
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let now = Utc::now();
+        Ok(self
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|m| m.expires_at > now)
+            .cloned()
+            .collect())
     }
 }

@@ -26,11 +26,13 @@ use crate::store::{EventStore, StoreError};
 
 pub mod checkpoint;
 pub(crate) mod engine;
+pub mod group;
 pub mod lease;
 pub mod partition;
 
 pub use checkpoint::{CheckpointStore, MemoryCheckpoints, resume};
-pub use lease::{Holder, Lease, LeaseStore, MemoryLeases};
+pub use group::{assign, group_name};
+pub use lease::{Holder, Lease, LeaseStore, Member, MemoryLeases};
 pub use partition::{Partition, stream_hash};
 
 /// Where a subscriber without a saved checkpoint starts.

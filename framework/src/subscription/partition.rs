@@ -65,6 +65,12 @@ pub fn stream_hash(stream: &str) -> u64 {
     fmix64(fnv1a_64(stream.as_bytes()))
 }
 
+/// The stored form of a stream hash in SQL: the unsigned hash minus 2^63
+/// (its top bit flipped), which keeps its order in a signed 64-bit integer.
+pub(crate) fn stored_hash(hash: u64) -> i64 {
+    (hash ^ (1 << 63)) as i64
+}
+
 /// One of `count` partitions of a subscriber: the streams whose
 /// [`stream_hash`] falls in the `index`-th of `count` equal ranges.
 ///
@@ -138,6 +144,13 @@ impl Partition {
         let first = start(u128::from(self.index));
         let end = start(u128::from(self.index) + 1);
         (first as u64, (end - 1) as u64)
+    }
+
+    /// [`Partition::hash_range`] in the stored form of a hash (see
+    /// [`stored_hash`]): one `BETWEEN` over a signed integer column.
+    pub(crate) fn stored_range(&self) -> (i64, i64) {
+        let (first, last) = self.hash_range();
+        (stored_hash(first), stored_hash(last))
     }
 
     /// The checkpoint and lease key of subscriber `name` in this partition:

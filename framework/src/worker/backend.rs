@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use super::{RunningWorker, Subscriber, Worker, WorkerError};
-use crate::process::{CommandBus, DeadlineStore, ProcessManager, ProcessRunner};
+use super::{Partitioned, RunningWorker, Subscriber, Worker, WorkerError};
+use crate::process::{CommandBus, DeadlineStore, ProcessManager, ProcessOptions, ProcessRunner};
 use crate::projection::{Projection, ProjectionOptions, ProjectionRunner, ReadModelDb};
 use crate::reactor::{EffectJournal, Reactor, ReactorOptions, ReactorRunner};
 use crate::store::EventStore;
@@ -131,6 +131,78 @@ impl<S: Backend> BackendWorker<S> {
         let store = self.store.clone();
         let runner = ProcessRunner::new(process, store.clone(), bus, store.clone(), store);
         self.add_subscriber(runner)
+    }
+
+    /// Adds a projection split into `count` partitions that the workers of
+    /// its group share (see [`Worker::add_partitioned`]); the read model is
+    /// one, the partitions commit to it in parallel. See
+    /// [`ProjectionRunner::partition`] for what a layout change means.
+    pub fn partitioned_projection<P: Projection<Db = S> + Clone>(
+        self,
+        projection: P,
+        count: u32,
+        options: ProjectionOptions,
+    ) -> Self {
+        let store = self.store.clone();
+        let name = projection.name().to_owned();
+        let group = Partitioned::new(name, count, |p| {
+            ProjectionRunner::new(projection.clone(), store.clone(), store.clone())
+                .options(options.clone())
+                .partition(p.index, p.count)
+        });
+        self.add_partitioned(group)
+    }
+
+    /// Adds a reactor split into `count` partitions that the workers of its
+    /// group share (see [`Worker::add_partitioned`]): the effects of a
+    /// stream stay in order, in one partition.
+    pub fn partitioned_reactor<R: Reactor + Clone>(
+        self,
+        reactor: R,
+        count: u32,
+        options: ReactorOptions,
+    ) -> Self {
+        let store = self.store.clone();
+        let name = reactor.name().to_owned();
+        let group = Partitioned::new(name, count, |p| {
+            ReactorRunner::new(reactor.clone(), store.clone(), store.clone(), store.clone())
+                .options(options.clone())
+                .partition(p.index, p.count)
+        });
+        self.add_partitioned(group)
+    }
+
+    /// Adds a process manager whose instances are split into `count`
+    /// partitions (by their stream's hash) that the workers of its group
+    /// share (see [`ProcessRunner::partition`] and
+    /// [`Worker::add_partitioned`]).
+    pub fn partitioned_process<P: ProcessManager + Clone>(
+        self,
+        process: P,
+        bus: CommandBus,
+        count: u32,
+        options: ProcessOptions,
+    ) -> Self {
+        let store = self.store.clone();
+        let group = Partitioned::new(P::NAME, count, |p| {
+            ProcessRunner::new(
+                process.clone(),
+                store.clone(),
+                bus.clone(),
+                store.clone(),
+                store.clone(),
+            )
+            .options(options.clone())
+            .partition(p.index, p.count)
+        });
+        self.add_partitioned(group)
+    }
+
+    /// Adds a partitioned subscriber built by hand (see
+    /// [`Worker::add_partitioned`]).
+    pub fn add_partitioned(mut self, subscriber: Partitioned) -> Self {
+        self.worker = self.worker.add_partitioned(subscriber);
+        self
     }
 
     /// Adds any subscriber (a runner built with its own options, partition

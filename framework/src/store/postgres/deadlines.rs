@@ -15,6 +15,8 @@ use super::types::Timestamp;
 use crate::event::Position;
 use crate::process::{Deadline, DeadlineStore};
 use crate::store::StoreError;
+use crate::subscription::Partition;
+use crate::subscription::partition::stored_hash;
 
 /// The columns [`deadline`] reads, in its order.
 const COLUMNS: &str = "process, id, instance, name, due_at";
@@ -36,10 +38,11 @@ impl Statements {
         let table = format!("{schema}.aftermath_deadlines");
         Statements {
             schedule: s(format!(
-                "INSERT INTO {table} (process, id, instance, name, due_at) \
-                 VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO {table} (process, id, instance, name, due_at, instance_hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (process, id) DO UPDATE SET instance = excluded.instance, \
-                   name = excluded.name, due_at = excluded.due_at"
+                   name = excluded.name, due_at = excluded.due_at, \
+                   instance_hash = excluded.instance_hash"
             )),
             cancel: s(format!(
                 "DELETE FROM {table} WHERE process = $1 AND id = $2"
@@ -49,11 +52,14 @@ impl Statements {
             )),
             due: s(format!(
                 "SELECT {COLUMNS} FROM {table} WHERE process = $1 AND due_at <= $2 \
+                   AND instance_hash BETWEEN $4 AND $5 \
                  ORDER BY due_at, id LIMIT $3"
             )),
-            // The first entry of the process in `(process, due_at, id)`.
+            // The first entry of the process in `(process, due_at, id)`
+            // that is in the partition.
             next_due: s(format!(
-                "SELECT due_at FROM {table} WHERE process = $1 ORDER BY due_at LIMIT 1"
+                "SELECT due_at FROM {table} WHERE process = $1 \
+                   AND instance_hash BETWEEN $2 AND $3 ORDER BY due_at LIMIT 1"
             )),
             pending: s(format!(
                 "SELECT {COLUMNS} FROM {table} WHERE process = $1 AND instance = $2 \
@@ -98,6 +104,11 @@ impl PostgresStore {
     }
 }
 
+/// The stored instance hashes of `partition` (every hash without one).
+fn range(partition: Option<Partition>) -> (i64, i64) {
+    partition.map_or((i64::MIN, i64::MAX), |p| p.stored_range())
+}
+
 #[async_trait]
 impl DeadlineStore for PostgresStore {
     async fn schedule(&self, deadline: &Deadline) -> Result<(), StoreError> {
@@ -107,6 +118,7 @@ impl DeadlineStore for PostgresStore {
             .bind(&deadline.instance)
             .bind(&deadline.name)
             .bind(Timestamp(deadline.due_at))
+            .bind(stored_hash(deadline.instance_hash()))
             .execute(self.pool())
             .await
             .map_err(db("scheduling a deadline"))?;
@@ -136,25 +148,36 @@ impl DeadlineStore for PostgresStore {
     async fn due(
         &self,
         process: &str,
+        partition: Option<Partition>,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Deadline>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let (first, last) = range(partition);
         let rows = stmt(&self.deadline_statements().due)
             .bind(process)
             .bind(Timestamp(now))
             .bind(sql_int(limit as u64))
+            .bind(first)
+            .bind(last)
             .fetch_all(self.pool())
             .await
             .map_err(db("reading due deadlines"))?;
         deadlines(rows)
     }
 
-    async fn next_due(&self, process: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn next_due(
+        &self,
+        process: &str,
+        partition: Option<Partition>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let (first, last) = range(partition);
         let row = stmt(&self.deadline_statements().next_due)
             .bind(process)
+            .bind(first)
+            .bind(last)
             .fetch_optional(self.pool())
             .await
             .map_err(db("reading the next deadline"))?;

@@ -389,9 +389,7 @@ pub(super) async fn read_all(
 
 /// The stored form of a stream hash (`stream_hash` column): the unsigned
 /// hash minus 2^63, which keeps its order in a signed `bigint`.
-pub(super) fn stored_hash(hash: u64) -> i64 {
-    (hash ^ (1 << 63)) as i64
-}
+pub(super) use crate::subscription::partition::stored_hash;
 
 /// Reads a page of one partition of `$all` (see [`read_all`]).
 pub(super) async fn read_partition(

@@ -36,7 +36,7 @@ use crate::projection::{
     Commit, HandlerFailure, ProjectionState, ReadModelDb, SkippedEvent, TxWork,
 };
 use crate::store::StoreError;
-use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore};
+use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore, Member};
 
 /// A projection's view of the open transaction: a connection of the store's
 /// pool inside `BEGIN`, whose writes commit together with the projection's
@@ -157,6 +157,9 @@ pub(super) struct Statements {
     acquire: Arc<str>,
     renew: Arc<str>,
     release: Arc<str>,
+    heartbeat: Arc<str>,
+    leave: Arc<str>,
+    members: Arc<str>,
     pub(super) effects_load: Arc<str>,
     pub(super) effects_for: Arc<str>,
     pub(super) effects_record: Arc<str>,
@@ -303,6 +306,37 @@ impl Statements {
             release: s(format!(
                 "UPDATE {schema}.leases SET expires_at = 'epoch' \
                  WHERE name = $1 AND instance = $2 AND token = $3"
+            )),
+            // Upserts this member's row ($1 group, $2 instance, $3 owner,
+            // $4 ttl in microseconds, $5 presence session), drops rows
+            // expired for an hour, and returns the live members: not
+            // expired, and their presence session (if recorded) still there.
+            heartbeat: s(format!(
+                "WITH me AS ( \
+                   INSERT INTO {schema}.members AS m \
+                     (group_name, instance, owner, joined_at, expires_at, holder_pid, holder_start) \
+                   VALUES ($1, $2, $3, now(), now() + $4::bigint * interval '1 microsecond', $5, \
+                     (SELECT backend_start FROM pg_stat_activity WHERE pid = $5)) \
+                   ON CONFLICT (group_name, instance) DO UPDATE SET owner = excluded.owner, \
+                     joined_at = CASE WHEN m.expires_at <= now() THEN now() ELSE m.joined_at END, \
+                     expires_at = excluded.expires_at, holder_pid = excluded.holder_pid, \
+                     holder_start = excluded.holder_start \
+                   RETURNING group_name, owner, instance, joined_at, expires_at), \
+                 gone AS ( \
+                   DELETE FROM {schema}.members WHERE group_name = $1 \
+                     AND expires_at < now() - interval '1 hour') \
+                 SELECT group_name, owner, instance, joined_at, expires_at FROM me \
+                 UNION ALL \
+                 SELECT group_name, owner, instance, joined_at, expires_at FROM {schema}.members m \
+                 WHERE m.group_name = $1 AND m.instance <> $2 AND {LIVE_MEMBER} \
+                 ORDER BY instance"
+            )),
+            leave: s(format!(
+                "DELETE FROM {schema}.members WHERE group_name = $1 AND instance = $2"
+            )),
+            members: s(format!(
+                "SELECT group_name, owner, instance, joined_at, expires_at FROM {schema}.members m \
+                 WHERE {LIVE_MEMBER} ORDER BY group_name, instance"
             )),
             effects_load: s(format!(
                 "SELECT {EFFECT_COLUMNS} FROM {schema}.effects \
@@ -800,6 +834,67 @@ impl LeaseStore for PostgresStore {
             .map_err(db("releasing a lease"))?;
         Ok(())
     }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, StoreError> {
+        let pid = self.presence().await?;
+        let rows = stmt(&self.statements().heartbeat)
+            .bind(group)
+            .bind(&holder.instance)
+            .bind(&holder.owner)
+            .bind(micros(ttl))
+            .bind(pid)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("sending a group heartbeat"))?;
+        members_of(rows)
+    }
+
+    async fn leave(&self, group: &str, holder: &Holder) -> Result<(), StoreError> {
+        stmt(&self.statements().leave)
+            .bind(group)
+            .bind(&holder.instance)
+            .execute(self.pool())
+            .await
+            .map_err(db("leaving a group"))?;
+        Ok(())
+    }
+
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let rows = stmt(&self.statements().members)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("listing group members"))?;
+        members_of(rows)
+    }
+}
+
+/// A member row (alias `m`) that is live: not expired, and its presence
+/// session, when recorded, still connected.
+const LIVE_MEMBER: &str = "m.expires_at > now() AND (m.holder_pid IS NULL OR m.holder_start IS NULL \
+     OR EXISTS (SELECT 1 FROM pg_stat_activity a \
+     WHERE a.pid = m.holder_pid AND a.backend_start = m.holder_start))";
+
+/// Member rows (group_name, owner, instance, joined_at, expires_at).
+fn members_of(rows: Vec<PgRow>) -> Result<Vec<Member>, StoreError> {
+    let failed = || db("reading group members");
+    rows.iter()
+        .map(|row| {
+            let Timestamp(joined_at) = row.try_get(3).map_err(failed())?;
+            let Timestamp(expires_at) = row.try_get(4).map_err(failed())?;
+            Ok(Member {
+                group: row.try_get(0).map_err(failed())?,
+                owner: row.try_get(1).map_err(failed())?,
+                instance: row.try_get(2).map_err(failed())?,
+                joined_at,
+                expires_at,
+            })
+        })
+        .collect()
 }
 
 /// The current time, as bound.

@@ -13,6 +13,8 @@ use super::subscriptions::{db, micros};
 use crate::event::Position;
 use crate::process::{Deadline, DeadlineStore};
 use crate::store::StoreError;
+use crate::subscription::Partition;
+use crate::subscription::partition::stored_hash;
 
 const COLUMNS: &str = "process, id, instance, name, due_at";
 
@@ -93,6 +95,31 @@ fn query(
     Ok(out)
 }
 
+/// The stored instance hashes of `partition` (every hash without one).
+fn range(partition: Option<Partition>) -> (i64, i64) {
+    partition.map_or((i64::MIN, i64::MAX), |p| p.stored_range())
+}
+
+/// Fills `instance_hash` of deadlines scheduled before migration 8 (SQLite
+/// has no hash function to do it in SQL). Runs inside the migration's
+/// transaction.
+pub(super) fn backfill_instance_hashes(conn: &Connection) -> rusqlite::Result<()> {
+    let rows: Vec<(String, String)> = conn
+        .prepare("SELECT DISTINCT process, instance FROM aftermath_deadlines WHERE instance_hash IS NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut update = conn.prepare(
+        "UPDATE aftermath_deadlines SET instance_hash = ?3 WHERE process = ?1 AND instance = ?2",
+    )?;
+    for (process, instance) in rows {
+        let hash = crate::subscription::stream_hash(&crate::process::record::stream_of(
+            &process, &instance,
+        ));
+        update.execute((&process, &instance, stored_hash(hash)))?;
+    }
+    Ok(())
+}
+
 /// SQLite integers are `i64`; larger limits mean "no limit".
 fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
@@ -104,10 +131,11 @@ impl DeadlineStore for SqliteStore {
         let deadline = deadline.clone();
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO aftermath_deadlines (process, id, instance, name, due_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO aftermath_deadlines (process, id, instance, name, due_at, instance_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (process, id) DO UPDATE SET instance = excluded.instance,
-                     name = excluded.name, due_at = excluded.due_at",
+                     name = excluded.name, due_at = excluded.due_at,
+                     instance_hash = excluded.instance_hash",
             )
             .and_then(|mut s| {
                 s.execute((
@@ -116,6 +144,7 @@ impl DeadlineStore for SqliteStore {
                     &deadline.instance,
                     &deadline.name,
                     micros(deadline.due_at),
+                    stored_hash(deadline.instance_hash()),
                 ))
             })
             .map_err(db("scheduling a deadline"))?;
@@ -151,6 +180,7 @@ impl DeadlineStore for SqliteStore {
     async fn due(
         &self,
         process: &str,
+        partition: Option<Partition>,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Deadline>, StoreError> {
@@ -158,31 +188,39 @@ impl DeadlineStore for SqliteStore {
             return Ok(Vec::new());
         }
         let process = process.to_owned();
+        let (first, last) = range(partition);
         self.read(move |conn| {
             query(
                 conn,
                 &format!(
                     "SELECT {COLUMNS} FROM aftermath_deadlines
-                     WHERE process = ?1 AND due_at <= ?2
+                     WHERE process = ?1 AND due_at <= ?2 AND instance_hash BETWEEN ?4 AND ?5
                      ORDER BY due_at, id LIMIT ?3"
                 ),
-                (&process, micros(now), sql_limit(limit)),
+                (&process, micros(now), sql_limit(limit), first, last),
             )
         })
         .await
     }
 
-    async fn next_due(&self, process: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn next_due(
+        &self,
+        process: &str,
+        partition: Option<Partition>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let process = process.to_owned();
+        let (first, last) = range(partition);
         self.read(move |conn| {
-            // The first entry of the process in the `(process, due_at, id)` index.
+            // The first entry of the process in the `(process, due_at, id)`
+            // index that is in the partition.
             let due = conn
                 .prepare_cached(
                     "SELECT due_at FROM aftermath_deadlines
-                     WHERE process = ?1 ORDER BY due_at LIMIT 1",
+                     WHERE process = ?1 AND instance_hash BETWEEN ?2 AND ?3
+                     ORDER BY due_at LIMIT 1",
                 )
                 .and_then(|mut s| {
-                    s.query_row([&process], |row| Ok(due_at(row.get_ref(0)?)))
+                    s.query_row((&process, first, last), |row| Ok(due_at(row.get_ref(0)?)))
                         .optional()
                 })
                 .map_err(db("reading the next deadline"))?;

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_unsettled_effects.sql"),
     include_str!("migrations/0006_process.sql"),
     include_str!("migrations/0007_lease_holders.sql"),
+    include_str!("migrations/0008_groups.sql"),
 ];
 
 /// The schema version this build creates and understands.
@@ -100,6 +101,9 @@ fn migrate(conn: &Connection, location: &str) -> Result<(), StoreError> {
     let pending = usize::try_from(version).unwrap_or(0);
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(pending) {
         tx.execute_batch(sql).map_err(failed)?;
+        if index + 1 == 8 {
+            super::deadlines::backfill_instance_hashes(&tx).map_err(failed)?;
+        }
         tx.execute(
             "INSERT INTO aftermath_schema (version, applied_at) VALUES (?1, ?2)",
             (index as i64 + 1, chrono::Utc::now().to_rfc3339()),

@@ -14,7 +14,7 @@ use super::SqliteStore;
 use crate::event::Position;
 use crate::projection::{Commit, ProjectionState, ReadModelDb, SkippedEvent, TxWork};
 use crate::store::StoreError;
-use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore};
+use crate::subscription::{CheckpointStore, Holder, Lease, LeaseStore, Member};
 
 /// A projection's view of the open transaction: the writer's connection,
 /// whose writes commit together with the projection's checkpoint.
@@ -439,6 +439,119 @@ impl LeaseStore for SqliteStore {
         })
         .await
     }
+
+    async fn heartbeat(
+        &self,
+        group: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, StoreError> {
+        let group = group.to_owned();
+        let holder = holder.clone();
+        let pid = std::process::id();
+        let identity = process_identity(pid);
+        self.write(move |conn| {
+            let now = micros(Utc::now());
+            let failed = || db("sending a group heartbeat");
+            conn.prepare_cached(
+                "INSERT INTO aftermath_members AS m
+                     (group_name, instance, owner, joined_at, expires_at, holder_pid, holder_start)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (group_name, instance) DO UPDATE SET owner = excluded.owner,
+                     joined_at = CASE WHEN m.expires_at <= ?4 THEN ?4 ELSE m.joined_at END,
+                     expires_at = excluded.expires_at, holder_pid = excluded.holder_pid,
+                     holder_start = excluded.holder_start",
+            )
+            .and_then(|mut s| {
+                s.execute((
+                    &group,
+                    &holder.instance,
+                    &holder.owner,
+                    now,
+                    expiry(ttl),
+                    i64::from(pid),
+                    &identity,
+                ))
+            })
+            .map_err(failed())?;
+            // Rows expired for an hour are dropped.
+            conn.prepare_cached(
+                "DELETE FROM aftermath_members WHERE group_name = ?1 AND expires_at < ?2",
+            )
+            .and_then(|mut s| s.execute((&group, now - 3_600_000_000)))
+            .map_err(failed())?;
+            live_members(conn, Some(&group), now)
+        })
+        .await
+    }
+
+    async fn leave(&self, group: &str, holder: &Holder) -> Result<(), StoreError> {
+        let group = group.to_owned();
+        let instance = holder.instance.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM aftermath_members WHERE group_name = ?1 AND instance = ?2",
+            )
+            .and_then(|mut s| s.execute((&group, &instance)))
+            .map_err(db("leaving a group"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        self.read(|conn| live_members(conn, None, micros(Utc::now())))
+            .await
+    }
+}
+
+/// The live members of `group` (every group without one), ordered by
+/// group and instance: not expired at `now`, and not known gone.
+fn live_members(
+    conn: &Connection,
+    group: Option<&str>,
+    now: i64,
+) -> Result<Vec<Member>, StoreError> {
+    type Row = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+    );
+    let found: Vec<Row> = rows(
+        conn,
+        "reading group members",
+        "SELECT group_name, owner, instance, joined_at, expires_at, holder_pid, holder_start
+         FROM aftermath_members
+         WHERE (?1 IS NULL OR group_name = ?1) AND expires_at > ?2
+         ORDER BY group_name, instance",
+        (group, now),
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        },
+    )?;
+    Ok(found
+        .into_iter()
+        .filter(|(.., pid, identity)| !holder_gone(*pid, identity.as_deref()))
+        .map(|(group, owner, instance, joined, expires, ..)| Member {
+            group,
+            owner,
+            instance,
+            joined_at: from_micros(joined),
+            expires_at: from_micros(expires),
+        })
+        .collect())
 }
 
 fn rows<T>(
