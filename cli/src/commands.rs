@@ -174,6 +174,10 @@ fn render_status(report: &Report, describe: &str, color: bool) -> String {
         out.push_str(&table.render());
     }
     out.push('\n');
+    if !report.groups.is_empty() {
+        out.push_str(&render_groups(&report.groups));
+        out.push('\n');
+    }
     out.push_str(&report.summary());
     out.push('\n');
     if report.needs_attention() {
@@ -194,6 +198,62 @@ fn render_status(report: &Report, describe: &str, color: bool) -> String {
         out.push_str("nothing is parked; some subscribers are behind the head\n");
     }
     out
+}
+
+/// Consumer groups: each live member and the partitions it holds.
+fn render_groups(groups: &[admin::GroupStatus]) -> String {
+    let mut table = Table::new(&["GROUP", "MEMBER", "PARTITIONS", "JOINED"]);
+    for group in groups {
+        for member in &group.members {
+            table.row(vec![
+                group.group.clone(),
+                format!("{} ({})", cut(&member.owner, 24), cut(&member.instance, 8)),
+                format!(
+                    "{} ({})",
+                    ranges(&member.partitions),
+                    member.partitions.len()
+                ),
+                member.joined_at.format("%H:%M:%S").to_string(),
+            ]);
+        }
+        if !group.unheld.is_empty() {
+            table.row(vec![
+                group.group.clone(),
+                "(no holder)".to_owned(),
+                format!("{} ({})", ranges(&group.unheld), group.unheld.len()),
+                "-".to_owned(),
+            ]);
+        }
+    }
+    table.render()
+}
+
+/// `0-3,7,9-10`: sorted partition indexes as ranges.
+fn ranges(indexes: &[u32]) -> String {
+    if indexes.is_empty() {
+        return "-".to_owned();
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let mut start = indexes[0];
+    let mut last = start;
+    for &i in &indexes[1..] {
+        if i == last + 1 {
+            last = i;
+            continue;
+        }
+        parts.push(range_text(start, last));
+        (start, last) = (i, i);
+    }
+    parts.push(range_text(start, last));
+    parts.join(",")
+}
+
+fn range_text(first: u32, last: u32) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}-{last}")
+    }
 }
 
 // ---------------------------------------------------------- dead letters

@@ -562,6 +562,56 @@ fn status_shows_partitions_as_upper_bounds_and_hides_internal_rows() {
         .stdout(predicate::str::contains("#partitions").not());
 }
 
+#[test]
+fn status_shows_group_members_and_the_partitions_they_hold() {
+    use aftermath::subscription::{Holder, LeaseStore};
+    use std::time::Duration;
+
+    let (_dir, path, _) = filled();
+    let ttl = Duration::from_secs(120);
+    runtime().block_on(async {
+        let store = SqliteStore::open(&path).await.unwrap();
+        let (a, b) = (Holder::new("pod-a"), Holder::new("pod-b"));
+        store.heartbeat("shipping#*of4", &a, ttl).await.unwrap();
+        store.heartbeat("shipping#*of4", &b, ttl).await.unwrap();
+        for (name, holder) in [
+            ("shipping#0of4", &a),
+            ("shipping#1of4", &a),
+            ("shipping#2of4", &b),
+        ] {
+            store
+                .acquire(name, holder, ttl)
+                .await
+                .unwrap()
+                .expect("free");
+        }
+    });
+    let out = on(&path).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        regex_lite(&text, r"shipping#\*of4 +pod-a \([^)]+\) +0-1 \(2\)"),
+        "{text}"
+    );
+    assert!(
+        regex_lite(&text, r"shipping#\*of4 +pod-b \([^)]+\) +2 \(1\)"),
+        "{text}"
+    );
+    assert!(
+        regex_lite(&text, r"shipping#\*of4 +\(no holder\) +3 \(1\)"),
+        "{text}"
+    );
+    let json = json_of(on(&path).arg("status"));
+    let group = &json["groups"][0];
+    assert_eq!(group["group"], "shipping#*of4");
+    assert_eq!(group["count"], 4);
+    assert_eq!(group["unheld"], serde_json::json!([3]));
+    assert_eq!(group["members"].as_array().unwrap().len(), 2);
+}
+
+fn regex_lite(text: &str, pattern: &str) -> bool {
+    predicate::str::is_match(pattern).unwrap().eval(text)
+}
+
 /// A store as an aftermath of schema version 6 wrote it (migrations 1 to 6).
 fn version_6_store(path: &Path) {
     let db = rusqlite::Connection::open(path).unwrap();
@@ -585,6 +635,12 @@ fn version_6_store(path: &Path) {
         )
         .unwrap();
     }
+    db.execute(
+        "INSERT INTO aftermath_deadlines (process, id, instance, name, due_at)
+         VALUES ('shipping', x'00112233445566778899aabbccddeeff', 'order-1', 'ship', 0)",
+        [],
+    )
+    .unwrap();
     db.pragma_update(None, "application_id", 0x4146_544D)
         .unwrap();
 }
@@ -602,7 +658,7 @@ fn stored_version(path: &Path) -> i64 {
 fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
     assert_eq!(
         aftermath::store::sqlite::SCHEMA_VERSION,
-        7,
+        8,
         "update version_6_store"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -614,7 +670,7 @@ fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
         .code(1)
         .stderr(one_error_line())
         .stderr(predicate::str::contains(
-            "schema version 6, this tool's is 7",
+            "schema version 6, this tool's is 8",
         ));
     assert_eq!(stored_version(&path), 6, "looking must not migrate");
     on(&path)
@@ -622,19 +678,29 @@ fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
         .assert()
         .success()
         .stdout(predicate::str::contains(
-            "migrated from schema version 6 to 7",
+            "migrated from schema version 6 to 8",
         ));
-    assert_eq!(stored_version(&path), 7);
+    assert_eq!(stored_version(&path), 8);
+    // Migration 8 gave the deadline of version 6 its instance's partition
+    // hash (computed in Rust: SQLite has no hash function).
+    let stored: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT instance_hash FROM aftermath_deadlines", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let hash = aftermath::subscription::stream_hash("shipping.process-order-1");
+    assert_eq!(stored, (hash ^ (1 << 63)) as i64);
     on(&path)
         .arg("check")
         .assert()
         .success()
-        .stdout(predicate::str::contains("schema version 7 (this build: 7)"));
+        .stdout(predicate::str::contains("schema version 8 (this build: 8)"));
     on(&path)
         .args(["migrate", "--yes"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("already at schema version 7"));
+        .stdout(predicate::str::contains("already at schema version 8"));
 
     // An empty file would become a new store: refused.
     let empty = dir.path().join("empty.db");

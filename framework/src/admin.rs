@@ -176,6 +176,100 @@ pub trait Admin: EventStore + EffectJournal + ReadModelDb {
     /// The pending deadlines of every process manager, earliest first, at
     /// most `limit`.
     async fn deadlines(&self, limit: usize) -> Result<Vec<crate::process::Deadline>, StoreError>;
+
+    /// The live members of every consumer group (see
+    /// [`LeaseStore::members`](crate::subscription::LeaseStore::members)).
+    async fn group_members(&self) -> Result<Vec<crate::subscription::Member>, StoreError>;
+}
+
+/// A consumer group in a [`Report`]: its live members and which partitions
+/// each holds a live lease for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupStatus {
+    /// The group: `<subscriber>#*of<count>`.
+    pub group: String,
+    /// The subscriber's name.
+    pub subscriber: String,
+    /// How many partitions it has.
+    pub count: u32,
+    /// The live members, by instance id.
+    pub members: Vec<GroupMember>,
+    /// Partitions no live lease holds now (between two holders, or waiting
+    /// for a dead holder's lease to expire).
+    pub unheld: Vec<u32>,
+}
+
+/// A member of a [`GroupStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupMember {
+    /// Its owner name.
+    pub owner: String,
+    /// Its instance id.
+    pub instance: String,
+    /// When it joined.
+    pub joined_at: DateTime<Utc>,
+    /// The partitions whose live lease it holds.
+    pub partitions: Vec<u32>,
+}
+
+/// The groups of `members`, with the partitions each member holds by the
+/// live `leases` at `now`. A lease held by an instance that is not a live
+/// member (a worker that left or lost its membership while it finishes a
+/// batch) is listed under that instance too.
+pub fn groups(
+    members: &[crate::subscription::Member],
+    leases: &[LeaseRow],
+    now: DateTime<Utc>,
+) -> Vec<GroupStatus> {
+    let mut groups: BTreeMap<String, GroupStatus> = BTreeMap::new();
+    for m in members {
+        let Some((subscriber, count)) = m
+            .group
+            .rsplit_once("#*of")
+            .and_then(|(s, c)| Some((s.to_owned(), c.parse::<u32>().ok()?)))
+        else {
+            continue;
+        };
+        let group = groups
+            .entry(m.group.clone())
+            .or_insert_with(|| GroupStatus {
+                group: m.group.clone(),
+                subscriber,
+                count,
+                members: Vec::new(),
+                unheld: Vec::new(),
+            });
+        group.members.push(GroupMember {
+            owner: m.owner.clone(),
+            instance: m.instance.clone(),
+            joined_at: m.joined_at,
+            partitions: Vec::new(),
+        });
+    }
+    for group in groups.values_mut() {
+        for index in 0..group.count {
+            let key =
+                crate::subscription::Partition::new(index, group.count).key(&group.subscriber);
+            match leases.iter().find(|l| l.name == key && l.expires_at > now) {
+                None => group.unheld.push(index),
+                Some(lease) => match group
+                    .members
+                    .iter_mut()
+                    .find(|m| m.instance == lease.instance)
+                {
+                    Some(member) => member.partitions.push(index),
+                    None => group.members.push(GroupMember {
+                        owner: lease.owner.clone(),
+                        instance: lease.instance.clone(),
+                        joined_at: now,
+                        partitions: vec![index],
+                    }),
+                },
+            }
+        }
+        group.members.sort_by(|a, b| a.instance.cmp(&b.instance));
+    }
+    groups.into_values().collect()
 }
 
 /// One subscriber in a [`Report`].
@@ -335,6 +429,8 @@ pub struct Report {
     pub skipped: Vec<SkippedInfo>,
     /// Parked inbox messages.
     pub parked_messages: Vec<ParkedMessageInfo>,
+    /// Consumer groups: their live members and the partitions each holds.
+    pub groups: Vec<GroupStatus>,
 }
 
 impl Report {
@@ -525,9 +621,9 @@ pub async fn record_metrics<S: Admin>(store: &S) -> Result<Report, StoreError> {
 pub async fn settled<S: Admin>(store: &S) -> Result<Report, StoreError> {
     let taken_at = Utc::now();
     let head = store.head().await?;
-    let leases: BTreeMap<String, LeaseRow> = store
-        .leases()
-        .await?
+    let lease_rows = store.leases().await?;
+    let groups = groups(&store.group_members().await?, &lease_rows, taken_at);
+    let leases: BTreeMap<String, LeaseRow> = lease_rows
         .into_iter()
         .map(|l| (l.name.clone(), l))
         .collect();
@@ -606,6 +702,7 @@ pub async fn settled<S: Admin>(store: &S) -> Result<Report, StoreError> {
             .map(SkippedInfo::from)
             .collect(),
         parked_messages: store.parked_messages_info().await?,
+        groups,
     })
 }
 

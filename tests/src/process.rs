@@ -2424,6 +2424,7 @@ macro_rules! process_tests {
             panicking_instance_is_parked_others_flow,
             noop_command_redispatched_after_a_crash_has_no_second_outcome,
             reactor_failures_are_isolated,
+            partitioned_runners_split_instances_and_their_deadlines,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {
@@ -2434,6 +2435,109 @@ macro_rules! process_tests {
             }
         )*
     };
+}
+
+/// Partitioned runners (issue 16): each handles only the instances whose
+/// stream hash is in its partition, with their inputs, commands and
+/// deadlines; together they handle every instance exactly as one runner
+/// would, and each keeps its own checkpoint.
+pub async fn partitioned_runners_split_instances_and_their_deadlines<B: ProcessBackend>() {
+    let parts = parts!(B, "partitioned_runners_split_instances_and_their_deadlines");
+    let clock = ManualClock::at(t0());
+    const COUNT: u32 = 3;
+    let tallies: Vec<String> = (0..12).map(|i| format!("t-{i}")).collect();
+    for t in &tallies {
+        feed(
+            &parts.store,
+            &format!("tally-in-{t}"),
+            &[opened(t), ticked(t, 0), timer(t, "wake", 60)],
+        )
+        .await;
+    }
+    let owner = |t: &str| Partition::of(&stream_of("tally", t), COUNT);
+    assert!(
+        (0..COUNT).all(|p| tallies.iter().any(|t| owner(t) == p)),
+        "12 instances fill 3 partitions"
+    );
+    let runners: Vec<_> = (0..COUNT)
+        .map(|i| Arc::new(tally_runner(&parts, &clock).partition(i, COUNT)))
+        .collect();
+    assert_eq!(
+        aftermath::worker::Subscriber::name(runners[1].as_ref()),
+        "tally#1of3"
+    );
+    // Partition 0 alone: its instances, nobody else's.
+    settle(&parts.store, &runners[0]).await;
+    for t in &tallies {
+        let inst = runners[0].instance(t).await.unwrap();
+        if owner(t) == 0 {
+            assert_eq!(inst.state.ticks, vec![0], "{t}");
+            assert_eq!(
+                parts.deadlines.pending("tally", t).await.unwrap().len(),
+                1,
+                "{t}"
+            );
+        } else {
+            assert!(!inst.exists(), "{t} belongs to partition {}", owner(t));
+            assert!(
+                parts
+                    .deadlines
+                    .pending("tally", t)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    }
+    // The others, then time passes: each fires only its own deadlines.
+    for runner in &runners[1..] {
+        settle(&parts.store, runner).await;
+    }
+    clock.advance(Duration::seconds(61));
+    runners[2].catch_up().await.unwrap();
+    for t in &tallies {
+        let fired = deadlines_received(&records(&parts.store, "tally", t).await).len();
+        assert_eq!(
+            fired,
+            usize::from(owner(t) == 2),
+            "{t} in partition {}",
+            owner(t)
+        );
+    }
+    for runner in &runners {
+        settle(&parts.store, runner).await;
+    }
+    for t in &tallies {
+        let recs = records(&parts.store, "tally", t).await;
+        assert_eq!(deadlines_received(&recs).len(), 1, "{t}: {recs:?}");
+        let inst = runners[owner(t) as usize].instance(t).await.unwrap();
+        assert_eq!(inst.state.ticks, vec![0]);
+        assert!(
+            inst.state.rejections.is_empty(),
+            "{t}: {:?}",
+            inst.state.rejections
+        );
+        assert_eq!(inst.state.fired, vec!["wake".to_owned()]);
+        // The tick's command went out once.
+        let counter = stream(&parts.store, &format!("counter-{t}")).await;
+        assert_eq!(counter.len(), 1, "{t}: {counter:?}");
+    }
+    for i in 0..COUNT {
+        let key = Partition::new(i, COUNT).key("tally");
+        assert!(
+            parts
+                .checkpoints
+                .load_checkpoint(&key)
+                .await
+                .unwrap()
+                .is_some(),
+            "{key} keeps its own checkpoint"
+        );
+    }
+    assert_eq!(
+        parts.checkpoints.load_checkpoint("tally").await.unwrap(),
+        None
+    );
 }
 
 // ---------------------------------------------------------------------------

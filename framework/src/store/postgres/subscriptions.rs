@@ -905,6 +905,10 @@ pub(super) fn now() -> Timestamp {
 /// Operators' reads (see [`crate::admin`]): plain queries, never a write.
 #[async_trait]
 impl crate::admin::Admin for PostgresStore {
+    async fn group_members(&self) -> Result<Vec<Member>, StoreError> {
+        LeaseStore::members(self).await
+    }
+
     async fn deadlines(&self, limit: usize) -> Result<Vec<crate::process::Deadline>, StoreError> {
         self.all_deadlines(limit).await
     }

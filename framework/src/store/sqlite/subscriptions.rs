@@ -574,6 +574,10 @@ fn rows<T>(
 /// connection, never a write.
 #[async_trait]
 impl crate::admin::Admin for SqliteStore {
+    async fn group_members(&self) -> Result<Vec<Member>, StoreError> {
+        LeaseStore::members(self).await
+    }
+
     async fn deadlines(&self, limit: usize) -> Result<Vec<crate::process::Deadline>, StoreError> {
         self.all_deadlines(limit).await
     }
