@@ -132,6 +132,7 @@ impl Aggregate for Account {
 /// The `balances` read model: one row per account, kept by a projection in
 /// the same SQLite file as the events. Rows and checkpoint commit in one
 /// transaction, so each event is applied exactly once, even across crashes.
+#[derive(Debug, Clone, Copy)]
 pub struct Balances;
 
 impl Balances {

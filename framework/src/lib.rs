@@ -119,7 +119,9 @@ pub mod prelude {
     pub use crate::aggregate::{Aggregate, CommandMeta, ExecuteError, Executed, Repository};
     pub use crate::event::{Event, Metadata, Position, Recorded};
     pub use crate::process::{Input, Outputs, ProcessManager, ProcessRunner, Route};
-    pub use crate::projection::{HandlerError, Projection, ProjectionRunner, ReadModelDb};
+    pub use crate::projection::{
+        HandlerError, Projection, ProjectionOptions, ProjectionRunner, ReadModelDb,
+    };
     pub use crate::reactor::{EffectContext, ReactError, Reactor, ReactorRunner};
     pub use crate::store::memory::MemoryStore;
     #[cfg(feature = "postgres")]
@@ -131,7 +133,10 @@ pub mod prelude {
     #[cfg(feature = "sqlite")]
     pub use crate::store::sqlite::{SqliteStore, SqliteTx, rusqlite};
     pub use crate::store::{EventStore, ExpectedVersion};
-    pub use crate::worker::{Backend, BackendWorker, Worker};
+    pub use crate::subscription::Partition;
+    pub use crate::worker::{
+        Backend, BackendWorker, Partitioned, RunningWorker, SubscriberState, Worker,
+    };
     pub use aftermath_derive::{Event, EventUnion};
     /// `#[async_trait]`, for implementing [`Reactor`] (and the store traits).
     pub use async_trait::async_trait;

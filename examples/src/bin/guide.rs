@@ -800,5 +800,82 @@ async fn operating() -> Result<(), Error> {
     check(
         balance == 2_505 && loaded.events_read == 0,
         "a snapshot taken on demand is used, and a read after `settled` sees the command",
+    )?;
+    scale_out().await
+}
+
+/// How many of `worker`'s partitions of `balances` are running (not on
+/// standby).
+fn running_partitions(worker: &RunningWorker) -> usize {
+    worker
+        .status()
+        .iter()
+        .filter(|s| s.name.starts_with("balances#"))
+        .filter(|s| matches!(s.state, SubscriberState::Live | SubscriberState::CatchingUp))
+        .count()
+}
+
+/// Waits (up to 30 s) until `workers` run `expected` partitions each.
+async fn until_shared(workers: &[&RunningWorker], expected: &[usize]) -> Result<(), Error> {
+    for _ in 0..600 {
+        let now: Vec<usize> = workers.iter().map(|w| running_partitions(w)).collect();
+        if now == expected {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("the partitions were not shared as {expected:?}").into())
+}
+
+async fn scale_out() -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("bank.db")).await?;
+    let accounts = Repository::<Account, _>::new(store.clone());
+    for i in 0..40 {
+        let open = AccountCommand::Open {
+            owner: format!("owner {i}"),
+        };
+        accounts.execute(&format!("acct-{i}"), open).await?;
+    }
+    // ANCHOR: scale_out
+    // The same worker on two machines (here: twice in one process): the
+    // projection is split into 8 partitions by stream, and the workers
+    // running it share them, each under its own lease.
+    let start = || {
+        Worker::on(store.clone())
+            .leased(Duration::from_secs(3))
+            .partitioned_projection(Balances, 8, ProjectionOptions::default())
+            .start()
+    };
+    let first = start()?;
+    let second = start()?;
+    // Within a heartbeat (ttl / 3) each runs half.
+    until_shared(&[&first, &second], &[4, 4]).await?;
+    // One leaves gracefully: its partitions commit their batch and are
+    // released, and the other takes them over without waiting for a TTL.
+    second.shutdown().await;
+    until_shared(&[&first], &[8]).await?;
+    // ANCHOR_END: scale_out
+    println!("  two workers ran 4 partitions each; after one left, the other ran all 8");
+    let deposit = AccountCommand::Deposit { amount: 7 };
+    let done = accounts.execute("acct-3", deposit).await?;
+    let key = Partition::new(Partition::of("account-acct-3", 8), 8).key("balances");
+    first
+        .settled(
+            &key,
+            done.position.expect("appended"),
+            Duration::from_secs(10),
+        )
+        .await?;
+    first.shutdown().await;
+    let rows: i64 = store
+        .read(|conn| {
+            conn.query_row("SELECT count(*) FROM balances", [], |row| row.get(0))
+                .map_err(|e| aftermath::StoreError::database("reading balances", e))
+        })
+        .await?;
+    check(
+        rows == 40,
+        "workers share a partitioned projection and hand partitions over when one leaves",
     )
 }
