@@ -224,6 +224,9 @@ async fn status_page(State(app): State<App>) -> Response {
         <div id=\"banner\" class=\"banner\">loading…</div>\
         <table><thead><tr><th>Subscriber</th><th>State</th><th>Position</th><th>Lag</th>\
         <th>Age</th><th>Lease</th></tr></thead><tbody id=\"subscribers\"></tbody></table>\
+        <div id=\"groups\" hidden><h2>Consumer groups</h2>\
+        <table><thead><tr><th>Group</th><th>Member</th><th>Partitions</th><th>Joined</th></tr></thead>\
+        <tbody id=\"group-rows\"></tbody></table></div>\
         <p id=\"summary\" class=\"muted\"></p>";
     page(&app, "Status", "/", body).into_response()
 }

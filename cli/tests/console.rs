@@ -565,6 +565,20 @@ fn browser_shows_the_compensations_of_the_declined_order_and_retries_a_parked_ef
     assert!(!browser.find_all("g.arrow.effect line").is_empty());
     drop(orders);
 
+    // A worker of a consumer group, holding one of two partitions.
+    runtime().block_on(async {
+        use aftermath::subscription::{Holder, LeaseStore};
+        let store = SqliteStore::open(&shop).await.unwrap();
+        let pod = Holder::new("pod-a");
+        let ttl = std::time::Duration::from_secs(300);
+        store.heartbeat("audit#*of2", &pod, ttl).await.unwrap();
+        store
+            .acquire("audit#1of2", &pod, ttl)
+            .await
+            .unwrap()
+            .expect("free");
+    });
+
     // The shop's parked mail: status shows it held, live; Retry releases it.
     let store = Console::start(&shop);
     browser.open(&format!("http://{}/", store.addr));
@@ -573,6 +587,21 @@ fn browser_shows_the_compensations_of_the_declined_order_and_retries_a_parked_ef
         browser.text(&row[0]).contains("held"),
         "{}",
         browser.text(&row[0])
+    );
+    let groups = browser.wait_for("tr[data-group=\"audit#*of2\"]");
+    let texts: Vec<String> = groups.iter().map(|g| browser.text(g)).collect();
+    assert_eq!(
+        texts.len(),
+        2,
+        "the member and the unheld partition: {texts:?}"
+    );
+    assert!(
+        texts[0].contains("pod-a") && texts[0].contains("1 (1)"),
+        "{texts:?}"
+    );
+    assert!(
+        texts[1].contains("(no holder)") && texts[1].contains("0 (1)"),
+        "{texts:?}"
     );
     browser.screenshot(&artifacts.join("status.png"));
 

@@ -42,6 +42,7 @@
       tr.appendChild(el("td", { colspan: "6", class: "muted" }, "no subscriber has saved a checkpoint in this store"));
       body.appendChild(tr);
     }
+    renderGroups(r.groups || []);
     document.getElementById("head").textContent = String(r.head);
     document.getElementById("taken").textContent = r.taken_at.replace("T", " ").substring(0, 19) + " UTC";
     document.getElementById("summary").textContent = r.summary;
@@ -56,6 +57,44 @@
       banner.className = "banner behind";
       banner.textContent = "Nothing is parked; some subscribers are behind the head";
     }
+  }
+
+  // `0-3,7`: sorted partition indexes as ranges.
+  function ranges(xs) {
+    var out = [], i = 0;
+    while (i < xs.length) {
+      var j = i;
+      while (j + 1 < xs.length && xs[j + 1] === xs[j] + 1) j++;
+      out.push(i === j ? String(xs[i]) : xs[i] + "-" + xs[j]);
+      i = j + 1;
+    }
+    return out.length ? out.join(",") : "-";
+  }
+
+  // Each consumer group's members and the partitions each holds.
+  function renderGroups(groups) {
+    var body = document.getElementById("group-rows");
+    if (!body) return;
+    body.textContent = "";
+    document.getElementById("groups").hidden = groups.length === 0;
+    groups.forEach(function (g) {
+      g.members.forEach(function (m) {
+        var tr = el("tr", { "data-group": g.group, "data-member": m.instance });
+        tr.appendChild(el("td", { class: "mono" }, g.group));
+        tr.appendChild(el("td", {}, m.owner + " (" + m.instance.substring(0, 8) + ")"));
+        tr.appendChild(el("td", { class: "mono" }, ranges(m.partitions) + " (" + m.partitions.length + ")"));
+        tr.appendChild(el("td", {}, m.joined_at.substring(11, 19)));
+        body.appendChild(tr);
+      });
+      if (g.unheld.length) {
+        var tr = el("tr", { "data-group": g.group });
+        tr.appendChild(el("td", { class: "mono" }, g.group));
+        tr.appendChild(el("td", { class: "muted" }, "(no holder)"));
+        tr.appendChild(el("td", { class: "mono" }, ranges(g.unheld) + " (" + g.unheld.length + ")"));
+        tr.appendChild(el("td", {}, "-"));
+        body.appendChild(tr);
+      }
+    });
   }
 
   function poll() {

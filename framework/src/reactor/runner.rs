@@ -93,6 +93,15 @@ where
     /// the log again from [`StartFrom`](crate::subscription::StartFrom), finding their effects in the
     /// journal.
     ///
+    /// While runners of two counts run at once (a rolling deploy that
+    /// changes the count), they hold different leases, so both may start an
+    /// effect that neither has finished: it runs twice with the same
+    /// idempotency key, as after a crash. Stop the old count before starting
+    /// the new one where the receiver does not deduplicate by that key. Run
+    /// every partition with
+    /// [`Worker::add_partitioned`](crate::worker::Worker::add_partitioned),
+    /// which shares them among the workers of a group.
+    ///
     /// # Panics
     ///
     /// When `count` is 0 or `index >= count`.

@@ -203,10 +203,53 @@ fn load_average() -> String {
         .unwrap_or_else(|| "n/a".to_owned())
 }
 
+/// What a child process of this binary printed: `name=value` fields.
+pub(crate) struct ChildOutput {
+    what: String,
+    stdout: String,
+}
+
+impl ChildOutput {
+    /// Runs this binary with `args` (a child flag first); `what` names the
+    /// child in errors.
+    pub(crate) fn run(args: &[&str], what: &str) -> Result<ChildOutput> {
+        let output = std::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            return Err(format!(
+                "child `{what}` failed ({}): {stdout}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        Ok(ChildOutput {
+            what: what.to_owned(),
+            stdout,
+        })
+    }
+
+    /// The number printed as `name=<number>`.
+    pub(crate) fn field(&self, name: &str) -> Result<f64> {
+        let (what, stdout) = (&self.what, &self.stdout);
+        stdout
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .ok_or_else(|| format!("child `{what}` printed no `{name}`: {stdout}"))?
+            .parse::<f64>()
+            .map_err(Into::into)
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(sqlite::CHILD_FLAG) {
         return sqlite::child(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some(telemetry::CHILD_FLAG) {
+        return telemetry::child(&args[1..]);
     }
     let mut quick = false;
     for arg in &args {
@@ -262,9 +305,8 @@ fn main() -> Result<()> {
     if runs("sagas") {
         sagas::run(&rt, &plan)?;
     }
-    // Last: it installs a global `tracing` subscriber.
     if runs("telemetry") {
-        telemetry::run(&rt, &plan)?;
+        telemetry::run(&plan)?;
     }
 
     println!();

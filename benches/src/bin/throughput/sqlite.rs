@@ -2,7 +2,6 @@
 //! rusqlite on the same file; live latency; catch-up and projections (each
 //! in a child process, with its peak memory).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aftermath::projection::{ProjectionOptions, ProjectionRunner};
@@ -447,35 +446,14 @@ impl ChildRun {
 /// Runs catch-up `variant` over the first `events` events of `path` in a
 /// child process of this binary.
 fn run_child(variant: &str, path: &std::path::Path, events: u64) -> Result<ChildRun> {
-    let output = Command::new(std::env::current_exe()?)
-        .arg(CHILD_FLAG)
-        .arg(variant)
-        .arg(path)
-        .arg(events.to_string())
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(format!(
-            "catch-up child `{variant}` failed ({}): {}{}",
-            output.status,
-            stdout,
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    let field = |name: &str| -> Result<f64> {
-        stdout
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .ok_or_else(|| format!("child `{variant}` printed no `{name}`: {stdout}"))?
-            .parse::<f64>()
-            .map_err(Into::into)
-    };
+    let path = path.to_string_lossy();
+    let events = events.to_string();
+    let out = super::ChildOutput::run(&[CHILD_FLAG, variant, &path, &events], variant)?;
     Ok(ChildRun {
-        events: field("events")? as u64,
-        seconds: field("seconds")?,
-        rss_kib: field("rss_kib")? as u64,
-        hwm_kib: field("hwm_kib")? as u64,
+        events: out.field("events")? as u64,
+        seconds: out.field("seconds")?,
+        rss_kib: out.field("rss_kib")? as u64,
+        hwm_kib: out.field("hwm_kib")? as u64,
     })
 }
 
