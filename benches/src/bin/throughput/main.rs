@@ -7,12 +7,29 @@
 //! cargo run --release -p aftermath-benches --bin throughput            # ~3 min
 //! cargo run --release -p aftermath-benches --bin throughput -- --quick # ~15 s, for CI
 //! AFTERMATH_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo run ...  # adds PostgreSQL
-//! AFTERMATH_BENCH_ONLY=postgres cargo run ...                             # one section: sqlite, postgres, sagas or telemetry
+//! AFTERMATH_BENCH_ONLY=postgres cargo run ...                             # one section (below)
 //! ```
 //!
-//! Without `AFTERMATH_PG_URL` the PostgreSQL rows print as SKIPPED. Each
-//! PostgreSQL run works in two fresh schemas (`bench_am_*` for the store,
-//! `bench_raw_*` for the baseline) and drops them at the end.
+//! The sections, in the order they run (`AFTERMATH_BENCH_ONLY=<section>`
+//! runs one):
+//!
+//! - `sqlite`: appends, the repository, catch-up and projections, live
+//!   latency, beside plain rusqlite;
+//! - `postgres`: the same beside plain sqlx;
+//! - `sagas`: the fulfillment saga (unpartitioned and partitioned 16 ways,
+//!   in one process) beside the same commands by hand, in memory and SQLite;
+//! - `scaleout`: consumer groups (#16) on PostgreSQL: a partitioned reactor
+//!   with a 5 ms effect run by 1, 2 and 4 worker processes (also with a
+//!   client that makes one call at a time per process), and the
+//!   partitioned saga by 1 and 4 worker processes (beside the commands by
+//!   hand); the workers are child processes of this binary;
+//! - `telemetry`: commands and catch-up with and without an OpenTelemetry
+//!   layer (each side in child processes of this binary).
+//!
+//! Without `AFTERMATH_PG_URL` the PostgreSQL rows (`postgres`, `scaleout`)
+//! print as SKIPPED. Each PostgreSQL run works in fresh schemas
+//! (`bench_am_*` for the store, `bench_raw_*` for the baseline, a
+//! `bench_scale_*` per scale-out round) and drops them at the end.
 //!
 //! Each throughput measurement runs for a fixed time budget, split into
 //! rounds that alternate the framework and the baseline so drift hurts both
@@ -27,6 +44,7 @@ use std::time::Duration;
 
 mod pg;
 mod sagas;
+mod scaleout;
 mod sqlite;
 mod telemetry;
 
@@ -57,6 +75,10 @@ pub(crate) struct Plan {
     poll: Duration,
     /// Orders run through the fulfillment saga.
     sagas: usize,
+    /// Events of the scale-out reactor's backlog.
+    scaleout_events: usize,
+    /// The same with a per-process client (one call at a time).
+    scaleout_capped_events: usize,
 }
 
 impl Plan {
@@ -73,6 +95,8 @@ impl Plan {
             poll_samples: 100,
             poll: Duration::from_millis(100),
             sagas: 2_000,
+            scaleout_events: 4_000,
+            scaleout_capped_events: 2_000,
         }
     }
 
@@ -89,6 +113,8 @@ impl Plan {
             poll_samples: 10,
             poll: Duration::from_millis(100),
             sagas: 200,
+            scaleout_events: 800,
+            scaleout_capped_events: 400,
         }
     }
 
@@ -251,6 +277,9 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some(telemetry::CHILD_FLAG) {
         return telemetry::child(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some(scaleout::CHILD_FLAG) {
+        return scaleout::child(&args[1..]);
+    }
     let mut quick = false;
     for arg in &args {
         match arg.as_str() {
@@ -281,7 +310,7 @@ fn main() -> Result<()> {
         "ratio = aftermath / baseline (throughput rows); latency rows are milliseconds, lower is better"
     );
 
-    // One section only: AFTERMATH_BENCH_ONLY=sqlite|postgres|sagas|telemetry.
+    // One section only: AFTERMATH_BENCH_ONLY=sqlite|postgres|sagas|scaleout|telemetry.
     let only = match std::env::var("AFTERMATH_BENCH_ONLY") {
         Ok(section) => Some(section),
         Err(_) if std::env::var_os("AFTERMATH_BENCH_ONLY_SAGAS").is_some() => Some("sagas".into()),
@@ -289,10 +318,10 @@ fn main() -> Result<()> {
     };
     let runs = |section: &str| only.as_deref().is_none_or(|only| only == section);
     if let Some(section) = only.as_deref()
-        && !["sqlite", "postgres", "sagas", "telemetry"].contains(&section)
+        && !["sqlite", "postgres", "sagas", "scaleout", "telemetry"].contains(&section)
     {
         return Err(format!(
-            "AFTERMATH_BENCH_ONLY={section}: use sqlite, postgres, sagas or telemetry"
+            "AFTERMATH_BENCH_ONLY={section}: use sqlite, postgres, sagas, scaleout or telemetry"
         )
         .into());
     }
@@ -304,6 +333,9 @@ fn main() -> Result<()> {
     }
     if runs("sagas") {
         sagas::run(&rt, &plan)?;
+    }
+    if runs("scaleout") {
+        scaleout::run(&rt, &plan)?;
     }
     if runs("telemetry") {
         telemetry::run(&plan)?;

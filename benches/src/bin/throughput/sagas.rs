@@ -2,7 +2,9 @@
 //! shipping + deadline, carrier confirms, commit, confirm, complete) driven
 //! by the `Fulfillment` process manager, beside the same seven commands
 //! executed by hand per order on the same kind of store (the baseline:
-//! what the flow costs without a process manager).
+//! what the flow costs without a process manager). The partitioned row runs
+//! the saga split 16 ways (`ProcessRunner::partition`) in one `Worker`. The
+//! helpers here are shared with the scale-out rows (`scaleout.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use aftermath::reactor::{
     EffectContext, MemoryJournal, ReactError, Reactor, ReactorOptions, ReactorRunner,
 };
 use aftermath::subscription::MemoryCheckpoints;
+use aftermath::worker::{Backend, Worker};
 use aftermath::{EventStore, MemoryStore, Recorded, Repository, SqliteStore};
 use aftermath_benches::TempDb;
 use aftermath_examples::fulfillment::*;
@@ -19,11 +22,15 @@ use futures::StreamExt;
 
 use super::{Plan, Result, header, row};
 
+/// Partitions of the partitioned saga rows.
+pub(crate) const PARTITIONS: u32 = 16;
+
 /// Orders in flight at once for the baseline, lanes for the saga.
-const CONCURRENCY: usize = 16;
+pub(crate) const CONCURRENCY: usize = 16;
 
 /// Confirms every requested shipment at once (the carrier's webhook).
-struct AutoCarrier<S>(Repository<Shipping, S>);
+#[derive(Clone)]
+pub(crate) struct AutoCarrier<S>(pub(crate) Repository<Shipping, S>);
 
 #[async_trait::async_trait]
 impl<S: EventStore + Clone> Reactor for AutoCarrier<S> {
@@ -46,7 +53,7 @@ impl<S: EventStore + Clone> Reactor for AutoCarrier<S> {
     }
 }
 
-fn place(order: &str) -> OrderCommand {
+pub(crate) fn place(order: &str) -> OrderCommand {
     OrderCommand::Place {
         order: order.to_owned(),
         customer: "c@example.com".into(),
@@ -69,7 +76,7 @@ fn sku(order: &str) -> String {
     format!("sku-{}", i / 4)
 }
 
-async fn restock<S: EventStore + Clone>(store: &S, orders: &[String]) -> Result<()> {
+pub(crate) async fn restock<S: EventStore + Clone>(store: &S, orders: &[String]) -> Result<()> {
     let inventory = Repository::<Inventory, _>::new(store.clone());
     let mut skus: Vec<String> = orders.iter().map(|o| sku(o)).collect();
     skus.sort();
@@ -128,8 +135,17 @@ where
             .batch_size(500),
     );
     let harness = Harness::new(store.clone()).with(saga).with(carrier);
-    let repo = Repository::<Order, _>::new(store.clone());
     let started = Instant::now();
+    place_all(&store, orders).await?;
+    harness.settle().await?;
+    let elapsed = started.elapsed();
+    check_confirmed(&store, orders).await?;
+    Ok(elapsed)
+}
+
+/// Places every order, `CONCURRENCY` at a time.
+pub(crate) async fn place_all<S: EventStore + Clone>(store: &S, orders: &[String]) -> Result<()> {
+    let repo = Repository::<Order, _>::new(store.clone());
     futures::stream::iter(orders.iter())
         .map(|o| {
             let repo = repo.clone();
@@ -140,19 +156,110 @@ where
         .await
         .into_iter()
         .collect::<std::result::Result<Vec<()>, _>>()?;
-    harness.settle().await?;
-    let elapsed = started.elapsed();
+    Ok(())
+}
+
+/// Checks that the first orders ended confirmed.
+pub(crate) async fn check_confirmed<S: EventStore + Clone>(
+    store: &S,
+    orders: &[String],
+) -> Result<()> {
+    let repo = Repository::<Order, _>::new(store.clone());
     for o in orders.iter().take(20) {
         let status = repo.load(o).await?.state.status;
         if status != aggregates::OrderStatus::Confirmed {
             return Err(format!("order {o} ended {status:?}").into());
         }
     }
+    Ok(())
+}
+
+/// Counts `order.Confirmed` events as they are appended.
+#[derive(Default)]
+pub(crate) struct Confirmations {
+    after: aftermath::Position,
+    count: u64,
+}
+
+impl Confirmations {
+    /// Reads the confirmations appended since the last call; returns how
+    /// many there are in all.
+    pub(crate) async fn poll<S: EventStore>(&mut self, store: &S) -> Result<u64> {
+        loop {
+            let page = store
+                .read_all(self.after, Some(&["order.Confirmed"]), 1000)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(self.count);
+            };
+            self.after = last.position;
+            self.count += page.len() as u64;
+        }
+    }
+
+    /// Waits (polling every 10 ms) until `n` orders are confirmed.
+    pub(crate) async fn wait<S: EventStore>(
+        &mut self,
+        store: &S,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        let began = Instant::now();
+        while self.poll(store).await? < n {
+            if began.elapsed() > timeout {
+                return Err(format!(
+                    "only {} of {n} orders confirmed after {timeout:?}",
+                    self.count
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+/// The saga partitioned `PARTITIONS` ways, every partition in this
+/// process (a `Worker` without leases runs them all), with the carrier:
+/// place every order, wait until every one is confirmed.
+async fn partitioned_run<S: Backend>(store: S, orders: &[String]) -> Result<Duration> {
+    restock(&store, orders).await?;
+    let worker = Worker::on(store.clone())
+        .partitioned_process(
+            Fulfillment,
+            command_bus(&store),
+            PARTITIONS,
+            ProcessOptions::default()
+                .concurrency(CONCURRENCY)
+                .batch_size(500),
+        )
+        .reactor_with(
+            AutoCarrier(Repository::new(store.clone())),
+            ReactorOptions::default()
+                .concurrency(CONCURRENCY)
+                .batch_size(500),
+        )
+        .start()?;
+    let started = Instant::now();
+    let outcome = async {
+        place_all(&store, orders).await?;
+        Confirmations::default()
+            .wait(&store, orders.len() as u64, Duration::from_secs(600))
+            .await
+    }
+    .await;
+    let elapsed = started.elapsed();
+    worker.shutdown().await;
+    outcome?;
+    check_confirmed(&store, orders).await?;
     Ok(elapsed)
 }
 
 /// The baseline: the same seven commands per order, by hand.
-async fn by_hand<S: EventStore + Clone>(store: S, orders: &[String]) -> Result<Duration> {
+pub(crate) async fn by_hand<S: EventStore + Clone>(
+    store: S,
+    orders: &[String],
+) -> Result<Duration> {
     restock(&store, orders).await?;
     // Four orders share an SKU, sixteen run at once: retry version races.
     let order_repo = Repository::<Order, _>::new(store.clone());
@@ -215,7 +322,7 @@ async fn by_hand<S: EventStore + Clone>(store: S, orders: &[String]) -> Result<D
     Ok(started.elapsed())
 }
 
-fn orders(n: usize, run: &str) -> Vec<String> {
+pub(crate) fn orders(n: usize, run: &str) -> Vec<String> {
     (0..n).map(|i| format!("{run}-{i}")).collect()
 }
 
@@ -269,6 +376,18 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, plan: &Plan) -> Result<()> {
             &format!(
                 "{:.0}% of the saga's time is the store (1 - memory/sqlite)",
                 100.0 * (1.0 - memory_saga.as_secs_f64() / sqlite_saga.as_secs_f64())
+            ),
+        );
+        let db3 = TempDb::new("sagas-partitioned");
+        let partitioned = partitioned_run(SqliteStore::open(db3.path()).await?, &orders(n, "sp")).await?;
+        row(
+            &format!("sqlite: sagas completed, {PARTITIONS} partitions, 1 process"),
+            "sagas/s",
+            rate(partitioned),
+            Some(rate(sqlite_hand)),
+            &format!(
+                "a Worker (no leases) running all {PARTITIONS} partitions (concurrency {CONCURRENCY} each) + the carrier, live; {:.2}x the unpartitioned saga (Harness)",
+                sqlite_saga.as_secs_f64() / partitioned.as_secs_f64()
             ),
         );
         Ok(())
