@@ -334,3 +334,76 @@ fn assignment_is_contiguous_ranges() {
     assert_eq!(assign(COUNT, &members, "x"), (0..4).collect::<Vec<_>>());
     assert_eq!(assign(COUNT, &members, "y"), (4..8).collect::<Vec<_>>());
 }
+
+// ---------------------------------------------------------------------------
+// A per-process limit on a partitioned reactor's effects.
+
+/// Counts the effects in flight and the most seen at once.
+#[derive(Clone, Default)]
+struct Slow {
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl aftermath::reactor::Reactor for Slow {
+    type Event = aftermath_tests::domain::AccountEvent;
+    fn name(&self) -> &str {
+        "slow"
+    }
+    async fn react(
+        &self,
+        _: &aftermath::Recorded<Self::Event>,
+        _: &aftermath::reactor::EffectContext,
+    ) -> Result<(), aftermath::reactor::ReactError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        self.now.fetch_sub(1, SeqCst);
+        self.done.fetch_add(1, SeqCst);
+        Ok(())
+    }
+}
+
+/// The most effects in flight at once while a worker runs 4 partitions of
+/// `Slow` with `options` over 80 events in 40 streams.
+async fn most_in_flight(options: aftermath::reactor::ReactorOptions) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("events.db"))
+        .await
+        .unwrap();
+    append_accounts(&store, 0, 80, 1, 40).await;
+    let slow = Slow::default();
+    let worker = Worker::on(store.clone())
+        .partitioned_reactor(slow.clone(), 4, options)
+        .start()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while slow.done.load(std::sync::atomic::Ordering::SeqCst) < 80 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "effects not done in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.shutdown().await;
+    slow.most.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_process_limit_caps_effects_over_all_partitions() {
+    use aftermath::reactor::ReactorOptions;
+    // Concurrency is per partition: 4 partitions run up to 4 × 4.
+    let unlimited = most_in_flight(ReactorOptions::default().concurrency(4)).await;
+    assert!(unlimited > 2, "partitions run in parallel: {unlimited}");
+    // The process-wide limit holds over the 4 partitions.
+    let limited = most_in_flight(
+        ReactorOptions::default()
+            .concurrency(4)
+            .per_process_limit(2),
+    )
+    .await;
+    assert_eq!(limited, 2, "at most 2 at once, and the 2 are used");
+}

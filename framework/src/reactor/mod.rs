@@ -187,8 +187,16 @@ pub enum ParkPolicy {
 pub struct ReactorOptions {
     /// Page size, poll interval, start position.
     pub subscription: crate::subscription::SubscriptionOptions,
-    /// Effects running at once (for different streams).
+    /// Effects running at once (for different streams), per runner: a
+    /// reactor split into partitions runs up to this many in each partition
+    /// (see [`ReactorOptions::per_process_limit`] for a limit of the whole
+    /// process).
     pub concurrency: usize,
+    /// At most this many effects in flight at once over every runner built
+    /// with (clones of) these options: shared by the partitions of a
+    /// `partitioned_reactor` in one worker. `None`: no limit beyond
+    /// `concurrency` per runner.
+    pub process_limit: Option<std::sync::Arc<tokio::sync::Semaphore>>,
     /// Attempts of a transiently failing effect before it is parked.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt, with jitter.
@@ -208,6 +216,7 @@ impl Default for ReactorOptions {
         ReactorOptions {
             subscription: Default::default(),
             concurrency: 1,
+            process_limit: None,
             max_attempts: 5,
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(30),
@@ -218,9 +227,33 @@ impl Default for ReactorOptions {
 }
 
 impl ReactorOptions {
-    /// Effects in flight at once (at least 1).
+    /// Effects in flight at once per runner (at least 1). A partitioned
+    /// reactor has a runner per partition, so a worker running `p` of its
+    /// partitions has up to `p * n` effects in flight.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// At most `n` effects (at least 1) in flight at once in this process,
+    /// over every runner built from these options or their clones: the
+    /// capacity of the outside system's client in one worker, however many
+    /// partitions the worker runs. With a consumer group, adding workers
+    /// then adds capacity. A runner waits for a free slot before it records
+    /// an effect as started.
+    ///
+    /// ```
+    /// use aftermath::reactor::ReactorOptions;
+    /// let options = ReactorOptions::default().concurrency(4).per_process_limit(8);
+    /// // Clones (one per partition) share the 8 slots.
+    /// let partition_options = options.clone();
+    /// assert!(std::sync::Arc::ptr_eq(
+    ///     options.process_limit.as_ref().unwrap(),
+    ///     partition_options.process_limit.as_ref().unwrap(),
+    /// ));
+    /// ```
+    pub fn per_process_limit(mut self, n: usize) -> Self {
+        self.process_limit = Some(std::sync::Arc::new(tokio::sync::Semaphore::new(n.max(1))));
         self
     }
 

@@ -448,6 +448,18 @@ where
             ctx.report(|s| s.skipped += 1);
             return Ok(Ran::Parked);
         }
+        // A slot of the process-wide limit, if any, before the effect is
+        // recorded as started (waiting is not an attempt).
+        let _slot = match &self.options.process_limit {
+            Some(limit) => Some(
+                limit
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the limit's semaphore is never closed"),
+            ),
+            None => None,
+        };
         {
             attempts += 1;
             self.record(

@@ -53,15 +53,12 @@ const PER_STREAM: usize = 10;
 /// The reactor's name.
 const REACTOR: &str = "scaleout_slow";
 
-/// A reactor whose effect is a wait ([`effect`]); with a client, at most
-/// the client's permits of them at once in this process (a per-process
-/// connection limit to the called service).
+/// A reactor whose effect is a wait ([`effect`]).
 #[derive(Clone)]
-struct SlowEffect {
-    client: Option<Arc<tokio::sync::Semaphore>>,
-}
+struct SlowEffect;
 
-/// Calls the capped client allows at once, per process.
+/// Calls the capped variant allows at once per process
+/// ([`ReactorOptions::per_process_limit`]: a per-process client).
 const CLIENT_CALLS: usize = 1;
 
 #[async_trait::async_trait]
@@ -75,10 +72,6 @@ impl Reactor for SlowEffect {
         _: &Recorded<AccountEvent>,
         _: &EffectContext,
     ) -> std::result::Result<(), ReactError> {
-        let _permit = match &self.client {
-            Some(client) => Some(client.acquire().await.map_err(ReactError::retry)?),
-            None => None,
-        };
         tokio::time::sleep(effect()).await;
         Ok(())
     }
@@ -610,13 +603,12 @@ pub(crate) fn child(args: &[String]) -> Result<()> {
         let worker = Worker::on(store.clone()).leased(TTL);
         let worker = match kind.as_str() {
             "reactor" | "reactor-capped" => {
-                let client = (kind == "reactor-capped")
-                    .then(|| Arc::new(tokio::sync::Semaphore::new(CLIENT_CALLS)));
-                worker.partitioned_reactor(
-                    SlowEffect { client },
-                    PARTITIONS,
-                    ReactorOptions::default(),
-                )
+                let options = if kind == "reactor-capped" {
+                    ReactorOptions::default().per_process_limit(CLIENT_CALLS)
+                } else {
+                    ReactorOptions::default()
+                };
+                worker.partitioned_reactor(SlowEffect, PARTITIONS, options)
             }
             "saga" => worker
                 .partitioned_process(
