@@ -1,0 +1,551 @@
+//! Consumer groups (issue 16) across worker PROCESSES: a partitioned
+//! projection, reactor and saga (16 partitions each, run by the
+//! `group_worker` binary) shared by workers that join, leave gracefully and
+//! are SIGKILLed while a workload is appended, on PostgreSQL (4 workers at
+//! the peak) and on one SQLite file (3 at once). Afterwards it proves:
+//!
+//! - every effect exactly once: one `gfx_effects` row per account event,
+//!   under its idempotency key (calls with a key are counted apart; only a
+//!   SIGKILL may repeat a call, and the key absorbs it);
+//! - the read model is exact: the balances equal a fold of the log, and
+//!   every account event was applied once (its position is unique in
+//!   `gbal_applied`, and every one is there);
+//! - every saga instance completed, each seat reserved once;
+//! - per-stream order: in apply order (a sequence taken at insert), each
+//!   stream's versions increase, for the projection and the reactor;
+//! - fencing: each applied row recorded, in the projection's transaction,
+//!   the partition's lease row: its holder is the applying worker, and per
+//!   partition, by position, the token never decreases and each token
+//!   belongs to one worker instance (no two members committed a partition in
+//!   overlapping lease terms);
+//! - balance: with N live workers, each holds 16/N or one more of each
+//!   group's partition leases, within a few lease periods.
+//!
+//! PostgreSQL runs when `AFTERMATH_PG_URL` is set (a set but unreachable
+//! URL fails), and prints SKIPPED otherwise. Sizes (events in the log at the
+//! end, saga records and command results included):
+//! `AFTERMATH_GROUP_EVENTS` (PostgreSQL, default 100,000) and
+//! `AFTERMATH_GROUP_SQLITE_EVENTS` (default 10,000).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use aftermath::process::record::stream_of;
+use aftermath::reactor::idempotency_key;
+use aftermath::store::read_all_pages;
+use aftermath::subscription::Partition;
+use aftermath::{Position, SqliteStore, StoredEvent};
+use aftermath_tests::child::Child;
+use aftermath_tests::domain::AccountEvent;
+use aftermath_tests::groups::{COUNT, EffectsDb, GroupResults, PROJECTION, REACTOR, place_ticket};
+use aftermath_tests::postgres::{SchemaGuard, connect, url};
+use aftermath_tests::projections::{Model, append_accounts};
+use futures::TryStreamExt;
+
+const HELPER: &str = env!("CARGO_BIN_EXE_group_worker");
+/// The workers' lease (and membership) ttl.
+const TTL: Duration = Duration::from_millis(1500);
+/// Streams the account events are spread over.
+const ACCOUNTS: u64 = 256;
+/// Account events per append.
+const PER_APPEND: u64 = 8;
+/// Log events per saga instance: the ticket, the instance's records
+/// (input + command, input + completion) and the seat's event.
+const PER_TICKET: u64 = 6;
+/// The reactor's concurrency in `group_worker`: at most this many calls in
+/// flight per partition when a worker is SIGKILLed.
+const REACTOR_CONCURRENCY: u64 = 8;
+const SAGA: &str = "reserve";
+
+fn size(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{var}={v}: not a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// What a run does to its workers, at a share of the account events
+/// applied.
+enum Step {
+    /// Start a new worker.
+    Start,
+    /// Ask worker `n` (in start order) to stop, and wait until it did.
+    Stop(usize),
+    /// SIGKILL worker `n`.
+    Kill(usize),
+}
+
+/// A worker process of the run.
+struct Member {
+    child: Child,
+    tag: String,
+    instance: String,
+    live: bool,
+}
+
+/// How to start a worker process: the arguments after the tag's position
+/// differ per backend.
+type Spawn = Box<dyn Fn(&str) -> Child>;
+
+struct Run<S> {
+    store: S,
+    spawn: Spawn,
+    /// Account events and tickets to append.
+    accounts: u64,
+    tickets: u64,
+    /// The steps, each at a share of the account events applied.
+    plan: Vec<(f64, Vec<Step>)>,
+    members: Vec<Member>,
+}
+
+impl<S: GroupResults> Run<S> {
+    fn start(&mut self) {
+        let tag = format!("w{}", self.members.len());
+        let mut child = (self.spawn)(&tag);
+        let started = child.expect("STARTED", Duration::from_secs(60));
+        let mut parts = started.split(' ');
+        assert_eq!(parts.next(), Some(tag.as_str()), "{started}");
+        let instance = parts.next().expect("an instance id").to_owned();
+        self.members.push(Member {
+            child,
+            tag,
+            instance,
+            live: true,
+        });
+    }
+
+    fn stop(&mut self, n: usize) {
+        let m = &mut self.members[n];
+        m.child.stop();
+        m.child.expect("STOPPED", Duration::from_secs(60));
+        assert!(
+            m.child.wait(Duration::from_secs(20)).success(),
+            "{} exits cleanly",
+            m.tag
+        );
+        m.live = false;
+    }
+
+    fn kill(&mut self, n: usize) {
+        let m = &mut self.members[n];
+        m.child.kill();
+        m.live = false;
+    }
+
+    fn live(&self) -> Vec<&Member> {
+        self.members.iter().filter(|m| m.live).collect()
+    }
+
+    /// Appends the workload in the background: rounds of account events
+    /// and tickets, interleaved.
+    fn append(&self, rt: &tokio::runtime::Runtime) -> tokio::task::JoinHandle<()> {
+        let store = self.store.clone();
+        let (accounts, tickets) = (self.accounts, self.tickets);
+        rt.spawn(async move {
+            let rounds = tickets.max(1);
+            let (mut k, mut t) = (0, 0);
+            for round in 1..=rounds {
+                let until = accounts * round / rounds;
+                append_accounts(&store, k, until - k, PER_APPEND, ACCOUNTS).await;
+                k = until;
+                if t < tickets {
+                    place_ticket(&store, t).await;
+                    t += 1;
+                }
+            }
+        })
+    }
+
+    /// Runs the plan while the workload is appended and processed, then
+    /// waits until everything is processed.
+    fn drive(&mut self, rt: &tokio::runtime::Runtime) {
+        let began = Instant::now();
+        let appender = self.append(rt);
+        let plan = std::mem::take(&mut self.plan);
+        for (share, steps) in plan {
+            let want = (self.accounts as f64 * share) as u64;
+            let store = self.store.clone();
+            let at = rt.block_on(poll("progress", Duration::from_secs(600), || {
+                let store = store.clone();
+                async move {
+                    let p = store.progress().await;
+                    (p.0 >= want).then_some(p)
+                }
+            }));
+            eprintln!(
+                "groups: {:?} in: applied {}, effects {}, sagas completed {}; steps at {share}",
+                began.elapsed(),
+                at.0,
+                at.1,
+                at.2
+            );
+            for step in steps {
+                match step {
+                    Step::Start => self.start(),
+                    Step::Stop(n) => self.stop(n),
+                    Step::Kill(n) => self.kill(n),
+                }
+            }
+            self.no_failures();
+        }
+        rt.block_on(appender).expect("the appender");
+        eprintln!("groups: {:?} in: all appended", began.elapsed());
+        let want = (self.accounts, self.accounts, self.tickets);
+        let store = self.store.clone();
+        rt.block_on(poll(
+            "everything processed",
+            Duration::from_secs(600),
+            || {
+                let store = store.clone();
+                async move { (store.progress().await == want).then_some(()) }
+            },
+        ));
+        eprintln!("groups: {:?} in: all processed", began.elapsed());
+        self.no_failures();
+    }
+
+    fn no_failures(&mut self) {
+        for m in &mut self.members {
+            let failed: Vec<&String> = m
+                .child
+                .drain()
+                .iter()
+                .filter(|l| l.starts_with("FAILED"))
+                .collect();
+            assert!(failed.is_empty(), "{}: {failed:?}", m.tag);
+        }
+    }
+
+    /// Waits until each live worker holds `COUNT / n` or one more of every
+    /// group's partition leases, and every partition is held; returns how
+    /// long it took.
+    fn balanced(&self, rt: &tokio::runtime::Runtime) -> Duration {
+        let live: Vec<(String, String)> = self
+            .live()
+            .iter()
+            .map(|m| (m.instance.clone(), m.tag.clone()))
+            .collect();
+        let n = live.len();
+        let fair = |k: usize| k == COUNT as usize / n || k == COUNT as usize / n + 1;
+        let began = Instant::now();
+        let store = self.store.clone();
+        loop {
+            let rows = rt.block_on(store.leases()).expect("read the leases");
+            let now = chrono::Utc::now();
+            let mut per: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+            let mut held = 0;
+            for group in [PROJECTION, REACTOR, SAGA] {
+                for (instance, _) in &live {
+                    per.insert((group, instance.as_str()), 0);
+                }
+                for index in 0..COUNT {
+                    let key = Partition::new(index, COUNT).key(group);
+                    if let Some(row) = rows
+                        .iter()
+                        .find(|r| r.name == key && r.expires_at > now)
+                        .filter(|r| live.iter().any(|(i, _)| *i == r.instance))
+                    {
+                        *per.get_mut(&(group, row.instance.as_str())).unwrap() += 1;
+                        held += 1;
+                    }
+                }
+            }
+            if held == 3 * COUNT as usize && per.values().all(|k| fair(*k)) {
+                eprintln!("groups: balanced over {n} workers: {per:?}");
+                return began.elapsed();
+            }
+            assert!(
+                began.elapsed() < TTL * 20,
+                "not balanced within {:?}: {held} held; per (group, instance): {per:?}; live {live:?}",
+                TTL * 20
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop_all(&mut self) {
+        let live: Vec<usize> = (0..self.members.len())
+            .filter(|n| self.members[*n].live)
+            .collect();
+        for n in &live {
+            self.members[*n].child.stop();
+        }
+        for n in live {
+            let m = &mut self.members[n];
+            m.child.expect("STOPPED", Duration::from_secs(60));
+            assert!(m.child.wait(Duration::from_secs(20)).success());
+            m.live = false;
+        }
+        self.no_failures();
+    }
+
+    /// Every assertion of the module docs.
+    fn verify(&self, rt: &tokio::runtime::Runtime, killed: &[usize]) {
+        let log: Vec<StoredEvent> = rt
+            .block_on(read_all_pages(&self.store, Position::ORIGIN, None, 2000).try_collect())
+            .expect("read $all");
+        eprintln!("groups: {} events in the log", log.len());
+        let accounts: Vec<&StoredEvent> = log
+            .iter()
+            .filter(|e| e.event_type.starts_with("account."))
+            .collect();
+        assert_eq!(accounts.len() as u64, self.accounts);
+
+        // The read model: a fold of the log, every event applied once.
+        let mut model = Model::default();
+        for e in &accounts {
+            model.fold(
+                &e.decode_known::<AccountEvent>()
+                    .expect("an account event decodes"),
+            );
+        }
+        let applied = rt.block_on(self.store.applied());
+        let balances = rt.block_on(self.store.balances());
+        assert_eq!(
+            balances, model.balances,
+            "the read model is a fold of the log"
+        );
+        let mut positions: Vec<u64> = applied.iter().map(|a| a.position).collect();
+        positions.sort_unstable();
+        assert_eq!(positions, model.applied, "every event applied exactly once");
+
+        // Per-stream order, and each event in its stream's partition.
+        let mut versions: HashMap<&str, Vec<u64>> = HashMap::new();
+        for a in &applied {
+            assert_eq!(
+                a.partition,
+                Partition::new(Partition::of(&a.stream, COUNT), COUNT).key(PROJECTION),
+                "{a:?}"
+            );
+            versions.entry(&a.stream).or_default().push(a.version);
+        }
+        for (stream, v) in &versions {
+            assert!(
+                v.iter().copied().eq(1..=v.len() as u64),
+                "{stream}: applied out of order: {v:?}"
+            );
+        }
+
+        // Fencing.
+        let tags: HashMap<&str, &str> = self
+            .members
+            .iter()
+            .map(|m| (m.instance.as_str(), m.tag.as_str()))
+            .collect();
+        let mut by_partition: BTreeMap<&str, Vec<&aftermath_tests::groups::Applied>> =
+            BTreeMap::new();
+        for a in &applied {
+            assert_eq!(
+                a.lease_instance.as_deref(),
+                Some(a.instance.as_str()),
+                "committed by a worker that did not hold the lease: {a:?}"
+            );
+            assert_eq!(
+                tags.get(a.instance.as_str()),
+                Some(&a.tag.as_str()),
+                "{a:?}"
+            );
+            by_partition.entry(&a.partition).or_default().push(a);
+        }
+        let mut terms = 0;
+        for (partition, mut rows) in by_partition {
+            rows.sort_by_key(|a| a.position);
+            let mut owner: BTreeMap<i64, &str> = BTreeMap::new();
+            for w in rows.windows(2) {
+                assert!(
+                    w[1].token >= w[0].token,
+                    "{partition}: the token went back: {:?} then {:?}",
+                    w[0],
+                    w[1]
+                );
+            }
+            for a in &rows {
+                let token = a.token.expect("a lease row");
+                let first = *owner.entry(token).or_insert(&a.instance);
+                assert_eq!(
+                    first, a.instance,
+                    "{partition}: token {token} used by two instances"
+                );
+            }
+            let holders: Vec<String> = owner
+                .iter()
+                .map(|(t, i)| format!("{t}:{}", tags[i]))
+                .collect();
+            eprintln!("groups: {partition} terms {holders:?}");
+            terms += owner.len();
+        }
+        eprintln!("groups: {terms} lease terms over {COUNT} projection partitions");
+
+        // Every effect once, in stream order.
+        let effects = rt.block_on(self.store.effects());
+        let by_key: HashMap<&str, &aftermath_tests::groups::Effect> =
+            effects.iter().map(|e| (e.key.as_str(), e)).collect();
+        assert_eq!(effects.len(), accounts.len(), "one effect per event");
+        for e in &accounts {
+            let key = idempotency_key(REACTOR, e.id);
+            let effect = by_key
+                .get(key.as_str())
+                .unwrap_or_else(|| panic!("no effect for {} v{}", e.stream, e.version));
+            assert_eq!(
+                (effect.stream.as_str(), effect.version, effect.position),
+                (e.stream.as_str(), e.version, e.position.0)
+            );
+        }
+        let mut versions: HashMap<&str, Vec<u64>> = HashMap::new();
+        for e in &effects {
+            versions.entry(&e.stream).or_default().push(e.version);
+        }
+        for (stream, v) in &versions {
+            assert!(
+                v.iter().copied().eq(1..=v.len() as u64),
+                "{stream}: effects out of order: {v:?}"
+            );
+        }
+        let repeated: Vec<&&aftermath_tests::groups::Effect> =
+            by_key.values().filter(|e| e.attempts > 1).collect();
+        eprintln!(
+            "groups: {} effects called more than once (SIGKILLs: {})",
+            repeated.len(),
+            killed.len()
+        );
+        assert!(
+            repeated.len() as u64 <= killed.len() as u64 * REACTOR_CONCURRENCY * u64::from(COUNT),
+            "more repeated calls than calls in flight at the SIGKILLs: {repeated:?}"
+        );
+
+        // Every saga instance complete; each seat reserved once.
+        let mut tickets = BTreeSet::new();
+        let mut completed: HashMap<&str, usize> = HashMap::new();
+        let mut reserved: HashMap<&str, usize> = HashMap::new();
+        for e in &log {
+            match e.event_type.as_str() {
+                "ticket.Placed" => {
+                    tickets.insert(e.stream.trim_start_matches("ticket-"));
+                }
+                "aftermath.process.Completed" => *completed.entry(&e.stream).or_default() += 1,
+                "seat.Reserved" => *reserved.entry(&e.stream).or_default() += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(tickets.len() as u64, self.tickets);
+        for ticket in &tickets {
+            let stream = stream_of(SAGA, ticket);
+            assert_eq!(
+                completed.get(stream.as_str()),
+                Some(&1),
+                "saga {ticket} completes"
+            );
+            assert_eq!(
+                reserved.get(format!("seat-{ticket}").as_str()),
+                Some(&1),
+                "seat {ticket}"
+            );
+        }
+        assert_eq!(completed.len(), tickets.len());
+    }
+}
+
+async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (account events, tickets) for a log of about `total` events.
+fn workload(total: u64) -> (u64, u64) {
+    let tickets = total / 20;
+    (total - tickets * PER_TICKET, tickets)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn groups_of_worker_processes_postgres() {
+    let Some(url) = url() else {
+        aftermath_tests::skip_notice!(
+            "SKIPPED postgres::groups_of_worker_processes_postgres: AFTERMATH_PG_URL not set"
+        );
+        return;
+    };
+    let began = Instant::now();
+    let rt = runtime();
+    let guard = SchemaGuard::new(&url);
+    let store = rt.block_on(connect(&url, &guard.schema));
+    rt.block_on(EffectsDb::Pg(store.clone()).create());
+    let (accounts, tickets) = workload(size("AFTERMATH_GROUP_EVENTS", 100_000));
+    let (schema, ttl) = (guard.schema.clone(), TTL.as_millis().to_string());
+    let mut run = Run {
+        store,
+        spawn: Box::new(move |tag| Child::spawn(HELPER, tag, &["pg", &url, &schema, tag, &ttl])),
+        accounts,
+        tickets,
+        // 2 workers, 2 more, one leaves, one is killed and replaced: 3.
+        plan: vec![
+            (0.0, vec![Step::Start, Step::Start]),
+            (0.2, vec![Step::Start, Step::Start]),
+            (0.4, vec![Step::Stop(1)]),
+            (0.6, vec![Step::Kill(2), Step::Start]),
+        ],
+        members: Vec::new(),
+    };
+    run.drive(&rt);
+    let settled = run.balanced(&rt);
+    eprintln!("groups: balanced {settled:?} after everything was processed");
+    run.stop_all();
+    run.verify(&rt, &[2]);
+    eprintln!("groups: postgres run took {:?}", began.elapsed());
+}
+
+#[test]
+fn groups_of_worker_processes_sqlite() {
+    let began = Instant::now();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = rt.block_on(SqliteStore::open(&path)).unwrap();
+    rt.block_on(EffectsDb::Sqlite(store.clone()).create());
+    let (accounts, tickets) = workload(size("AFTERMATH_GROUP_SQLITE_EVENTS", 10_000));
+    let (db, ttl) = (path.display().to_string(), TTL.as_millis().to_string());
+    let mut run = Run {
+        store,
+        spawn: Box::new(move |tag| Child::spawn(HELPER, tag, &["sqlite", &db, tag, &ttl])),
+        accounts,
+        tickets,
+        // At most 3 processes on the file: 2, a third, one killed and
+        // replaced, one leaves and is replaced.
+        plan: vec![
+            (0.0, vec![Step::Start, Step::Start]),
+            (0.25, vec![Step::Start]),
+            (0.5, vec![Step::Kill(1), Step::Start]),
+            (0.75, vec![Step::Stop(0), Step::Start]),
+        ],
+        members: Vec::new(),
+    };
+    run.drive(&rt);
+    let settled = run.balanced(&rt);
+    eprintln!("groups: balanced {settled:?} after everything was processed");
+    run.stop_all();
+    run.verify(&rt, &[1]);
+    eprintln!("groups: sqlite run took {:?}", began.elapsed());
+}
