@@ -45,10 +45,19 @@ use futures::TryStreamExt;
 const HELPER: &str = env!("CARGO_BIN_EXE_group_worker");
 /// The workers' lease (and membership) ttl.
 const TTL: Duration = Duration::from_millis(1500);
+/// How soon after a membership change the partitions must be spread
+/// fairly again: a few lease periods.
+const SETTLE: Duration = Duration::from_millis(6 * 1500);
 /// Streams the account events are spread over.
 const ACCOUNTS: u64 = 256;
 /// Account events per append.
-const PER_APPEND: u64 = 8;
+const PER_APPEND: u64 = 10;
+/// The least time appending takes per event of the log: the workload is
+/// appended over a while (80 s for 100,000 events), so that the three
+/// subscribers have work in flight at every change of the group.
+const PACE_PER_EVENT: Duration = Duration::from_micros(800);
+/// Tasks appending the workload at once.
+const APPENDERS: u64 = 3;
 /// Log events per saga instance: the ticket, the instance's records
 /// (input + command, input + completion) and the seat's event.
 const PER_TICKET: u64 = 6;
@@ -96,6 +105,9 @@ struct Run<S> {
     /// Account events and tickets to append.
     accounts: u64,
     tickets: u64,
+    /// The least time appending takes (so that the workers' changes happen
+    /// while there is work to do, however fast they are).
+    pace: Duration,
     /// The steps, each at a share of the account events applied.
     plan: Vec<(f64, Vec<Step>)>,
     members: Vec<Member>,
@@ -139,22 +151,35 @@ impl<S: GroupResults> Run<S> {
         self.members.iter().filter(|m| m.live).collect()
     }
 
-    /// Appends the workload in the background: rounds of account events
-    /// and tickets, interleaved.
+    /// Appends the workload in the background, from [`APPENDERS`] tasks at
+    /// once: rounds of account events and a ticket, interleaved.
     fn append(&self, rt: &tokio::runtime::Runtime) -> tokio::task::JoinHandle<()> {
-        let store = self.store.clone();
-        let (accounts, tickets) = (self.accounts, self.tickets);
+        let (accounts, tickets, pace) = (self.accounts, self.tickets, self.pace);
+        let rounds = tickets.max(1);
+        let tasks: Vec<_> = (0..APPENDERS)
+            .map(|a| {
+                let store = self.store.clone();
+                let began = tokio::time::Instant::now();
+                rt.spawn(async move {
+                    for round in (a..rounds).step_by(APPENDERS as usize) {
+                        // Not faster than `pace` for the whole workload.
+                        tokio::time::sleep_until(
+                            began + pace.mul_f64(round as f64 / rounds as f64),
+                        )
+                        .await;
+                        let (k, until) =
+                            (accounts * round / rounds, accounts * (round + 1) / rounds);
+                        append_accounts(&store, k, until - k, PER_APPEND, ACCOUNTS).await;
+                        if round < tickets {
+                            place_ticket(&store, round).await;
+                        }
+                    }
+                })
+            })
+            .collect();
         rt.spawn(async move {
-            let rounds = tickets.max(1);
-            let (mut k, mut t) = (0, 0);
-            for round in 1..=rounds {
-                let until = accounts * round / rounds;
-                append_accounts(&store, k, until - k, PER_APPEND, ACCOUNTS).await;
-                k = until;
-                if t < tickets {
-                    place_ticket(&store, t).await;
-                    t += 1;
-                }
+            for task in tasks {
+                task.await.expect("an appender");
             }
         })
     }
@@ -166,13 +191,18 @@ impl<S: GroupResults> Run<S> {
         let appender = self.append(rt);
         let plan = std::mem::take(&mut self.plan);
         for (share, steps) in plan {
-            let want = (self.accounts as f64 * share) as u64;
+            // Each of the three at least `share` through its work, so that
+            // every one has work in flight at the change.
+            let want = (
+                (self.accounts as f64 * share) as u64,
+                (self.tickets as f64 * share) as u64,
+            );
             let store = self.store.clone();
             let at = rt.block_on(poll("progress", Duration::from_secs(600), || {
                 let store = store.clone();
                 async move {
                     let p = store.progress().await;
-                    (p.0 >= want).then_some(p)
+                    (p.0 >= want.0 && p.1 >= want.0 && p.2 >= want.1).then_some(p)
                 }
             }));
             eprintln!(
@@ -189,22 +219,102 @@ impl<S: GroupResults> Run<S> {
                     Step::Kill(n) => self.kill(n),
                 }
             }
+            // The group settles at a fair share while the work goes on.
+            let took = self.balanced(rt);
+            eprintln!(
+                "groups: {:?} in: balanced over {} workers {took:?} after the change",
+                began.elapsed(),
+                self.live().len()
+            );
             self.no_failures();
         }
         rt.block_on(appender).expect("the appender");
         eprintln!("groups: {:?} in: all appended", began.elapsed());
         let want = (self.accounts, self.accounts, self.tickets);
         let store = self.store.clone();
-        rt.block_on(poll(
-            "everything processed",
-            Duration::from_secs(600),
-            || {
-                let store = store.clone();
-                async move { (store.progress().await == want).then_some(()) }
-            },
-        ));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut reported = Instant::now();
+        loop {
+            let p = rt.block_on(store.progress());
+            if p == want {
+                break;
+            }
+            if reported.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "groups: {:?} in: applied {}/{}, effects {}/{}, sagas completed {}/{}",
+                    began.elapsed(),
+                    p.0,
+                    want.0,
+                    p.1,
+                    want.1,
+                    p.2,
+                    want.2
+                );
+                reported = Instant::now();
+            }
+            if Instant::now() > deadline {
+                self.stall_report(rt);
+                panic!("not everything processed within 300 s: {p:?} of {want:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         eprintln!("groups: {:?} in: all processed", began.elapsed());
         self.no_failures();
+    }
+
+    /// What is missing, per partition, and who holds its lease.
+    fn stall_report(&mut self, rt: &tokio::runtime::Runtime) {
+        let log: Vec<StoredEvent> = rt
+            .block_on(read_all_pages(&self.store, Position::ORIGIN, None, 2000).try_collect())
+            .expect("read $all");
+        let applied = rt.block_on(self.store.applied());
+        let effects = rt.block_on(self.store.effects());
+        let leases = rt.block_on(self.store.leases()).expect("the leases");
+        let tags: HashMap<&str, &str> = self
+            .members
+            .iter()
+            .map(|m| (m.instance.as_str(), m.tag.as_str()))
+            .collect();
+        let mut want: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut count = |group: &str, stream: &str, done: bool| {
+            let key = Partition::new(Partition::of(stream, COUNT), COUNT).key(group);
+            let row = want.entry(key).or_default();
+            row.0 += 1;
+            row.1 += usize::from(done);
+        };
+        let applied: BTreeSet<u64> = applied.iter().map(|a| a.position).collect();
+        let effected: BTreeSet<u64> = effects.iter().map(|e| e.position).collect();
+        let completed: BTreeSet<&str> = log
+            .iter()
+            .filter(|e| e.event_type == "aftermath.process.Completed")
+            .map(|e| e.stream.as_str())
+            .collect();
+        for e in &log {
+            if e.event_type.starts_with("account.") {
+                count(PROJECTION, &e.stream, applied.contains(&e.position.0));
+                count(REACTOR, &e.stream, effected.contains(&e.position.0));
+            } else if e.event_type == "ticket.Placed" {
+                let stream = stream_of(SAGA, e.stream.trim_start_matches("ticket-"));
+                count(SAGA, &stream, completed.contains(stream.as_str()));
+            }
+        }
+        let now = chrono::Utc::now();
+        for (key, (all, done)) in want {
+            let lease = leases.iter().find(|l| l.name == key).map(|l| {
+                format!(
+                    "{} token {} expires in {} ms",
+                    tags.get(l.instance.as_str()).unwrap_or(&"?"),
+                    l.token,
+                    (l.expires_at - now).num_milliseconds()
+                )
+            });
+            let mark = if done < all { "STALLED" } else { "done" };
+            eprintln!("groups: {mark} {key}: {done}/{all}; lease {lease:?}");
+        }
+        for m in &mut self.members {
+            let lines: Vec<String> = m.child.drain().iter().rev().take(3).cloned().collect();
+            eprintln!("groups: {} (live {}): last lines {lines:?}", m.tag, m.live);
+        }
     }
 
     fn no_failures(&mut self) {
@@ -254,13 +364,11 @@ impl<S: GroupResults> Run<S> {
                 }
             }
             if held == 3 * COUNT as usize && per.values().all(|k| fair(*k)) {
-                eprintln!("groups: balanced over {n} workers: {per:?}");
                 return began.elapsed();
             }
             assert!(
-                began.elapsed() < TTL * 20,
-                "not balanced within {:?}: {held} held; per (group, instance): {per:?}; live {live:?}",
-                TTL * 20
+                began.elapsed() < SETTLE,
+                "not balanced within {SETTLE:?}: {held} held; per (group, instance): {per:?}; live {live:?}",
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -378,6 +486,14 @@ impl<S: GroupResults> Run<S> {
             terms += owner.len();
         }
         eprintln!("groups: {terms} lease terms over {COUNT} projection partitions");
+        for n in killed {
+            let instance = &self.members[*n].instance;
+            assert!(
+                applied.iter().any(|a| a.instance == *instance),
+                "the SIGKILLed {} had committed nothing: kill it later",
+                self.members[*n].tag
+            );
+        }
 
         // Every effect once, in stream order.
         let effects = rt.block_on(self.store.effects());
@@ -415,6 +531,18 @@ impl<S: GroupResults> Run<S> {
             repeated.len() as u64 <= killed.len() as u64 * REACTOR_CONCURRENCY * u64::from(COUNT),
             "more repeated calls than calls in flight at the SIGKILLs: {repeated:?}"
         );
+        // A graceful hand-over finishes the calls in flight: only a call
+        // first made by a SIGKILLed worker may be made again.
+        let killed_tags: Vec<&str> = killed
+            .iter()
+            .map(|n| self.members[*n].tag.as_str())
+            .collect();
+        for e in &repeated {
+            assert!(
+                killed_tags.contains(&e.tag.as_str()),
+                "called again although its first caller was not killed: {e:?}"
+            );
+        }
 
         // Every saga instance complete; each seat reserved once.
         let mut tickets = BTreeSet::new();
@@ -500,12 +628,15 @@ fn groups_of_worker_processes_postgres() {
         spawn: Box::new(move |tag| Child::spawn(HELPER, tag, &["pg", &url, &schema, tag, &ttl])),
         accounts,
         tickets,
-        // 2 workers, 2 more, one leaves, one is killed and replaced: 3.
+        pace: PACE_PER_EVENT * (accounts + tickets * PER_TICKET) as u32,
+        // 2 workers, 2 more, one leaves, one is killed (the other two take
+        // its partitions over), a replacement joins: 3.
         plan: vec![
             (0.0, vec![Step::Start, Step::Start]),
             (0.2, vec![Step::Start, Step::Start]),
             (0.4, vec![Step::Stop(1)]),
-            (0.6, vec![Step::Kill(2), Step::Start]),
+            (0.55, vec![Step::Kill(2)]),
+            (0.7, vec![Step::Start]),
         ],
         members: Vec::new(),
     };
@@ -532,13 +663,16 @@ fn groups_of_worker_processes_sqlite() {
         spawn: Box::new(move |tag| Child::spawn(HELPER, tag, &["sqlite", &db, tag, &ttl])),
         accounts,
         tickets,
-        // At most 3 processes on the file: 2, a third, one killed and
-        // replaced, one leaves and is replaced.
+        pace: PACE_PER_EVENT * (accounts + tickets * PER_TICKET) as u32,
+        // At most 3 processes on the file: 2, a third, one killed, a
+        // replacement, one leaves, another replacement: 3.
         plan: vec![
             (0.0, vec![Step::Start, Step::Start]),
-            (0.25, vec![Step::Start]),
-            (0.5, vec![Step::Kill(1), Step::Start]),
-            (0.75, vec![Step::Stop(0), Step::Start]),
+            (0.2, vec![Step::Start]),
+            (0.4, vec![Step::Kill(1)]),
+            (0.55, vec![Step::Start]),
+            (0.7, vec![Step::Stop(0)]),
+            (0.85, vec![Step::Start]),
         ],
         members: Vec::new(),
     };
