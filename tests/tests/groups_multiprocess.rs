@@ -495,14 +495,6 @@ impl<S: GroupResults> Run<S> {
             terms += owner.len();
         }
         eprintln!("groups: {terms} lease terms over {COUNT} projection partitions");
-        for n in killed {
-            let instance = &self.members[*n].instance;
-            assert!(
-                applied.iter().any(|a| a.instance == *instance),
-                "the SIGKILLed {} had committed nothing: kill it later",
-                self.members[*n].tag
-            );
-        }
 
         // Every effect once, in stream order.
         let effects = rt.block_on(self.store.effects());
@@ -517,6 +509,16 @@ impl<S: GroupResults> Run<S> {
             assert_eq!(
                 (effect.stream.as_str(), effect.version, effect.position),
                 (e.stream.as_str(), e.version, e.position.0)
+            );
+        }
+        // Each SIGKILLed worker had done work when it was killed.
+        for n in killed {
+            let m = &self.members[*n];
+            assert!(
+                applied.iter().any(|a| a.instance == m.instance)
+                    || effects.iter().any(|e| e.tag == m.tag),
+                "the SIGKILLed {} had committed nothing: kill it later",
+                m.tag
             );
         }
         let mut versions: HashMap<&str, Vec<u64>> = HashMap::new();
