@@ -7,6 +7,7 @@ pub mod child;
 pub mod conformance;
 pub mod deadlines;
 pub mod domain;
+pub mod groups;
 pub mod nats;
 pub mod pg_cluster;
 pub mod postgres;
