@@ -376,11 +376,16 @@ pub(crate) async fn continue_in<F: Future>(
 ) -> F::Output {
     // An event without a context starts a trace of its own rather than
     // joining the page's (which mixes unrelated events).
+    let pinned = span.is_disabled();
+    // A disabled span (a filtered DEBUG apply span) exports nothing: no
+    // parent to set, the task-local below carries the context on.
     #[cfg(feature = "otel")]
-    otel::set_parent(&span, parent.as_ref());
+    if !pinned {
+        otel::set_parent(&span, parent.as_ref());
+    }
     let ambient = Ambient {
         ctx: parent,
-        pinned: span.is_disabled(),
+        pinned,
     };
     AMBIENT.scope(ambient, fut.instrument(span)).await
 }

@@ -25,7 +25,9 @@ struct Rates {
     catch_up: f64,
 }
 
-async fn measure(budget: Duration, events: u64) -> Result<Rates> {
+/// `traced`: every command runs in a fixed trace context, so its events
+/// carry one, as they do with a layer installed.
+async fn measure(budget: Duration, events: u64, traced: bool) -> Result<Rates> {
     let db = TempDb::new("telemetry");
     let store = SqliteStore::open(db.path()).await?;
     let repo = Repository::<Account, _>::new(store.clone());
@@ -40,7 +42,14 @@ async fn measure(budget: Duration, events: u64) -> Result<Rates> {
             AccountCommand::Deposit { amount: 1 }
         };
         let began = Instant::now();
-        repo.execute(&id, command).await?;
+        let context = traced.then(|| {
+            aftermath::trace::TraceContext::parse(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            )
+            .expect("a valid traceparent")
+        });
+        aftermath::trace::with_context(context, repo.execute(&id, command)).await?;
         commands.record(1, began.elapsed());
         n += 1;
     }
@@ -83,13 +92,15 @@ pub(crate) fn child(args: &[String]) -> Result<()> {
             );
             tracing::subscriber::set_global_default(subscriber)?;
         }
-        "off" => {}
-        other => return Err(format!("telemetry child side `{other}`: on or off").into()),
+        "off" | "off-traced" => {}
+        other => {
+            return Err(format!("telemetry child side `{other}`: on, off or off-traced").into());
+        }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let rates = rt.block_on(measure(budget, events))?;
+    let rates = rt.block_on(measure(budget, events, side == "off-traced"))?;
     println!("commands={} catch_up={}", rates.commands, rates.catch_up);
     drop(provider);
     Ok(())
@@ -116,10 +127,11 @@ pub(crate) fn run(plan: &Plan) -> Result<()> {
     // Each side in its own process (a global subscriber cannot be removed),
     // alternating, best of the rounds per side: noise on a shared machine
     // only ever slows a run down.
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut on, mut traced) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..plan.rounds.max(3) {
         off.push(run_child("off", plan.budget, events)?);
         on.push(run_child("on", plan.budget, events)?);
+        traced.push(run_child("off-traced", plan.budget, events)?);
     }
     let best = |rates: &[Rates], f: fn(&Rates) -> f64| rates.iter().map(f).fold(0.0, f64::max);
     let note = |on: f64, off: f64| verdict(">= 95%", on >= 0.95 * off);
@@ -138,6 +150,18 @@ pub(crate) fn run(plan: &Plan) -> Result<()> {
         on_p,
         Some(off_p),
         &note(on_p, off_p),
+    );
+    // Where the catch-up difference comes from: the same work without a
+    // layer, over events that carry a trace context (as the layer's
+    // commands write them): the cost of reading and continuing the stored
+    // context, which a layer does not add to.
+    let traced_p = best(&traced, |r| r.catch_up);
+    row(
+        "projection catch-up of traced events, no layer vs none",
+        "events/s",
+        traced_p,
+        Some(off_p),
+        "the stored context's cost without any layer",
     );
     Ok(())
 }
