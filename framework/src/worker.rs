@@ -523,6 +523,20 @@ impl Worker {
     /// partitions) have the same name, or a partition's runner is not named
     /// after its partition.
     pub fn start(self) -> Result<RunningWorker, WorkerError> {
+        // The more precise error first: a partition runner named otherwise
+        // (which also makes the names of a group's partitions collide).
+        for group in &self.groups {
+            for (index, subscriber) in group.partitions().iter().enumerate() {
+                let expected = Partition::new(index as u32, group.count()).key(group.name());
+                if subscriber.name() != expected {
+                    return Err(WorkerError::PartitionName {
+                        group: group.group(),
+                        expected,
+                        found: subscriber.name().to_owned(),
+                    });
+                }
+            }
+        }
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         let names = self.subscribers.iter().map(|s| s.name()).chain(
             self.groups
@@ -536,18 +550,6 @@ impl Worker {
                     first,
                     second: index,
                 });
-            }
-        }
-        for group in &self.groups {
-            for (index, subscriber) in group.partitions().iter().enumerate() {
-                let expected = Partition::new(index as u32, group.count()).key(group.name());
-                if subscriber.name() != expected {
-                    return Err(WorkerError::PartitionName {
-                        group: group.group(),
-                        expected,
-                        found: subscriber.name().to_owned(),
-                    });
-                }
             }
         }
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -408,3 +408,32 @@ async fn per_process_limit_caps_effects_over_all_partitions() {
     .await;
     assert_eq!(limited, 2, "at most 2 at once, and the 2 are used");
 }
+
+/// A partition's runner not named after its partition would keep its
+/// checkpoint and lease under another key: the worker refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_runner_named_otherwise_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("events.db"))
+        .await
+        .unwrap();
+    let s = store.clone();
+    // Forgot `.partition(p.index, p.count)`: every runner is `bal`.
+    let group = Partitioned::new("bal", 2, move |_| {
+        ProjectionRunner::new(Balances::new("bal", "w"), s.clone(), s.clone())
+    });
+    match Worker::new().add_partitioned(group).start() {
+        Err(aftermath::worker::WorkerError::PartitionName {
+            group,
+            expected,
+            found,
+        }) => {
+            assert_eq!(
+                (group.as_str(), expected.as_str(), found.as_str()),
+                ("bal#*of2", "bal#0of2", "bal")
+            );
+        }
+        Err(other) => panic!("expected PartitionName, got {other}"),
+        Ok(_) => panic!("started partitions named after nothing"),
+    }
+}
