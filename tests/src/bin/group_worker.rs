@@ -21,9 +21,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use aftermath::process::{ProcessOptions, ProcessRunner};
-use aftermath::projection::{ProjectionOptions, ProjectionRunner};
+use aftermath::projection::{Projection, ProjectionOptions, ProjectionRunner};
 use aftermath::reactor::{ReactorOptions, ReactorRunner};
-use aftermath::worker::{Backoff, Partitioned, RunningWorker, SubscriberState, Worker};
+use aftermath::worker::{Backend, Backoff, Partitioned, RunningWorker, SubscriberState, Worker};
 use aftermath::{PostgresOptions, PostgresStore, SqliteStore};
 use aftermath_tests::groups::{
     Applier, COUNT, EffectsDb, GroupEffects, PROJECTION, PgGroupBalances, REACTOR, Reserve,
@@ -73,56 +73,37 @@ fn worker(tag: &str, ttl: Duration, leases: impl aftermath::subscription::LeaseS
 
 fn pg_worker(store: PostgresStore, tag: &str, ttl: Duration, who: &Applier) -> Worker {
     let schema = store.schema().to_owned();
-    let s = store.clone();
-    let projection = Partitioned::new(PROJECTION, COUNT, |p| {
-        let key = p.key(PROJECTION);
-        ProjectionRunner::new(
-            PgGroupBalances::new(&schema, &key, who.clone()),
-            s.clone(),
-            s.clone(),
-        )
-        .options(projection_options())
-        .partition(p.index, p.count)
-    });
-    let effects = GroupEffects {
-        db: EffectsDb::Pg(store.clone()),
-        tag: tag.to_owned(),
-    };
-    let reactor = Partitioned::new(REACTOR, COUNT, |p| {
-        ReactorRunner::new(effects.clone(), s.clone(), s.clone(), s.clone())
-            .options(reactor_options())
-            .partition(p.index, p.count)
-    });
-    let bus = command_bus(&store);
-    let saga = Partitioned::new(
-        <Reserve as aftermath::process::ProcessManager>::NAME,
-        COUNT,
-        |p| {
-            ProcessRunner::new(Reserve, s.clone(), bus.clone(), s.clone(), s.clone())
-                .options(process_options())
-                .partition(p.index, p.count)
-        },
-    );
-    worker(tag, ttl, store)
-        .add_partitioned(projection)
-        .add_partitioned(reactor)
-        .add_partitioned(saga)
+    let db = EffectsDb::Pg(store.clone());
+    on(store, tag, ttl, db, |key| {
+        PgGroupBalances::new(&schema, key, who.clone())
+    })
 }
 
 fn sqlite_worker(store: SqliteStore, tag: &str, ttl: Duration, who: &Applier) -> Worker {
+    let db = EffectsDb::Sqlite(store.clone());
+    on(store, tag, ttl, db, |key| {
+        SqliteGroupBalances::new(key, who.clone())
+    })
+}
+
+/// The worker on `store`: the projection made by `projection(partition
+/// key)`, the reactor writing its effects to `db`, and the saga, each in
+/// `COUNT` partitions.
+fn on<S: Backend, P: Projection<Db = S>>(
+    store: S,
+    tag: &str,
+    ttl: Duration,
+    db: EffectsDb,
+    projection: impl Fn(&str) -> P,
+) -> Worker {
     let s = store.clone();
     let projection = Partitioned::new(PROJECTION, COUNT, |p| {
-        let key = p.key(PROJECTION);
-        ProjectionRunner::new(
-            SqliteGroupBalances::new(&key, who.clone()),
-            s.clone(),
-            s.clone(),
-        )
-        .options(projection_options())
-        .partition(p.index, p.count)
+        ProjectionRunner::new(projection(&p.key(PROJECTION)), s.clone(), s.clone())
+            .options(projection_options())
+            .partition(p.index, p.count)
     });
     let effects = GroupEffects {
-        db: EffectsDb::Sqlite(store.clone()),
+        db,
         tag: tag.to_owned(),
     };
     let reactor = Partitioned::new(REACTOR, COUNT, |p| {
