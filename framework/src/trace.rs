@@ -153,6 +153,51 @@ pub struct TraceContextError {
     pub reason: &'static str,
 }
 
+/// The length of a version-00 `traceparent`.
+const TRACEPARENT_LEN: usize = 55;
+
+/// The value of at most 16 lowercase hex digits, `None` for any other byte.
+fn hex_value(digits: &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for &b in digits {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        value = value << 4 | u64::from(digit);
+    }
+    Some(value)
+}
+
+/// Writes `value` as `out.len()` lowercase hex digits, zero-padded.
+fn put_hex(out: &mut [u8], value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let len = out.len();
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = DIGITS[((value >> (4 * (len - 1 - i))) & 0xf) as usize];
+    }
+}
+
+/// Trace id, parent id and flags of a valid `traceparent` without
+/// surrounding whitespace; `None` for anything else (which
+/// [`TraceContext::parse`] then reads field by field to say what is wrong).
+fn parse_well_formed(b: &[u8]) -> Option<(u128, u64, u8)> {
+    let fields_end = b.len() == TRACEPARENT_LEN || b.get(TRACEPARENT_LEN) == Some(&b'-');
+    if b.len() < TRACEPARENT_LEN || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' || !fields_end {
+        return None;
+    }
+    let version = hex_value(&b[0..2])?;
+    let trace_id = u128::from(hex_value(&b[3..19])?) << 64 | u128::from(hex_value(&b[19..35])?);
+    let span_id = hex_value(&b[36..52])?;
+    let flags = hex_value(&b[53..55])? as u8;
+    let valid = version != 0xff
+        && (version != 0 || b.len() == TRACEPARENT_LEN)
+        && trace_id != 0
+        && span_id != 0;
+    valid.then_some((trace_id, span_id, flags))
+}
+
 fn hex_field<T>(
     value: &str,
     part: &str,
@@ -189,6 +234,23 @@ impl TraceContext {
     /// later version's extra fields are ignored, as the spec asks) and an
     /// optional `tracestate`.
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Result<Self, TraceContextError> {
+        let tracestate = || {
+            tracestate
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        // Every handled event that carries a context is parsed: the
+        // well-formed value in one pass over its bytes, anything else by
+        // the field-by-field parse below, which names what is wrong.
+        if let Some((trace_id, span_id, flags)) = parse_well_formed(traceparent.as_bytes()) {
+            return Ok(TraceContext {
+                trace_id,
+                span_id,
+                flags,
+                tracestate: tracestate(),
+            });
+        }
         let value = traceparent.trim();
         let err = |reason| TraceContextError {
             value: traceparent.to_owned(),
@@ -240,10 +302,7 @@ impl TraceContext {
             trace_id,
             span_id,
             flags,
-            tracestate: tracestate
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned),
+            tracestate: tracestate(),
         })
     }
 
@@ -281,10 +340,15 @@ impl TraceContext {
 
     /// The `traceparent` header value (version 00).
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        )
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        put_hex(&mut out[3..19], (self.trace_id >> 64) as u64);
+        put_hex(&mut out[19..35], self.trace_id as u64);
+        put_hex(&mut out[36..52], self.span_id);
+        put_hex(&mut out[53..55], u64::from(self.flags));
+        // ASCII by construction.
+        std::str::from_utf8(&out)
+            .map(str::to_owned)
+            .unwrap_or_default()
     }
 
     /// The context stored in `extra` (see [`TRACEPARENT`]); `None` when
@@ -521,6 +585,29 @@ mod tests {
         let mut extra = BTreeMap::new();
         ctx.write_to(&mut extra);
         assert_eq!(TraceContext::from_extra(&extra), Some(ctx));
+        // Formatting and the one-pass parse agree with the field-by-field
+        // parse (reached here through the surrounding whitespace).
+        for (trace_id, span_id, sampled) in [
+            (1, 1, false),
+            (u128::MAX, u64::MAX, true),
+            (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, true),
+        ] {
+            let ctx = TraceContext::new(trace_id, span_id, sampled).unwrap();
+            let value = ctx.traceparent();
+            assert_eq!(value.len(), TRACEPARENT_LEN);
+            assert_eq!(
+                value,
+                format!(
+                    "00-{trace_id:032x}-{span_id:016x}-{:02x}",
+                    u8::from(sampled)
+                )
+            );
+            assert_eq!(TraceContext::parse(&value, None).unwrap(), ctx);
+            assert_eq!(
+                TraceContext::parse(&format!(" {value} "), None).unwrap(),
+                ctx
+            );
+        }
     }
 
     #[test]

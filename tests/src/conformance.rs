@@ -414,6 +414,72 @@ pub async fn filtered_reads<B: Backend>() {
     assert!(none.is_empty());
 }
 
+/// Type filters of every size (a PostgreSQL read merges one ordered range
+/// per type, in statements of up to 4 and up to 16 types, and another way
+/// beyond), with types that never occur, over `$all` and over partitions:
+/// exactly the wanted events, in order, across pages.
+pub async fn filtered_reads_of_many_types<B: Backend>() {
+    let f = fresh!(B, "filtered_reads_of_many_types");
+    let s = &f.store;
+    let names: Vec<String> = (0..20).map(|i| format!("many.T{i:02}")).collect();
+    for i in 0..200usize {
+        // Uneven: type 0 is a third of the log, the others share the rest.
+        let t = if i % 3 == 0 { 0 } else { (i * 7) % 20 };
+        s.append(
+            &format!("many-{}", i % 9),
+            ExpectedVersion::Any,
+            vec![raw(&names[t], "{}")],
+        )
+        .await
+        .unwrap();
+    }
+    let all = all_events(s).await;
+    for size in [1usize, 3, 4, 5, 15, 16, 17, 20, 22] {
+        // Every other listed type, then types nobody wrote.
+        let mut wanted: Vec<String> = names.iter().step_by(2).cloned().collect();
+        wanted.extend(names.iter().skip(1).step_by(2).cloned());
+        wanted.extend(["many.Never1".to_owned(), "many.Never2".to_owned()]);
+        wanted.truncate(size);
+        let types: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let want: Vec<Uuid> = all
+            .iter()
+            .filter(|e| types.contains(&e.event_type.as_str()))
+            .map(|e| e.id)
+            .collect();
+        let got: Vec<Uuid> = read_all_pages(s, Position::ORIGIN, Some(&types), 7)
+            .map_ok(|e| e.id)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(got, want, "{size} types over $all");
+        for index in 0..3 {
+            let partition = aftermath::subscription::Partition::new(index, 3);
+            let want: Vec<Uuid> = all
+                .iter()
+                .filter(|e| types.contains(&e.event_type.as_str()) && partition.contains(&e.stream))
+                .map(|e| e.id)
+                .collect();
+            let mut got = Vec::new();
+            let mut after = Position::ORIGIN;
+            loop {
+                let page = s
+                    .read_all_partition(after, Some(&types), partition, 6)
+                    .await
+                    .unwrap();
+                let short = page.len() < 6;
+                if let Some(last) = page.last() {
+                    after = last.position;
+                }
+                got.extend(page.into_iter().map(|e| e.id));
+                if short {
+                    break;
+                }
+            }
+            assert_eq!(got, want, "{size} types over partition {index} of 3");
+        }
+    }
+}
+
 /// Forward and backward reads from any version, with limits.
 pub async fn stream_reads_both_directions<B: Backend>() {
     let f = fresh!(B, "stream_reads_both_directions");

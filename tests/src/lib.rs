@@ -99,6 +99,7 @@ macro_rules! conformance_tests {
             invalid_stream_names,
             all_order_under_concurrent_writers,
             filtered_reads,
+            filtered_reads_of_many_types,
             stream_reads_both_directions,
             large_stream_paged,
             find_head_version_and_watch,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use aftermath::store::{EventStore, ExpectedVersion};
 use aftermath::{Position, PostgresOptions, PostgresStore, StoreError, Upcasters};
+use aftermath_tests::domain::{Account, AccountCommand};
 use aftermath_tests::postgres::append_in;
 use aftermath_tests::{Backend, Fresh, deposits};
 use sqlx_core::connection::Connection;
@@ -571,4 +572,86 @@ async fn racing_appends_never_lose_a_write() {
         assert_eq!(won, 1, "round {round}");
     }
     assert_eq!(store.stream_version("race-1").await.unwrap(), 20);
+}
+
+/// The store's pool does not test a recently used connection before
+/// handing it out (a round trip per statement); a connection that died
+/// (a server restart, a failover, an administrator) fails its statement,
+/// which the store tries again on a live connection. Here every session of
+/// the store is terminated while its connections are freshly used: the
+/// next command, append and read all succeed, and nothing is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_connections_are_replaced_without_failing_a_call() {
+    let url = url_or_skip!("terminated_connections_are_replaced_without_failing_a_call");
+    let guard = fresh_schema(&url);
+    let app = format!("am_{}", Uuid::new_v4().simple());
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store_url = format!("{url}{separator}application_name={app}");
+    let store = connect(
+        &store_url,
+        PostgresOptions::default()
+            .schema(&guard.schema)
+            .max_connections(4),
+    )
+    .await;
+    let repo = aftermath::Repository::<Account, _>::new(store.clone());
+    let mut admin = raw(&url).await;
+    let mut appended = 0u64;
+    for round in 0..3 {
+        // Warm the pool: several connections, all just used.
+        let opened = futures::future::join_all((0..4).map(|i| {
+            let repo = repo.clone();
+            async move {
+                repo.execute(
+                    &format!("t{round}-{i}"),
+                    AccountCommand::Open {
+                        owner: "o".to_owned(),
+                    },
+                )
+                .await
+            }
+        }))
+        .await;
+        for done in opened {
+            done.expect("a command before the sessions end");
+            appended += 1;
+        }
+        let killed: i64 = query(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+        )
+        .bind(&app)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+        .get(0);
+        assert!(killed >= 2, "round {round}: terminated {killed} sessions");
+        // At once, on connections the pool still holds.
+        repo.execute(
+            &format!("t{round}-0"),
+            AccountCommand::Deposit { amount: 5 },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: a command after the sessions ended: {e}"));
+        store
+            .append(
+                &format!("direct-{round}"),
+                ExpectedVersion::NoStream,
+                deposits(0, 2),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: an append after the sessions ended: {e}"));
+        appended += 3;
+        let stored = store
+            .read_all(Position::ORIGIN, None, 1000)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a read after the sessions ended: {e}"));
+        assert_eq!(
+            stored.len() as u64,
+            appended,
+            "round {round}: every event once"
+        );
+        let ids: std::collections::HashSet<Uuid> = stored.iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), stored.len(), "round {round}: no event twice");
+    }
 }

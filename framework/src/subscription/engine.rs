@@ -8,9 +8,11 @@
 //! start (resume the checkpoint, prepare)            ── PageHandler::start
 //! loop:
 //!   work that does not come from the log            ── PageHandler::before_page
-//!   read a page (types and partition in the query)
+//!   read a page (types and partition in the query),
+//!     or take the one read ahead
 //!   report CatchingUp (a live subscriber stays Live)
 //!   handle it                                       ── PageHandler::handle
+//!     (a full page: read the next one meanwhile)
 //!   fenced checkpoint from the one the run holds    ── PageHandler::commit
 //!   report the lag; Live only now, once committed
 //!   work due after the page (deadlines)             ── PageHandler::after_page
@@ -319,10 +321,16 @@ where
                     aftermath.from = saved.0,
                     aftermath.to = page.through.0,
                 );
-                handler
-                    .handle(ctx, &mut run, saved, &page)
-                    .instrument(span)
-                    .await?
+                let handling = handler.handle(ctx, &mut run, saved, &page).instrument(span);
+                if reader.is_behind() {
+                    // A full page: read the next one while this one is
+                    // handled (kept only if the handler gets through it).
+                    let (handled, ahead) = tokio::join!(handling, reader.read_after(page.through));
+                    reader.keep_ahead(page.through, ahead);
+                    handled?
+                } else {
+                    handling.await?
+                }
             };
             let done = page
                 .events

@@ -173,6 +173,9 @@ pub struct CatchUp<S> {
     behind: bool,
     /// When the head was last read.
     head_read_at: Option<std::time::Instant>,
+    /// A page read ahead (see [`CatchUp::read_after`]): the position it was
+    /// read after, and its events.
+    ahead: Option<(Position, Vec<StoredEvent>)>,
 }
 
 /// While catching up (full pages), the head is read again at most this
@@ -200,6 +203,7 @@ impl<S: EventStore> CatchUp<S> {
             oldest_pending: None,
             behind: false,
             head_read_at: None,
+            ahead: None,
         }
     }
 
@@ -247,9 +251,20 @@ impl<S: EventStore> CatchUp<S> {
     /// comes back short is not `caught_up` and passes nothing beyond its
     /// last event; the next page reads the head first.
     pub async fn next_page(&mut self) -> Result<Page, StoreError> {
-        let head_due = self
-            .head_read_at
-            .is_none_or(|at| at.elapsed() >= HEAD_REFRESH);
+        if let Some((after, events)) = self.ahead.take()
+            && after == self.position
+            && self.behind
+        {
+            // Read ahead while the last page was handled: a page read
+            // without the head. The head is still refreshed for the lag.
+            if self.head_due() {
+                let head = self.store.head().await?;
+                self.head_read_at = Some(std::time::Instant::now());
+                self.last_head = self.last_head.max(head);
+            }
+            return Ok(self.page_behind(events));
+        }
+        let head_due = self.head_due();
         if self.behind && !head_due {
             return self.next_page_behind().await;
         }
@@ -274,37 +289,93 @@ impl<S: EventStore> CatchUp<S> {
         })
     }
 
+    /// Whether the head is to be read again for the lag.
+    fn head_due(&self) -> bool {
+        self.head_read_at
+            .is_none_or(|at| at.elapsed() >= HEAD_REFRESH)
+    }
+
     /// A page read without reading the head first (see [`Self::next_page`]).
     async fn next_page_behind(&mut self) -> Result<Page, StoreError> {
         let limit = self.options.batch_size.max(1);
         let events = self.read(limit).await?;
+        Ok(self.page_behind(events))
+    }
+
+    /// The page of `events`, read after the position without reading the
+    /// head first.
+    fn page_behind(&mut self, events: Vec<StoredEvent>) -> Page {
+        let limit = self.options.batch_size.max(1);
         self.behind = events.len() >= limit;
         let through = events.last().map_or(self.position, |e| e.position);
         self.last_head = self.last_head.max(through);
         self.oldest_pending = events.first().map(|e| e.recorded_at);
-        Ok(Page {
+        Page {
             events,
             through,
             caught_up: false,
-        })
+        }
     }
 
     /// Reads up to `limit` events after the position (of the types and
     /// partition).
     async fn read(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_from(self.position, limit).await
+    }
+
+    /// Reads up to `limit` events after `after` (of the types and partition).
+    async fn read_from(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let types: Option<Vec<&str>> = self.types.clone();
         match self.partition {
-            None => {
-                self.store
-                    .read_all(self.position, types.as_deref(), limit)
-                    .await
-            }
+            None => self.store.read_all(after, types.as_deref(), limit).await,
             Some(partition) => {
                 self.store
-                    .read_all_partition(self.position, types.as_deref(), partition, limit)
+                    .read_all_partition(after, types.as_deref(), partition, limit)
                     .await
             }
         }
+    }
+
+    /// Whether the last page was full, so the next one most likely is too:
+    /// then it is worth reading it ahead ([`CatchUp::read_after`]) while the
+    /// subscriber handles this one.
+    pub(crate) fn is_behind(&self) -> bool {
+        self.behind
+    }
+
+    /// Reads the page after `after` (the end of the page being handled)
+    /// without moving the reader, and keeps it for the next
+    /// [`CatchUp::next_page`] once [`CatchUp::advance`] has moved the
+    /// position to `after`; otherwise (the handler stopped early, a run
+    /// starting over) it is dropped.
+    ///
+    /// Reading ahead is safe because the log below the horizon never
+    /// changes: the events read now are the first of those a later read
+    /// returns, and the page is used as a page read without the head (it
+    /// proves nothing past its last event), as while catching up. A failed
+    /// or empty read is not kept: the next page is read again (see
+    /// [`CatchUp::keep_ahead`]).
+    pub(crate) async fn read_after(&self, after: Position) -> Option<Vec<StoredEvent>> {
+        let limit = self.options.batch_size.max(1);
+        self.read_from(after, limit).await.ok()
+    }
+
+    /// Keeps a page read by [`CatchUp::read_after`] after `after`, unless it
+    /// is empty. It is used as a page read without the head: never
+    /// `caught_up`, passing nothing beyond its last event, so whoever relies
+    /// on when a page was read relies on that event's time, not on the
+    /// clock (a process manager fires deadlines due by the clock taken
+    /// before the page was read, but after a page that is not caught up only
+    /// those due by its last event). An empty one would carry no such time:
+    /// it is dropped, and the next page is read with the head.
+    pub(crate) fn keep_ahead(&mut self, after: Position, events: Option<Vec<StoredEvent>>) {
+        self.ahead = events
+            .filter(|events| !events.is_empty())
+            .map(|events| (after, events));
     }
 
     /// Waits until the head may have moved past the current position: an

@@ -64,6 +64,49 @@ impl Existing {
 /// (serialization failure, deadlock, a conflicting append that rolled back).
 const APPEND_ATTEMPTS: usize = 5;
 
+/// Whether `e` says the connection is gone (a broken socket, or the server
+/// ending the session: class 08, or an administrator's or the server's
+/// shutdown, 57P01 to 57P03), rather than anything about the statement.
+/// Seeing one makes the store's pools test every connection before use for
+/// a while ([`suspect_connections`]): where one connection died (a server
+/// restart, a failover), the idle ones most likely did too.
+pub(super) fn connection_lost(e: &sqlx_core::Error) -> bool {
+    let lost = match e {
+        sqlx_core::Error::Io(_) => true,
+        sqlx_core::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    };
+    if lost {
+        let until = since_start().saturating_add(SUSPECT_FOR);
+        SUSPECT_UNTIL.fetch_max(
+            until.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    lost
+}
+
+/// How long after a lost connection every pooled connection is tested.
+const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Until when (milliseconds since [`since_start`]'s origin) connections are
+/// tested before every use.
+static SUSPECT_UNTIL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Time since the first call (a monotonic origin for [`SUSPECT_UNTIL`]).
+fn since_start() -> std::time::Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// Whether a connection was lost recently (see [`connection_lost`]).
+pub(super) fn suspect_connections() -> bool {
+    let until = SUSPECT_UNTIL.load(std::sync::atomic::Ordering::Relaxed);
+    until > 0 && since_start().as_millis() as u64 <= until
+}
+
 /// What one call of the append function did.
 pub(super) struct Appended {
     /// The result to return.
@@ -134,7 +177,13 @@ pub(super) async fn append(
                     ),
                     None => (None, None, None),
                 };
-                let transient = matches!(code.as_deref(), Some("40001" | "40P01"));
+                // A serialization failure or deadlock, or a connection lost
+                // (the pool does not test a recently used connection before
+                // handing it out, see `PostgresStore::connect_to`): tried
+                // again with the same event ids, so an append that did commit
+                // before the connection went is found as its own retry.
+                let transient =
+                    matches!(code.as_deref(), Some("40001" | "40P01")) || connection_lost(&e);
                 match (kind, constraint.as_deref()) {
                     // An id of the batch is stored: a retry, or a reuse.
                     (Some(ErrorKind::UniqueViolation), Some("events_id")) => {

@@ -170,6 +170,21 @@ pub(super) fn stmt(statement: &Arc<str>) -> Query<'static, Postgres, PgArguments
     query(AssertSqlSafe(statement.clone()))
 }
 
+/// Runs a read statement, once more when it failed because its connection
+/// was gone (see [`super::append::connection_lost`]): reads are safe to
+/// repeat, and the pool tests connections again after such a failure, so
+/// the second try gets a live one.
+pub(super) async fn retried<T, F, Fut>(mut read: F) -> Result<T, sqlx_core::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx_core::Error>>,
+{
+    match read().await {
+        Err(e) if super::append::connection_lost(&e) => read().await,
+        done => done,
+    }
+}
+
 /// Wraps a driver error with what the store was doing; a closed pool is
 /// [`StoreError::Closed`].
 pub(super) fn db(operation: &'static str) -> impl FnOnce(sqlx_core::Error) -> StoreError {
@@ -212,9 +227,7 @@ pub(super) async fn stream_version(
     sql: &Sql,
     stream: &str,
 ) -> Result<u64, StoreError> {
-    let version: i64 = stmt(&sql.stream_version)
-        .bind(stream)
-        .fetch_one(pool)
+    let version: i64 = retried(|| stmt(&sql.stream_version).bind(stream).fetch_one(pool))
         .await
         .and_then(|row| row.try_get(0))
         .map_err(db("reading a stream version"))?;
@@ -234,8 +247,7 @@ pub(super) struct Head {
 
 /// Reads the [`Head`].
 pub(super) async fn head(pool: &PgPool, sql: &Sql) -> Result<Head, StoreError> {
-    let row = stmt(&sql.head)
-        .fetch_one(pool)
+    let row = retried(|| stmt(&sql.head).fetch_one(pool))
         .await
         .map_err(db("reading the head position"))?;
     let failed = || db("reading the head position");
@@ -269,13 +281,15 @@ pub(super) async fn read_stream(
         Direction::Backward if from == 0 => return Ok(Vec::new()),
         Direction::Backward => (&sql.read_backward, from),
     };
-    let rows = stmt(statement)
-        .bind(stream)
-        .bind(sql_int(from))
-        .bind(sql_int(limit as u64))
-        .fetch_all(pool)
-        .await
-        .map_err(db("reading a stream"))?;
+    let rows = retried(|| {
+        stmt(statement)
+            .bind(stream)
+            .bind(sql_int(from))
+            .bind(sql_int(limit as u64))
+            .fetch_all(pool)
+    })
+    .await
+    .map_err(db("reading a stream"))?;
     collect(rows, upcasters)
 }
 
@@ -288,13 +302,15 @@ pub(super) async fn read_stream_fold(
     limit: usize,
     upcasters: &Upcasters,
 ) -> Result<Vec<FoldEvent>, StoreError> {
-    let rows = stmt(&sql.read_fold)
-        .bind(stream)
-        .bind(sql_int(from.max(1)))
-        .bind(sql_int(limit as u64))
-        .fetch_all(pool)
-        .await
-        .map_err(db("reading a stream"))?;
+    let rows = retried(|| {
+        stmt(&sql.read_fold)
+            .bind(stream)
+            .bind(sql_int(from.max(1)))
+            .bind(sql_int(limit as u64))
+            .fetch_all(pool)
+    })
+    .await
+    .map_err(db("reading a stream"))?;
     rows.iter()
         .map(|row| {
             let corrupt = |position: Position, message: String| StoreError::Corrupt {
@@ -374,16 +390,20 @@ pub(super) async fn read_all(
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let (transaction, seq) = order::decode(after);
     let limit = sql_int(limit as u64);
-    let query = match types {
+    if types.is_some_and(<[String]>::is_empty) {
+        return Ok(Vec::new());
+    }
+    let query = || match types {
         None => stmt(&sql.read_all).bind(transaction).bind(seq).bind(limit),
-        Some([]) => return Ok(Vec::new()),
         Some(types) => stmt(&sql.read_all_typed)
             .bind(transaction)
             .bind(seq)
             .bind(limit)
             .bind(types),
     };
-    let rows = query.fetch_all(pool).await.map_err(db("reading $all"))?;
+    let rows = retried(|| query().fetch_all(pool))
+        .await
+        .map_err(db("reading $all"))?;
     collect(rows, upcasters)
 }
 
@@ -405,14 +425,16 @@ pub(super) async fn read_partition(
     let limit = sql_int(limit as u64);
     let (first, last) = partition.hash_range();
     let (first, last) = (stored_hash(first), stored_hash(last));
-    let query = match types {
+    if types.is_some_and(<[String]>::is_empty) {
+        return Ok(Vec::new());
+    }
+    let query = || match types {
         None => stmt(&sql.read_partition)
             .bind(transaction)
             .bind(seq)
             .bind(limit)
             .bind(first)
             .bind(last),
-        Some([]) => return Ok(Vec::new()),
         Some(types) => stmt(&sql.read_partition_typed)
             .bind(transaction)
             .bind(seq)
@@ -421,8 +443,7 @@ pub(super) async fn read_partition(
             .bind(first)
             .bind(last),
     };
-    let rows = query
-        .fetch_all(pool)
+    let rows = retried(|| query().fetch_all(pool))
         .await
         .map_err(db("reading a partition of $all"))?;
     collect(rows, upcasters)
@@ -439,14 +460,16 @@ pub(super) async fn read_correlation(
     upcasters: &Upcasters,
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let (transaction, seq) = order::decode(after);
-    let rows = stmt(&sql.read_correlation)
-        .bind(transaction)
-        .bind(seq)
-        .bind(sql_int(limit as u64))
-        .bind(correlation_id)
-        .fetch_all(pool)
-        .await
-        .map_err(db("reading a correlation"))?;
+    let rows = retried(|| {
+        stmt(&sql.read_correlation)
+            .bind(transaction)
+            .bind(seq)
+            .bind(sql_int(limit as u64))
+            .bind(correlation_id)
+            .fetch_all(pool)
+    })
+    .await
+    .map_err(db("reading a correlation"))?;
     collect(rows, upcasters)
 }
 
@@ -457,9 +480,7 @@ pub(super) async fn find_event(
     id: Uuid,
     upcasters: &Upcasters,
 ) -> Result<Option<StoredEvent>, StoreError> {
-    let rows = stmt(&sql.find_event)
-        .bind(id)
-        .fetch_all(pool)
+    let rows = retried(|| stmt(&sql.find_event).bind(id).fetch_all(pool))
         .await
         .map_err(db("finding an event"))?;
     Ok(collect(rows, upcasters)?.pop())
@@ -577,9 +598,7 @@ pub(super) async fn load_snapshot(
     sql: &Sql,
     stream: &str,
 ) -> Result<Option<Snapshot>, StoreError> {
-    let Some(row) = stmt(&sql.load_snapshot)
-        .bind(stream)
-        .fetch_optional(pool)
+    let Some(row) = retried(|| stmt(&sql.load_snapshot).bind(stream).fetch_optional(pool))
         .await
         .map_err(db("loading a snapshot"))?
     else {

@@ -363,12 +363,20 @@ async fn listen_on(pool: &PgPool, channel: &str, own: &str, wake: &Notify) -> sq
     }
 }
 
+/// The shortest time between two NOTIFYs of one store handle.
+pub(super) const NOTIFY_GAP: Duration = Duration::from_millis(5);
+
 /// Sends the store's NOTIFY after appends have committed, outside their
 /// transactions: PostgreSQL serializes the commits of notifying
 /// transactions, so a NOTIFY inside every append would cap concurrent
 /// writers at about one commit at a time. Wake-ups that arrive while a
-/// NOTIFY is under way coalesce into the next one. Listeners only use it to
-/// wake up; nothing depends on it arriving.
+/// NOTIFY is under way coalesce into the next one, and two NOTIFYs are at
+/// least [`NOTIFY_GAP`] apart: the first append after a quiet moment is
+/// announced at once, the appends of a busy moment together at most that
+/// much later. (Each NOTIFY is a transaction, and wakes every listening
+/// session of every process; one per append cost a single writer about a
+/// fifth of its commands.) Listeners only use it to wake up; nothing depends
+/// on it arriving.
 pub(super) struct Notifier {
     pub(super) pool: PgPool,
     pub(super) channel: String,
@@ -382,17 +390,32 @@ impl Notifier {
     pub(super) fn spawn(self) -> oneshot::Sender<()> {
         let (stop, mut stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
+            let mut last: Option<Instant> = None;
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
                     _ = self.wake.notified() => {}
                 }
-                let sent =
-                    sqlx_core::query::query::<sqlx_postgres::Postgres>("SELECT pg_notify($1, $2)")
-                        .bind(&self.channel)
-                        .bind(&self.handle_id)
-                        .execute(&self.pool)
-                        .await;
+                if let Some(last) = last {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        _ = tokio::time::sleep_until(last + NOTIFY_GAP) => {}
+                    }
+                }
+                last = Some(Instant::now());
+                // The NOTIFY's transaction takes a transaction id, so its
+                // commit would wait for a WAL flush like an append's: a
+                // second flush per append at low concurrency. It writes
+                // nothing worth keeping, so it commits without waiting
+                // (`synchronous_commit` off for this transaction only); the
+                // notification is delivered at commit all the same.
+                let sent = sqlx_core::query::query::<sqlx_postgres::Postgres>(
+                    "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)",
+                )
+                .bind(&self.channel)
+                .bind(&self.handle_id)
+                .execute(&self.pool)
+                .await;
                 if let Err(e) = sent {
                     tracing::debug!(channel = %self.channel, error = %e, "NOTIFY failed; listeners fall back to polling");
                 }

@@ -25,6 +25,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_lease_holders.sql"),
     include_str!("migrations/0008_read_columns.sql"),
     include_str!("migrations/0009_groups.sql"),
+    include_str!("migrations/0010_read_typed_merge.sql"),
 ];
 
 /// The schema version this build creates and understands.
