@@ -458,10 +458,7 @@ async fn rows(url: &str, plan: &Plan, store: &PostgresStore, raw: &RawPg) -> Res
     }
     drop(quiet);
 
-    // The repository, on tables settled after the append rows: both sides'
-    // tables vacuumed and analyzed, so neither side's commands share the
-    // machine with an autovacuum of the other's freshly written rows.
-    vacuum_analyze(store, raw).await?;
+    // The repository.
     for tasks in [1, plan.tasks] {
         let (fw, base) = alternate(
             plan,
@@ -557,18 +554,6 @@ async fn rows(url: &str, plan: &Plan, store: &PostgresStore, raw: &RawPg) -> Res
         rounded(catch_up),
         rounded(catch_up_after)
     );
-    Ok(())
-}
-
-/// `VACUUM ANALYZE` of the store's and the baseline's events tables.
-async fn vacuum_analyze(store: &PostgresStore, raw: &RawPg) -> Result<()> {
-    use aftermath::store::postgres::sqlx_core::{
-        executor::Executor, raw_sql::raw_sql, sql_str::AssertSqlSafe,
-    };
-    for schema in [store.schema(), raw.schema()] {
-        let sql = format!("VACUUM ANALYZE \"{schema}\".events");
-        raw.pool().execute(raw_sql(AssertSqlSafe(sql))).await?;
-    }
     Ok(())
 }
 
