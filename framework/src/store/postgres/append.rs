@@ -10,7 +10,7 @@ use sqlx_postgres::PgPool;
 use uuid::Uuid;
 
 use super::events::{Sql, db, position_of, sql_int, stmt, stored_hash, stream_version, version_of};
-use super::order::MAX_EVENTS_PER_TRANSACTION;
+use super::order::{self, MAX_EVENTS_PER_TRANSACTION};
 use super::types::Xid8;
 use crate::event::{EventData, Position};
 use crate::store::{AppendResult, ExpectedVersion, StoreError};
@@ -65,17 +65,18 @@ impl Existing {
 const APPEND_ATTEMPTS: usize = 5;
 
 /// Whether `e` says the connection is gone (a broken socket, or the server
-/// ending the session: class 08, or an administrator's or the server's
-/// shutdown, 57P01 to 57P03), rather than anything about the statement.
+/// ending the session: class 08 but a protocol violation, or an
+/// administrator's or the server's shutdown, 57P01 to 57P03), rather than
+/// anything about the statement.
 /// Seeing one makes the store's pools test every connection before use for
 /// a while ([`suspect_connections`]): where one connection died (a server
 /// restart, a failover), the idle ones most likely did too.
 pub(super) fn connection_lost(e: &sqlx_core::Error) -> bool {
     let lost = match e {
         sqlx_core::Error::Io(_) => true,
-        sqlx_core::Error::Database(d) => d
-            .code()
-            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        sqlx_core::Error::Database(d) => d.code().is_some_and(|c| {
+            (c.starts_with("08") && c != "08P01") || matches!(&*c, "57P01" | "57P02" | "57P03")
+        }),
         _ => false,
     };
     if lost {
@@ -149,6 +150,9 @@ pub(super) async fn append(
     let causation: Vec<Uuid> = events.iter().map(|e| e.metadata.causation_id).collect();
 
     let mut attempt = 0;
+    // An earlier attempt lost its connection: it may have committed, so
+    // finding this batch stored is this call's own append, not a retry's.
+    let mut lost = false;
     loop {
         attempt += 1;
         let outcome = stmt(&sql.append)
@@ -182,16 +186,14 @@ pub(super) async fn append(
                 // handing it out, see `PostgresStore::connect_to`): tried
                 // again with the same event ids, so an append that did commit
                 // before the connection went is found as its own retry.
-                let transient =
-                    matches!(code.as_deref(), Some("40001" | "40P01")) || connection_lost(&e);
+                let dropped = connection_lost(&e);
+                lost |= dropped;
+                let transient = matches!(code.as_deref(), Some("40001" | "40P01")) || dropped;
                 match (kind, constraint.as_deref()) {
                     // An id of the batch is stored: a retry, or a reuse.
                     (Some(ErrorKind::UniqueViolation), Some("events_id")) => {
                         if let Some(done) = refused(pool, sql, stream, expected, events).await? {
-                            return Ok(Appended {
-                                result: done,
-                                transaction: None,
-                            });
+                            return Ok(found(done, lost));
                         }
                         // The conflicting append rolled back meanwhile.
                         if attempt < APPEND_ATTEMPTS {
@@ -254,10 +256,7 @@ pub(super) async fn append(
             // The version did not match: an idempotent retry, a reused id
             // (reported first, as in memory), or a version conflict.
             _ => match refused(pool, sql, stream, expected, events).await? {
-                Some(done) => Ok(Appended {
-                    result: done,
-                    transaction: None,
-                }),
+                Some(done) => Ok(found(done, lost)),
                 None => Err(StoreError::WrongExpectedVersion {
                     stream: stream.to_owned(),
                     expected,
@@ -265,6 +264,27 @@ pub(super) async fn append(
                 }),
             },
         };
+    }
+}
+
+/// The result of an append that found its batch stored already: an
+/// idempotent retry of an earlier call, or (`lost`: an attempt of this call
+/// lost its connection, maybe after its commit) this call's own append, which
+/// is then reported and recorded as one (not a duplicate; its transaction
+/// counted as this handle's, so readers are woken and `wait_for_own_writes`
+/// waits for it). A caller's retry whose own first attempt also lost its
+/// connection is reported as its own append too: the two cannot be told apart.
+fn found(mut done: AppendResult, lost: bool) -> Appended {
+    if !lost {
+        return Appended {
+            result: done,
+            transaction: None,
+        };
+    }
+    done.duplicate = false;
+    Appended {
+        transaction: done.last_position.map(|p| order::decode(p).0),
+        result: done,
     }
 }
 
@@ -368,4 +388,39 @@ async fn retried(
         last_position: Some(last.1),
         duplicate: true,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch found stored after an attempt of this call lost its
+    /// connection is this call's append: not a duplicate, and its
+    /// transaction is recorded (readers woken, own writes awaited).
+    #[test]
+    fn a_batch_found_after_a_lost_connection_is_the_call_s_own() {
+        let position = order::encode(Xid8(77), 3).unwrap();
+        let first = AppendResult {
+            first_version: 4,
+            last_version: 5,
+            first_position: Some(Position(position.0 - 1)),
+            last_position: Some(position),
+            duplicate: true,
+        };
+        let retry = found(first.clone(), false);
+        assert!(retry.result.duplicate);
+        assert_eq!(retry.transaction, None);
+        let own = found(first, true);
+        assert!(!own.result.duplicate);
+        assert_eq!(own.result.last_version, 5);
+        assert_eq!(own.transaction, Some(Xid8(77)));
+    }
+
+    #[test]
+    fn only_a_gone_connection_counts_as_lost() {
+        let io = sqlx_core::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(connection_lost(&io));
+        assert!(!connection_lost(&sqlx_core::Error::RowNotFound));
+        assert!(!connection_lost(&sqlx_core::Error::PoolTimedOut));
+    }
 }

@@ -23,10 +23,9 @@
 --
 -- The horizon is computed once, from the calling statement's snapshot (the
 -- function is STABLE, so its statements run with that snapshot too), and
--- applied after the merge: every branch is ordered, so the rows below the
--- horizon are a prefix of each branch and the first `p_limit` of the merge
--- below it are the page. `p_types` must not repeat a type (the client
--- removes duplicates).
+-- bounds every branch's index range (so a reader held back by an append in
+-- flight does not fetch the rows above it). `p_types` must not repeat a type
+-- (the client removes duplicates).
 CREATE OR REPLACE FUNCTION {schema}.read_typed(
     p_after_transaction xid8,
     p_after_seq         integer,
@@ -56,6 +55,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[1]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -64,6 +64,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[2]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -72,6 +73,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[3]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -80,10 +82,10 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[4]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
           ) u
-         WHERE u.transaction_id < v_horizon
          ORDER BY u.transaction_id, u.seq
          LIMIT p_limit;
     ELSIF v_types <= 16 THEN
@@ -96,6 +98,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[1]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -104,6 +107,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[2]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -112,6 +116,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[3]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -120,6 +125,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[4]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -128,6 +134,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[5]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -136,6 +143,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[6]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -144,6 +152,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[7]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -152,6 +161,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[8]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -160,6 +170,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[9]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -168,6 +179,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[10]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -176,6 +188,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[11]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -184,6 +197,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[12]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -192,6 +206,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[13]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -200,6 +215,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[14]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -208,6 +224,7 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[15]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
         UNION ALL
@@ -216,10 +233,10 @@ BEGIN
            FROM {schema}.events x
           WHERE x.event_type = p_types[16]
             AND (x.transaction_id, x.seq) > (p_after_transaction, p_after_seq)
+            AND x.transaction_id < v_horizon
             AND (p_first_hash IS NULL OR x.stream_hash BETWEEN p_first_hash AND p_last_hash)
           ORDER BY x.transaction_id, x.seq LIMIT p_limit)
           ) u
-         WHERE u.transaction_id < v_horizon
          ORDER BY u.transaction_id, u.seq
          LIMIT p_limit;
     ELSE
