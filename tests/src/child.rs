@@ -159,3 +159,19 @@ impl Drop for Child {
         let _ = self.child.wait();
     }
 }
+
+/// For a helper binary: completes when a line `stop` arrives on stdin (or
+/// stdin closes), the request [`Child`] sends for a graceful stop.
+pub fn stop_on_stdin() -> tokio::sync::oneshot::Receiver<()> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(line) if line.trim() != "stop" => continue,
+                _ => break,
+            }
+        }
+        let _ = stop_tx.send(());
+    });
+    stop_rx
+}

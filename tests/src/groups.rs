@@ -265,14 +265,7 @@ impl Projection for PgGroupBalances {
     }
 
     async fn setup(&self, tx: &mut PgTx) -> Result<(), HandlerError> {
-        query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(&self.create)
-            .execute(tx.conn())
-            .await?;
-        raw_sql(AssertSqlSafe(self.create.clone()))
-            .execute(tx.conn())
-            .await?;
-        Ok(())
+        crate::postgres::create_one_at_a_time(tx, &self.create).await
     }
 
     async fn reset(&self, tx: &mut PgTx) -> Result<(), HandlerError> {

@@ -24,6 +24,21 @@ use uuid::Uuid;
 use crate::domain::AccountEvent;
 use crate::projections::{Hook, Model, delta};
 
+/// Runs `create` (DDL with `IF NOT EXISTS`) in a projection's setup, one
+/// setup at a time: partitions and workers set up at once, and PostgreSQL's
+/// `CREATE TABLE IF NOT EXISTS` is not safe against itself (a transaction
+/// lock keyed by the statement: fine behind a pooler).
+pub async fn create_one_at_a_time(tx: &mut PgTx, create: &str) -> Result<(), HandlerError> {
+    query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(create)
+        .execute(tx.conn())
+        .await?;
+    raw_sql(AssertSqlSafe(create.to_owned()))
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
 /// The server URL from `AFTERMATH_PG_URL`, if set.
 pub fn url() -> Option<String> {
     std::env::var("AFTERMATH_PG_URL")
@@ -266,17 +281,7 @@ impl Projection for PgBalances {
     }
 
     async fn setup(&self, tx: &mut PgTx) -> Result<(), HandlerError> {
-        // Partitions set up at the same time: PostgreSQL's `CREATE TABLE IF
-        // NOT EXISTS` is not safe against itself, so one at a time (a
-        // transaction lock: fine behind a pooler).
-        query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(&self.create)
-            .execute(tx.conn())
-            .await?;
-        raw_sql(AssertSqlSafe(self.create.clone()))
-            .execute(tx.conn())
-            .await?;
-        Ok(())
+        create_one_at_a_time(tx, &self.create).await
     }
 
     async fn reset(&self, tx: &mut PgTx) -> Result<(), HandlerError> {

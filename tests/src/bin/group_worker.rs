@@ -16,7 +16,6 @@
 //!            "STOPPED" after a graceful shutdown
 //! ```
 
-use std::io::BufRead;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -129,16 +128,7 @@ fn on<S: Backend, P: Projection<Db = S>>(
 
 /// Reports changes until a line "stop" (or EOF) on stdin.
 async fn report(worker: &RunningWorker) {
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            match line {
-                Ok(line) if line.trim() != "stop" => continue,
-                _ => break,
-            }
-        }
-        let _ = stop_tx.send(());
-    });
+    let mut stop_rx = aftermath_tests::child::stop_on_stdin();
     let mut last_running = String::new();
     let mut failed = std::collections::HashSet::new();
     let mut retrying = std::collections::HashSet::new();

@@ -24,7 +24,6 @@
 //! repeated confirmation (after a crash between the append and the journal
 //! write) is absorbed by the aggregate's command inbox.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use aftermath::process::{Clock, ProcessOptions, ProcessRunner};
@@ -179,16 +178,7 @@ fn main() {
             .start()
             .expect("unique subscriber names");
         println!("STARTED {}", worker.owner());
-        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                match line {
-                    Ok(line) if line.trim() != "stop" => continue,
-                    _ => break,
-                }
-            }
-            let _ = stop_tx.send(());
-        });
+        let mut stop_rx = aftermath_tests::child::stop_on_stdin();
         let mut last: std::collections::HashMap<String, &'static str> = Default::default();
         loop {
             for status in worker.status() {

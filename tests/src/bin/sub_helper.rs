@@ -227,16 +227,7 @@ fn main() -> Result<(), StoreError> {
                     .add_subscriber(runner)
                     .start()
                     .expect("unique subscriber names");
-                let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-                std::thread::spawn(move || {
-                    for line in std::io::stdin().lock().lines() {
-                        match line {
-                            Ok(line) if line.trim() != "stop" => continue,
-                            _ => break,
-                        }
-                    }
-                    let _ = stop_tx.send(());
-                });
+                let mut stop_rx = aftermath_tests::child::stop_on_stdin();
                 let mut last_kind = "";
                 let mut last_live = None;
                 loop {

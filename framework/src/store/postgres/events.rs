@@ -188,15 +188,17 @@ where
 /// Wraps a driver error with what the store was doing; a closed pool is
 /// [`StoreError::Closed`].
 pub(super) fn db(operation: &'static str) -> impl FnOnce(sqlx_core::Error) -> StoreError {
-    move |e| match e {
-        // Also on paths that are not tried again (a subscriber's batch
-        // transaction, a checkpoint): the pool tests its connections for a
-        // while, so the restarted run gets live ones.
-        e if super::append::connection_lost(&e) => StoreError::database(operation, e),
-        sqlx_core::Error::PoolClosed => {
-            StoreError::Closed("the PostgreSQL connection pool was closed".into())
+    move |e| {
+        // Noted also on paths that are not tried again (a subscriber's batch
+        // transaction, a checkpoint): the pools then test their connections
+        // for a while, so the restarted run gets live ones.
+        super::append::connection_lost(&e);
+        match e {
+            sqlx_core::Error::PoolClosed => {
+                StoreError::Closed("the PostgreSQL connection pool was closed".into())
+            }
+            e => StoreError::database(operation, e),
         }
-        e => StoreError::database(operation, e),
     }
 }
 

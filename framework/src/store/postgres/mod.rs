@@ -607,7 +607,7 @@ impl PostgresStore {
     /// time on a local server). The pool [`PostgresStore::connect`] builds
     /// tests only connections idle for 500 ms; build yours with
     /// `test_before_acquire(false)` and a `before_acquire` hook for the
-    /// same. A statement whose connection died is tried once more either way.
+    /// same. A read or an append whose connection died is tried again either way.
     pub async fn from_pool(
         pool: PgPool,
         options: PostgresOptions,
