@@ -536,6 +536,7 @@ fn event_json(e: &StoredEvent) -> Value {
         "recorded_at": time(e.recorded_at),
         "correlation_id": e.metadata.correlation_id,
         "causation_id": e.metadata.causation_id,
+        "traceparent": e.metadata.trace.as_ref().map(|t| t.traceparent()),
         "extra": e.metadata.extra,
         "payload": payload_value(&e.payload),
     })

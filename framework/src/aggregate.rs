@@ -71,6 +71,9 @@ pub struct CommandMeta {
     pub correlation_id: Option<Uuid>,
     /// What caused the command; defaults to the command id.
     pub causation_id: Option<Uuid>,
+    /// The trace context to store with every event; unset, the current
+    /// one (see [`crate::trace`]).
+    pub trace: Option<crate::trace::TraceContext>,
     /// Copied into every event's metadata.
     pub extra: BTreeMap<String, String>,
 }
@@ -106,7 +109,7 @@ impl CommandMeta {
     /// span's, see [`crate::trace`]): for a context that arrived without
     /// OpenTelemetry, such as an incoming request's `traceparent` header.
     pub fn trace(mut self, trace: &crate::trace::TraceContext) -> Self {
-        trace.write_to(&mut self.extra);
+        self.trace = Some(trace.clone());
         self
     }
 }
@@ -408,13 +411,13 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         A::Command: Clone,
     {
         let command_id = meta.command_id.unwrap_or_else(Uuid::now_v7);
-        let mut extra = meta.extra;
-        crate::trace::inject_current(&mut extra);
-        let metadata = Metadata {
+        let mut metadata = Metadata {
             correlation_id: meta.correlation_id.unwrap_or(command_id),
             causation_id: meta.causation_id.unwrap_or(command_id),
-            extra,
+            trace: meta.trace,
+            extra: meta.extra,
         };
+        crate::trace::inject_current(&mut metadata);
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -33,19 +33,50 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// Ids and user metadata that travel with every event.
+mod wire;
+
+pub(crate) use wire::{extra_from_json, extra_of_stored, write_extra_only};
+
+/// Ids, trace context and user metadata that travel with every event.
 ///
 /// `correlation_id` names the whole conversation (a process instance, a
 /// request); `causation_id` is the id of the command or event that directly
-/// caused this one. `extra` is free key/value metadata for the application.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// caused this one. `trace` is the W3C trace context of the work that wrote
+/// the event (see [`crate::trace`]). `extra` is free key/value metadata for
+/// the application.
+///
+/// Stores keep it as JSON: `{"correlation_id": .., "causation_id": ..,
+/// "extra": {..}}`, with the trace context as the `traceparent` and
+/// `tracestate` keys of `extra` (the W3C header names). Reading such a map
+/// back puts a valid context in `trace` and leaves `extra` without those
+/// keys; a malformed `traceparent` stays in `extra` as it was stored.
+///
+/// ```
+/// use aftermath::Metadata;
+/// use aftermath::trace::TraceContext;
+/// use uuid::Uuid;
+///
+/// let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+/// let mut meta = Metadata::caused_by(Uuid::nil());
+/// meta.trace = Some(TraceContext::parse(parent, None).unwrap());
+/// meta.extra.insert("tenant".into(), "acme".into());
+///
+/// let json = serde_json::to_string(&meta).unwrap();
+/// assert!(json.contains(r#""extra":{"tenant":"acme","traceparent":"00-4bf9"#));
+/// let back: Metadata = serde_json::from_str(&json).unwrap();
+/// assert_eq!(back, meta);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metadata {
     /// The conversation this event belongs to.
     pub correlation_id: Uuid,
     /// The command or event that caused this event.
     pub causation_id: Uuid,
-    /// Application key/value metadata (user, tenant, source, ...).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// The trace context of the work that wrote the event: the span of the
+    /// command that decided it, which every subscriber continues.
+    pub trace: Option<crate::trace::TraceContext>,
+    /// Application key/value metadata (user, tenant, source, ...). The
+    /// keys `traceparent` and `tracestate` belong to `trace` when it is set.
     pub extra: BTreeMap<String, String>,
 }
 
@@ -56,6 +87,7 @@ impl Metadata {
         Metadata {
             correlation_id: id,
             causation_id: id,
+            trace: None,
             extra: BTreeMap::new(),
         }
     }

@@ -19,7 +19,7 @@
 //! | `ce-correlationid` | the conversation's correlation id (extension) |
 //! | `ce-causationid` | the id of the command or event that caused it (extension) |
 //! | `ce-streamversion` | the event's version in its stream, from 1 (extension) |
-//! | `ce-traceparent`, `ce-tracestate` | W3C trace context, when the event's metadata has `traceparent` / `tracestate` (extension) |
+//! | `ce-traceparent`, `ce-tracestate` | W3C trace context, when the event carries one ([`crate::Metadata::trace`]; extension) |
 //!
 //! Header values are percent-encoded as the binding prescribes (space, `"`,
 //! `%` and anything outside printable ASCII); [`MessageAttributes`] reads
@@ -92,21 +92,15 @@ pub mod headers {
     /// Extension `streamversion`: the event's version in its stream (from 1).
     pub const STREAM_VERSION: &str = "ce-streamversion";
     /// Extension `traceparent` (CloudEvents distributed tracing): W3C trace
-    /// context, from the event metadata's `traceparent`, when present.
+    /// context, from the event's [`crate::Metadata::trace`], when it has one.
     pub const TRACEPARENT: &str = "ce-traceparent";
-    /// Extension `tracestate`, from the event metadata's `tracestate`, when present.
+    /// Extension `tracestate`, from the same context, when it has one.
     pub const TRACESTATE: &str = "ce-tracestate";
     /// The value of [`SPEC_VERSION`].
     pub const SPEC_VERSION_1_0: &str = "1.0";
     /// The value of [`CONTENT_TYPE`]: payloads are JSON.
     pub const JSON: &str = "application/json";
 }
-
-/// The metadata keys the outbox copies into the trace context extensions.
-const TRACE_KEYS: [(&str, &str); 2] = [
-    (crate::trace::TRACEPARENT, headers::TRACEPARENT),
-    (crate::trace::TRACESTATE, headers::TRACESTATE),
-];
 
 /// The trace context a message carries: `ce-traceparent` (and
 /// `ce-tracestate`), else plain `traceparent` / `tracestate` headers (what
@@ -314,19 +308,10 @@ fn headers_with_trace<E: Event>(
         &event.metadata.causation_id.to_string(),
     );
     set(headers::STREAM_VERSION, &event.version.to_string());
-    match trace {
-        Some(trace) => {
-            set(headers::TRACEPARENT, &trace.traceparent());
-            if let Some(state) = trace.tracestate() {
-                set(headers::TRACESTATE, state);
-            }
-        }
-        None => {
-            for (key, header) in TRACE_KEYS {
-                if let Some(value) = event.metadata.extra.get(key) {
-                    set(header, value);
-                }
-            }
+    if let Some(trace) = trace.or(event.metadata.trace.as_ref()) {
+        set(headers::TRACEPARENT, trace.traceparent_buf().as_str());
+        if let Some(state) = trace.tracestate() {
+            set(headers::TRACESTATE, state);
         }
     }
     map

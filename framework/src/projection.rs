@@ -932,7 +932,7 @@ impl<P: Projection, S: EventStore + Clone> ProjectionRunner<P, S> {
                             &event.stream,
                             event.position,
                         );
-                        let parent = crate::trace::TraceContext::from_metadata(&event.metadata);
+                        let parent = event.metadata.trace.clone();
                         crate::trace::continue_in(
                             span,
                             parent,
@@ -1310,7 +1310,7 @@ impl<P: ExternalProjection, S: EventStore + Clone, C: CheckpointStore> PageHandl
                 &stored.stream,
                 stored.position,
             );
-            let parent = crate::trace::TraceContext::from_metadata(&stored.metadata);
+            let parent = stored.metadata.trace.clone();
             let outcome =
                 crate::trace::continue_in(span, parent, self.handle_with_retries(ctx, stored))
                     .await;

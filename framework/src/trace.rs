@@ -5,7 +5,8 @@
 //!
 //! When a command is executed inside a span (an HTTP handler's, say), the
 //! trace context of that span is stored with each event the command decides,
-//! as `traceparent` and `tracestate` in [`Metadata::extra`] (the
+//! in [`Metadata::trace`] (kept by the stores as `traceparent` and
+//! `tracestate` in the metadata's `extra` map, the
 //! [W3C Trace Context](https://www.w3.org/TR/trace-context/) header format).
 //! Every subscriber continues that trace for the work an event causes: a
 //! projection's apply, a reactor's effect attempt, a process manager's
@@ -34,7 +35,7 @@
 //! let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 //! let trace = TraceContext::parse(incoming, None).unwrap();
 //! let meta = CommandMeta::default().trace(&trace);
-//! assert_eq!(meta.extra["traceparent"], incoming);
+//! assert_eq!(meta.trace.as_ref().map(|t| t.traceparent()).as_deref(), Some(incoming));
 //! assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
 //! ```
 //!
@@ -99,9 +100,10 @@ use tracing::Instrument;
 
 use crate::event::Metadata;
 
-/// The key of the W3C `traceparent` in [`Metadata::extra`] (and the NATS header).
+/// The key of the W3C `traceparent` in a stored metadata's `extra` map (see
+/// [`Metadata`]) and the plain NATS header.
 pub const TRACEPARENT: &str = "traceparent";
-/// The key of the W3C `tracestate` in [`Metadata::extra`] (and the NATS header).
+/// The key of the W3C `tracestate` beside [`TRACEPARENT`].
 pub const TRACESTATE: &str = "tracestate";
 
 /// Counter: commands executed by a `Repository`, by `aggregate` and `outcome`.
@@ -129,10 +131,13 @@ pub const GROUP_PARTITIONS: &str = "aftermath_group_partitions";
 /// whether it is sampled. See the [module docs](self).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TraceContext {
-    trace_id: u128,
+    // Big-endian bytes rather than a `u128`, and a boxed state: every
+    // stored event's metadata holds an `Option<TraceContext>`, and both
+    // keep it small (48 bytes instead of 64 with a `u128`'s alignment).
+    trace_id: [u8; 16],
     span_id: u64,
     flags: u8,
-    tracestate: Option<String>,
+    tracestate: Option<Box<str>>,
 }
 
 impl fmt::Debug for TraceContext {
@@ -156,18 +161,30 @@ pub struct TraceContextError {
 /// The length of a version-00 `traceparent`.
 const TRACEPARENT_LEN: usize = 55;
 
+/// The value of each lowercase hex digit, [`NOT_HEX`] for every other byte.
+const HEX: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 16 {
+        table[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+const NOT_HEX: u8 = 0x10;
+
 /// The value of at most 16 lowercase hex digits, `None` for any other byte.
+/// Without a branch per digit: stored ids are random, so a per-digit branch
+/// on the digit's range is mispredicted about every other digit.
 fn hex_value(digits: &[u8]) -> Option<u64> {
     let mut value = 0u64;
+    let mut bad = 0u8;
     for &b in digits {
-        let digit = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            _ => return None,
-        };
-        value = value << 4 | u64::from(digit);
+        let digit = HEX[usize::from(b)];
+        bad |= digit;
+        value = value << 4 | u64::from(digit & 0xf);
     }
-    Some(value)
+    (bad & NOT_HEX == 0).then_some(value)
 }
 
 /// Writes `value` as `out.len()` lowercase hex digits, zero-padded.
@@ -223,7 +240,7 @@ impl TraceContext {
     /// A context from its parts; `None` when an id is zero (invalid in W3C).
     pub fn new(trace_id: u128, span_id: u64, sampled: bool) -> Option<Self> {
         (trace_id != 0 && span_id != 0).then_some(TraceContext {
-            trace_id,
+            trace_id: trace_id.to_be_bytes(),
             span_id,
             flags: u8::from(sampled),
             tracestate: None,
@@ -238,14 +255,14 @@ impl TraceContext {
             tracestate
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+                .map(Box::from)
         };
         // Every handled event that carries a context is parsed: the
         // well-formed value in one pass over its bytes, anything else by
         // the field-by-field parse below, which names what is wrong.
         if let Some((trace_id, span_id, flags)) = parse_well_formed(traceparent.as_bytes()) {
             return Ok(TraceContext {
-                trace_id,
+                trace_id: trace_id.to_be_bytes(),
                 span_id,
                 flags,
                 tracestate: tracestate(),
@@ -299,7 +316,7 @@ impl TraceContext {
             return Err(err("the parent id is all zeros"));
         }
         Ok(TraceContext {
-            trace_id,
+            trace_id: trace_id.to_be_bytes(),
             span_id,
             flags,
             tracestate: tracestate(),
@@ -308,12 +325,12 @@ impl TraceContext {
 
     /// The trace id.
     pub fn trace_id(&self) -> u128 {
-        self.trace_id
+        u128::from_be_bytes(self.trace_id)
     }
 
     /// The trace id as 32 lowercase hex digits (as trace viewers show it).
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        format!("{:032x}", self.trace_id())
     }
 
     /// The id of the parent span.
@@ -334,50 +351,76 @@ impl TraceContext {
     /// The same context with this `tracestate`.
     pub fn with_tracestate(mut self, tracestate: impl Into<String>) -> Self {
         let s = tracestate.into();
-        self.tracestate = (!s.is_empty()).then_some(s);
+        self.tracestate = (!s.is_empty()).then(|| s.into_boxed_str());
         self
     }
 
     /// The `traceparent` header value (version 00).
     pub fn traceparent(&self) -> String {
-        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        put_hex(&mut out[3..19], (self.trace_id >> 64) as u64);
-        put_hex(&mut out[19..35], self.trace_id as u64);
-        put_hex(&mut out[36..52], self.span_id);
-        put_hex(&mut out[53..55], u64::from(self.flags));
-        // ASCII by construction.
-        std::str::from_utf8(&out)
-            .map(str::to_owned)
-            .unwrap_or_default()
+        self.traceparent_buf().as_str().to_owned()
     }
 
-    /// The context stored in `extra` (see [`TRACEPARENT`]); `None` when
-    /// there is none or it is malformed (logged at debug: a foreign writer's
-    /// value must not fail the handling of its event).
-    pub fn from_extra(extra: &BTreeMap<String, String>) -> Option<Self> {
-        let parent = extra.get(TRACEPARENT)?;
-        match Self::parse(parent, extra.get(TRACESTATE).map(String::as_str)) {
-            Ok(ctx) => Some(ctx),
-            Err(e) => {
-                tracing::debug!(error = %e, "ignoring a malformed trace context");
-                None
-            }
+    /// [`Self::traceparent`] without an allocation.
+    pub(crate) fn traceparent_buf(&self) -> Traceparent {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let trace_id = self.trace_id();
+        put_hex(&mut out[3..19], (trace_id >> 64) as u64);
+        put_hex(&mut out[19..35], trace_id as u64);
+        put_hex(&mut out[36..52], self.span_id);
+        put_hex(&mut out[53..55], u64::from(self.flags));
+        Traceparent(out)
+    }
+
+    /// The binary form a store keeps in a column of its own: the trace id
+    /// (16 bytes, big-endian), the parent id (8), the flags (1), then the
+    /// `tracestate` as UTF-8.
+    pub(crate) fn write_bytes(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.trace_id);
+        out.extend_from_slice(&self.span_id.to_be_bytes());
+        out.push(self.flags);
+        if let Some(state) = &self.tracestate {
+            out.extend_from_slice(state.as_bytes());
         }
     }
 
-    /// The context stored with an event (see [`Self::from_extra`]).
-    pub fn from_metadata(metadata: &Metadata) -> Option<Self> {
-        Self::from_extra(&metadata.extra)
+    /// Reads [`Self::write_bytes`]; the error says what is wrong.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, &'static str> {
+        let (Some(trace_id), Some(span_id), Some(&flags)) = (
+            bytes.get(..16).and_then(|b| b.try_into().ok()),
+            bytes.get(16..24).and_then(|b| b.try_into().ok()),
+            bytes.get(24),
+        ) else {
+            return Err("shorter than the 25 bytes of trace id, parent id and flags");
+        };
+        let state = std::str::from_utf8(&bytes[25..]).map_err(|_| "the tracestate is not UTF-8")?;
+        let ctx = TraceContext::new(
+            u128::from_be_bytes(trace_id),
+            u64::from_be_bytes(span_id),
+            false,
+        )
+        .ok_or("an id is zero")?;
+        Ok(TraceContext {
+            flags,
+            tracestate: (!state.is_empty()).then(|| state.into()),
+            ..ctx
+        })
     }
 
-    /// Writes the context into `extra` (`traceparent`, and `tracestate`
-    /// when there is one; a stale `tracestate` is removed).
-    pub fn write_to(&self, extra: &mut BTreeMap<String, String>) {
-        extra.insert(TRACEPARENT.to_owned(), self.traceparent());
-        match &self.tracestate {
-            Some(state) => extra.insert(TRACESTATE.to_owned(), state.clone()),
-            None => extra.remove(TRACESTATE),
-        };
+    /// Takes a valid context out of an `extra` map (the [`TRACEPARENT`] and
+    /// [`TRACESTATE`] keys, removed); a malformed one stays where it is.
+    pub(crate) fn take_from_extra(extra: &mut BTreeMap<String, String>) -> Option<Self> {
+        let parent = extra.get(TRACEPARENT)?;
+        match Self::parse(parent, extra.get(TRACESTATE).map(String::as_str)) {
+            Ok(ctx) => {
+                extra.remove(TRACEPARENT);
+                extra.remove(TRACESTATE);
+                Some(ctx)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "leaving a malformed trace context in the metadata");
+                None
+            }
+        }
     }
 
     /// The context of the work running now: with feature `otel`, the
@@ -400,9 +443,18 @@ impl TraceContext {
     }
 }
 
+/// A formatted `traceparent` on the stack (ASCII by construction).
+pub(crate) struct Traceparent([u8; TRACEPARENT_LEN]);
+
+impl Traceparent {
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.traceparent())
+        f.write_str(self.traceparent_buf().as_str())
     }
 }
 
@@ -419,14 +471,13 @@ tokio::task_local! {
     static AMBIENT: Ambient;
 }
 
-/// Writes the current context ([`TraceContext::current`]) into `extra`
-/// unless `extra` already holds one (an explicit context wins).
-pub(crate) fn inject_current(extra: &mut BTreeMap<String, String>) {
-    if extra.contains_key(TRACEPARENT) {
-        return;
-    }
-    if let Some(ctx) = TraceContext::current() {
-        ctx.write_to(extra);
+/// Sets the context of `metadata` for new events: an explicit one wins
+/// (already in `trace`, or given as `traceparent` in `extra`), else the
+/// current one ([`TraceContext::current`]).
+pub(crate) fn inject_current(metadata: &mut Metadata) {
+    if metadata.trace.is_none() {
+        metadata.trace =
+            TraceContext::take_from_extra(&mut metadata.extra).or_else(TraceContext::current);
     }
 }
 
@@ -537,10 +588,10 @@ mod otel {
         }
         let state = sc.trace_state().header();
         Some(TraceContext {
-            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            trace_id: sc.trace_id().to_bytes(),
             span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
             flags: sc.trace_flags().to_u8(),
-            tracestate: (!state.is_empty()).then_some(state),
+            tracestate: (!state.is_empty()).then(|| state.into_boxed_str()),
         })
     }
 
@@ -557,7 +608,7 @@ mod otel {
             .and_then(|s| s.parse::<TraceState>().ok())
             .unwrap_or_default();
         let sc = SpanContext::new(
-            TraceId::from_bytes(parent.trace_id.to_be_bytes()),
+            TraceId::from_bytes(parent.trace_id),
             SpanId::from_bytes(parent.span_id.to_be_bytes()),
             TraceFlags::new(parent.flags),
             true,
@@ -583,8 +634,19 @@ mod tests {
         assert!(ctx.sampled());
         assert_eq!(ctx.tracestate(), Some("vendor=1"));
         let mut extra = BTreeMap::new();
-        ctx.write_to(&mut extra);
-        assert_eq!(TraceContext::from_extra(&extra), Some(ctx));
+        extra.insert(TRACEPARENT.to_owned(), value.to_owned());
+        extra.insert(TRACESTATE.to_owned(), "vendor=1".to_owned());
+        extra.insert("user".to_owned(), "ann".to_owned());
+        assert_eq!(TraceContext::take_from_extra(&mut extra), Some(ctx.clone()));
+        assert_eq!(extra.keys().collect::<Vec<_>>(), ["user"]);
+        // The binary column form round-trips, with and without a state.
+        for ctx in [ctx.clone(), TraceContext::new(3, 4, false).unwrap()] {
+            let mut bytes = Vec::new();
+            ctx.write_bytes(&mut bytes);
+            assert_eq!(TraceContext::from_bytes(&bytes), Ok(ctx));
+        }
+        assert!(TraceContext::from_bytes(&[1; 24]).is_err());
+        assert!(TraceContext::from_bytes(&[0; 25]).is_err());
         // Formatting and the one-pass parse agree with the field-by-field
         // parse (reached here through the surrounding whitespace).
         for (trace_id, span_id, sampled) in [
@@ -648,10 +710,11 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_stored_context_is_ignored() {
+    fn a_malformed_context_in_extra_is_left_there() {
         let mut extra = BTreeMap::new();
         extra.insert(TRACEPARENT.to_owned(), "garbage".to_owned());
-        assert_eq!(TraceContext::from_extra(&extra), None);
+        assert_eq!(TraceContext::take_from_extra(&mut extra), None);
+        assert_eq!(extra[TRACEPARENT], "garbage");
     }
 
     #[tokio::test]
@@ -660,8 +723,16 @@ mod tests {
         assert_eq!(TraceContext::current(), None);
         let seen = with_context(Some(ctx.clone()), async { TraceContext::current() }).await;
         assert_eq!(seen, Some(ctx.clone()));
-        let mut extra = BTreeMap::new();
-        with_context(Some(ctx.clone()), async { inject_current(&mut extra) }).await;
-        assert_eq!(TraceContext::from_extra(&extra), Some(ctx));
+        let mut meta = Metadata::caused_by(uuid::Uuid::nil());
+        with_context(Some(ctx.clone()), async { inject_current(&mut meta) }).await;
+        assert_eq!(meta.trace, Some(ctx.clone()));
+        // An explicit context wins over the current one.
+        let explicit = TraceContext::new(8, 10, false).unwrap();
+        let mut meta = Metadata::caused_by(uuid::Uuid::nil());
+        meta.extra
+            .insert(TRACEPARENT.to_owned(), explicit.traceparent());
+        with_context(Some(ctx), async { inject_current(&mut meta) }).await;
+        assert_eq!(meta.trace, Some(explicit));
+        assert!(meta.extra.is_empty());
     }
 }

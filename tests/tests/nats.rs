@@ -1192,7 +1192,7 @@ async fn published_message_decodes_as_a_cloudevent() {
             Some(e.metadata.causation_id.to_string())
         );
         assert_eq!(ext("streamversion"), Some(e.version.to_string()));
-        let expected_trace = e.metadata.extra.get("traceparent").cloned();
+        let expected_trace = e.metadata.trace.as_ref().map(|t| t.traceparent());
         assert_eq!(ext("traceparent"), expected_trace);
 
         let read = MessageAttributes::from_message(&async_nats::Message {
@@ -1656,7 +1656,7 @@ async fn trace_context_crosses_nats() {
     worker.shutdown().await;
     let events = account_events(&receiver).await;
     assert_eq!(events.len(), 1, "the inbox executed the command");
-    let received = TraceContext::from_metadata(&events[0].metadata)
-        .expect("the inbox's command stores the sender's trace");
+    let received =
+        (events[0].metadata.trace.clone()).expect("the inbox's command stores the sender's trace");
     assert_eq!(received.trace_id(), trace.trace_id());
 }

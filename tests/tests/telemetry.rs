@@ -167,7 +167,7 @@ async fn correlation_events(store: &SqliteStore, correlation: Uuid) -> Vec<Store
 }
 
 fn stored_trace(e: &StoredEvent) -> Option<u128> {
-    TraceContext::from_metadata(&e.metadata).map(|t| t.trace_id())
+    e.metadata.trace.as_ref().map(|t| t.trace_id())
 }
 
 fn named<'a>(spans: &'a [SpanData], trace: TraceId, name: &str) -> Vec<&'a SpanData> {
@@ -317,7 +317,7 @@ async fn one_trace_from_the_request_to_the_effects() {
         .map(|e| {
             (
                 e.id.to_string(),
-                TraceContext::from_metadata(&e.metadata).unwrap().span_id(),
+                e.metadata.trace.as_ref().unwrap().span_id(),
             )
         })
         .collect();

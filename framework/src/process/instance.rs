@@ -152,8 +152,8 @@ impl<P: ProcessManager> Instance<P> {
         if self.version == 0 {
             self.correlation_id = metadata.correlation_id;
         }
-        if let Some(trace) = crate::trace::TraceContext::from_metadata(metadata) {
-            self.trace = Some(trace);
+        if let Some(trace) = &metadata.trace {
+            self.trace = Some(trace.clone());
         }
         // After completion only rejections are recorded, without `apply`.
         if let ProcessRecord::Received { input } = record
@@ -306,9 +306,10 @@ impl<P: ProcessManager> Instance<P> {
         let mut metadata = Metadata {
             correlation_id,
             causation_id: input.cause(),
+            trace: None,
             extra: Default::default(),
         };
-        crate::trace::inject_current(&mut metadata.extra);
+        crate::trace::inject_current(&mut metadata);
         records
             .iter()
             .enumerate()

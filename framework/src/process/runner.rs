@@ -25,7 +25,6 @@ use crate::event::{Event, EventData, Metadata, Position, Recorded, StoredEvent};
 use crate::store::{Direction, EventStore, ExpectedVersion, StoreError, read_stream_all};
 use crate::subscription::engine::{self, Handled, PageEnd, PageHandler};
 use crate::subscription::{CheckpointStore, Page, Partition, SubscriptionOptions, stopped};
-use crate::trace::TraceContext;
 use crate::worker::{RunContext, Subscriber, SubscriberError, panic_message};
 
 /// Appends retried after a version conflict on an instance's stream.
@@ -51,6 +50,9 @@ pub struct ProcessRunner<P: ProcessManager, S, D, C> {
 }
 
 /// One event of a page, for one instance's lane.
+// Built once per event of a page and moved into its lane: boxing the large
+// variant would allocate per event to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 enum Item<'a, I> {
     Input {
         stored: &'a StoredEvent,
@@ -481,7 +483,7 @@ where
                 &stored.stream,
                 stored.position,
             );
-            let parent = TraceContext::from_metadata(&stored.metadata);
+            let parent = stored.metadata.trace.clone();
             match item {
                 Item::Input {
                     stored,
@@ -863,9 +865,10 @@ where
         let mut metadata = Metadata {
             correlation_id: correlation,
             causation_id: causation,
+            trace: None,
             extra: Default::default(),
         };
-        crate::trace::inject_current(&mut metadata.extra);
+        crate::trace::inject_current(&mut metadata);
         let data = EventData::encode(&record, id, metadata)
             .map_err(|e| self.instance_error(inst, kind, e.to_string()))?;
         match self
@@ -1009,7 +1012,7 @@ where
             // it), not the operator's release.
             crate::trace::continue_in(
                 released_span(P::NAME, parked),
-                TraceContext::from_metadata(&parked.metadata),
+                parked.metadata.trace.clone(),
                 self.handle_input(ctx, inst, typed, input, stop, correlation, floor),
             )
             .await?;
@@ -1037,7 +1040,7 @@ where
                 | ProcessRecord::Completed {} => {
                     let carried = crate::trace::continue_in(
                         released_span(P::NAME, &earlier),
-                        TraceContext::from_metadata(&earlier.metadata),
+                        earlier.metadata.trace.clone(),
                         self.carry_out(ctx, inst, &earlier, record, floor),
                     )
                     .await?;
@@ -1055,7 +1058,7 @@ where
                 let correlation = inst.correlation_id;
                 crate::trace::continue_in(
                     released_span(P::NAME, &earlier),
-                    TraceContext::from_metadata(&earlier.metadata),
+                    earlier.metadata.trace.clone(),
                     self.handle_input(ctx, inst, typed, input, stop, correlation, floor),
                 )
                 .await?;

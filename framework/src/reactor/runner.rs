@@ -479,7 +479,7 @@ where
                 aftermath.attempt = attempts,
                 aftermath.outcome = tracing::field::Empty,
             );
-            let parent = TraceContext::from_metadata(&stored.metadata);
+            let parent = stored.metadata.trace.clone();
             let timeout = self.options.call_timeout;
             let call = std::panic::AssertUnwindSafe(crate::trace::continue_in(
                 span.clone(),

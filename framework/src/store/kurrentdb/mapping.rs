@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::event::{Metadata, Position};
 use crate::store::{Direction, ExpectedVersion, Snapshot, StoreError};
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 // ---------------------------------------------------------------- versions
 
@@ -190,6 +191,13 @@ pub(crate) fn encode_metadata(meta: &Metadata) -> Vec<u8> {
         };
         object.insert(key, Value::String(value.clone()));
     }
+    if let Some(trace) = &meta.trace {
+        object.insert(TRACEPARENT.to_owned(), Value::String(trace.traceparent()));
+        match trace.tracestate() {
+            Some(state) => object.insert(TRACESTATE.to_owned(), Value::String(state.to_owned())),
+            None => object.remove(TRACESTATE),
+        };
+    }
     serde_json::to_vec(&Value::Object(object)).expect("a map of strings serializes")
 }
 
@@ -235,6 +243,7 @@ pub(crate) fn decode_metadata(bytes: &[u8], event_id: Uuid) -> Result<Metadata, 
     Ok(Metadata {
         correlation_id,
         causation_id,
+        trace: TraceContext::take_from_extra(&mut extra),
         extra,
     })
 }
@@ -811,6 +820,11 @@ mod tests {
         let mut meta = Metadata {
             correlation_id: correlation,
             causation_id: causation,
+            trace: TraceContext::parse(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("v=1"),
+            )
+            .ok(),
             extra: BTreeMap::new(),
         };
         meta.extra.insert("user".into(), "ann".into());
@@ -823,6 +837,11 @@ mod tests {
         assert_eq!(value["$correlationId"], correlation.to_string());
         assert_eq!(value["$causationId"], causation.to_string());
         assert_eq!(value["user"], "ann");
+        assert_eq!(
+            value["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "the trace context beside the other keys, as the W3C header"
+        );
+        assert_eq!(value["tracestate"], "v=1");
         assert_eq!(
             value["$$weird"], "dollar",
             "a `$` extra key gets one more `$`"

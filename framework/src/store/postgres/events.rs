@@ -550,19 +550,18 @@ fn event_from_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
         .try_get(8)
         .map_err(|e| corrupt(column("causation_id", e)))?;
     let extra: Option<String> = row.try_get(9).map_err(|e| corrupt(column("metadata", e)))?;
-    let extra = match extra {
+    let (extra, trace) = match extra {
         None => Default::default(),
-        Some(json) => serde_json::from_str::<Option<_>>(&json)
-            .map_err(|e| {
-                corrupt(format!(
-                    "column `metadata`: `extra` is not a map of strings: {e}"
-                ))
-            })?
-            .unwrap_or_default(),
+        Some(json) => crate::event::extra_from_json(&json).map_err(|e| {
+            corrupt(format!(
+                "column `metadata`: `extra` is not a map of strings: {e}"
+            ))
+        })?,
     };
     let metadata = Metadata {
         correlation_id,
         causation_id,
+        trace,
         extra,
     };
     let Timestamp(recorded_at) = row

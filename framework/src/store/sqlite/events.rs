@@ -8,21 +8,23 @@ use uuid::Uuid;
 
 use crate::event::{EventData, Metadata, Position, StoredEvent};
 use crate::store::{AppendResult, Direction, ExpectedVersion, Snapshot, StoreError};
+use crate::trace::TraceContext;
 use crate::upcast::Upcasters;
 
 /// `SELECT <the columns event_from_row reads> FROM events <rest>`.
 macro_rules! select {
     ($rest:literal) => {
         concat!(
-            "SELECT position, stream, version, id, event_type, payload, metadata, recorded_at FROM events ",
+            "SELECT position, stream, version, id, event_type, payload, metadata, recorded_at, \
+             correlation_id, causation_id, trace FROM events ",
             $rest
         )
     };
 }
 
 const INSERT: &str = "INSERT INTO events \
-     (stream, version, id, event_type, payload, metadata, recorded_at, correlation_id, causation_id) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+     (stream, version, id, event_type, payload, metadata, recorded_at, correlation_id, causation_id, trace) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 const STREAM_VERSION: &str =
     "SELECT version FROM events WHERE stream = ?1 ORDER BY version DESC LIMIT 1";
 const LOCATE: &str = "SELECT stream, version, position FROM events WHERE id = ?1";
@@ -141,12 +143,17 @@ pub(super) fn append(
         .prepare_cached(INSERT)
         .map_err(db("appending events"))?;
     let mut metadata = Vec::with_capacity(128);
+    let mut trace = Vec::with_capacity(32);
     let mut first_position = 0;
     let mut last_position = 0;
     for (i, event) in events.iter().enumerate() {
         metadata.clear();
-        serde_json::to_writer(&mut metadata, &event.metadata)
+        crate::event::write_extra_only(&event.metadata, &mut metadata)
             .map_err(|e| StoreError::database("encoding event metadata", e))?;
+        trace.clear();
+        if let Some(context) = &event.metadata.trace {
+            context.write_bytes(&mut trace);
+        }
         let version = current + 1 + i as u64;
         let inserted = insert.insert(params![
             stream,
@@ -159,6 +166,7 @@ pub(super) fn append(
             recorded_at,
             event.metadata.correlation_id.as_bytes(),
             event.metadata.causation_id.as_bytes(),
+            (!trace.is_empty()).then_some(&trace[..]),
         ]);
         match inserted {
             Ok(position) => {
@@ -477,8 +485,8 @@ fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
             )));
         }
     };
-    let metadata: Metadata = match value(6)? {
-        ValueRef::Text(b) | ValueRef::Blob(b) => serde_json::from_slice(b)
+    let (extra, mut trace) = match value(6)? {
+        ValueRef::Text(b) | ValueRef::Blob(b) => crate::event::extra_of_stored(b)
             .map_err(|e| corrupt(format!("column `metadata` is not valid metadata JSON: {e}")))?,
         other => {
             return Err(corrupt(format!(
@@ -486,6 +494,41 @@ fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
                 describe(other)
             )));
         }
+    };
+    let uuid = |index: usize, name: &str| match value(index)? {
+        ValueRef::Blob(b) => <[u8; 16]>::try_from(b).map(Uuid::from_bytes).map_err(|_| {
+            corrupt(format!(
+                "column `{name}` holds a blob of {} bytes, not a 16-byte UUID",
+                b.len()
+            ))
+        }),
+        other => Err(corrupt(format!(
+            "column `{name}` holds {}, not a 16-byte UUID",
+            describe(other)
+        ))),
+    };
+    let correlation_id = uuid(8, "correlation_id")?;
+    let causation_id = uuid(9, "causation_id")?;
+    match value(10)? {
+        ValueRef::Null => {}
+        ValueRef::Blob(b) => {
+            trace = Some(
+                TraceContext::from_bytes(b)
+                    .map_err(|e| corrupt(format!("column `trace` is not a trace context: {e}")))?,
+            );
+        }
+        other => {
+            return Err(corrupt(format!(
+                "column `trace` holds {}, not a trace context",
+                describe(other)
+            )));
+        }
+    }
+    let metadata = Metadata {
+        correlation_id,
+        causation_id,
+        trace,
+        extra,
     };
     let recorded_at = match value(7)? {
         ValueRef::Integer(micros) => {

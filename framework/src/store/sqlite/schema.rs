@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_process.sql"),
     include_str!("migrations/0007_lease_holders.sql"),
     include_str!("migrations/0008_groups.sql"),
+    include_str!("migrations/0009_trace.sql"),
 ];
 
 /// The schema version this build creates and understands.

@@ -306,6 +306,83 @@ async fn corrupt_rows_are_errors_naming_position_and_column() {
     );
 }
 
+/// From schema 9 the ids and the trace context are columns and `metadata`
+/// holds only the application's keys; rows written before (whole metadata
+/// JSON, trace context in `extra`) read as they did.
+#[tokio::test]
+async fn metadata_columns_and_rows_of_earlier_schemas_read_alike() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).await.unwrap();
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let trace = crate::trace::TraceContext::parse(parent, Some("v=1")).unwrap();
+    let mut traced = event("Tested", 1);
+    traced.metadata.trace = Some(trace.clone());
+    traced.metadata.extra.insert("user".into(), "ann".into());
+    let plain = event("Tested", 2);
+    let legacy = event("Tested", 3);
+    store
+        .append(
+            "layout-1",
+            ExpectedVersion::NoStream,
+            vec![traced.clone(), plain.clone(), legacy.clone()],
+        )
+        .await
+        .unwrap();
+    let legacy_json = json!({
+        "correlation_id": legacy.metadata.correlation_id,
+        "causation_id": legacy.metadata.causation_id,
+        "extra": {"traceparent": parent, "tracestate": "v=1", "user": "bob"},
+    });
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let stored: Vec<(String, Option<Vec<u8>>)> = conn
+            .prepare("SELECT metadata, trace FROM events ORDER BY position")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored[0].0, r#"{"extra":{"user":"ann"}}"#);
+        assert_eq!(stored[0].1.as_ref().map(Vec::len), Some(25 + 3));
+        assert_eq!(stored[1], ("{}".to_owned(), None));
+        conn.execute(
+            "UPDATE events SET metadata = ?1, trace = NULL WHERE position = 3",
+            [legacy_json.to_string()],
+        )
+        .unwrap();
+    }
+    let read = store.read_all(Position::ORIGIN, None, 10).await.unwrap();
+    assert_eq!(read[0].metadata, traced.metadata);
+    assert_eq!(read[1].metadata, plain.metadata);
+    assert_eq!(read[2].metadata.trace, Some(trace));
+    assert_eq!(
+        read[2].metadata.correlation_id,
+        legacy.metadata.correlation_id
+    );
+    assert_eq!(read[2].metadata.extra.len(), 1);
+    assert_eq!(read[2].metadata.extra["user"], "bob");
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("UPDATE events SET trace = x'0102' WHERE position = 2", [])
+        .unwrap();
+    conn.execute(
+        "UPDATE events SET correlation_id = 'text' WHERE position = 3",
+        [],
+    )
+    .unwrap();
+    for (at, column) in [(2, "`trace`"), (3, "`correlation_id`")] {
+        match store.read_all(Position(at - 1), None, 1).await {
+            Err(StoreError::Corrupt {
+                position, message, ..
+            }) => {
+                assert_eq!(position, Position(at));
+                assert!(message.contains(column), "{message}");
+            }
+            other => panic!("expected Corrupt at {at}, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_survives_a_panicking_job() {
     let (_dir, path) = temp_db();
