@@ -16,6 +16,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use aftermath::trace::TraceContext;
 use aftermath::{EventData, ExpectedVersion, Metadata, Position, StoredEvent, Synchronous};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -26,14 +27,24 @@ use uuid::Uuid;
 const STREAM_VERSION: &str =
     "SELECT version FROM events WHERE stream = ?1 ORDER BY version DESC LIMIT 1";
 
-/// One event row, as the store writes it (`migrations/0001_events.sql`).
+/// One event row, as the store writes it (`migrations/0001_events.sql`,
+/// and `0009_trace.sql`: the ids and the trace context in columns, the
+/// `metadata` text holds only the application's keys, `{}` without any).
 const INSERT: &str = "INSERT INTO events \
-     (stream, version, id, event_type, payload, metadata, recorded_at, correlation_id, causation_id) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+     (stream, version, id, event_type, payload, metadata, recorded_at, correlation_id, causation_id, trace) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 /// One page of `$all`.
-const READ_ALL: &str = "SELECT position, stream, version, id, event_type, payload, metadata, recorded_at \
+const READ_ALL: &str = "SELECT position, stream, version, id, event_type, payload, metadata, recorded_at, \
+     correlation_id, causation_id, trace \
      FROM events WHERE position > ?1 ORDER BY position LIMIT ?2";
+
+/// The `metadata` text with the application's keys.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Extra<'a> {
+    #[serde(borrow)]
+    extra: std::collections::BTreeMap<std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>>,
+}
 
 /// Why a raw append or read failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +149,25 @@ impl RawStore {
         {
             let mut insert = tx.prepare_cached(INSERT)?;
             for (i, event) in events.iter().enumerate() {
-                let metadata = serde_json::to_string(&event.metadata)?;
+                let metadata = if event.metadata.extra.is_empty() {
+                    "{}".to_owned()
+                } else {
+                    serde_json::to_string(&Extra {
+                        extra: event
+                            .metadata
+                            .extra
+                            .iter()
+                            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                            .collect(),
+                    })?
+                };
+                let trace = event.metadata.trace.as_ref().map(|t| {
+                    let mut bytes = t.trace_id().to_be_bytes().to_vec();
+                    bytes.extend_from_slice(&t.span_id().to_be_bytes());
+                    bytes.push(u8::from(t.sampled()));
+                    bytes.extend_from_slice(t.tracestate().unwrap_or_default().as_bytes());
+                    bytes
+                });
                 insert.execute(params![
                     stream,
                     (current + 1 + i as u64) as i64,
@@ -149,6 +178,7 @@ impl RawStore {
                     recorded_at,
                     event.metadata.correlation_id.as_bytes(),
                     event.metadata.causation_id.as_bytes(),
+                    trace,
                 ])?;
             }
         }
@@ -168,7 +198,41 @@ impl RawStore {
             let corrupt = |message: String| RawError::Corrupt { position, message };
             let id = Uuid::from_slice(row.get_ref(3)?.as_blob()?)
                 .map_err(|e| corrupt(format!("event id: {e}")))?;
-            let metadata: Metadata = serde_json::from_slice(row.get_ref(6)?.as_bytes()?)?;
+            let uuid = |index: usize| -> Result<Uuid, RawError> {
+                Uuid::from_slice(row.get_ref(index)?.as_blob()?)
+                    .map_err(|e| corrupt(format!("column {index}: {e}")))
+            };
+            let extra = match row.get_ref(6)?.as_bytes()? {
+                b"{}" => Default::default(),
+                json => serde_json::from_slice::<Extra>(json)?
+                    .extra
+                    .into_iter()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect(),
+            };
+            let trace = match row.get_ref(10)?.as_blob_or_null()? {
+                None => None,
+                Some(b) if b.len() >= 25 => {
+                    let trace_id = u128::from_be_bytes(b[..16].try_into().unwrap_or_default());
+                    let span_id = u64::from_be_bytes(b[16..24].try_into().unwrap_or_default());
+                    let state = std::str::from_utf8(&b[25..])
+                        .map_err(|e| corrupt(format!("tracestate: {e}")))?;
+                    TraceContext::new(trace_id, span_id, b[24] & 1 == 1).map(|t| {
+                        if state.is_empty() {
+                            t
+                        } else {
+                            t.with_tracestate(state)
+                        }
+                    })
+                }
+                Some(b) => return Err(corrupt(format!("trace of {} bytes", b.len()))),
+            };
+            let metadata = Metadata {
+                correlation_id: uuid(8)?,
+                causation_id: uuid(9)?,
+                trace,
+                extra,
+            };
             let micros: i64 = row.get(7)?;
             let recorded_at: DateTime<Utc> = DateTime::from_timestamp_micros(micros)
                 .ok_or_else(|| corrupt(format!("timestamp {micros} out of range")))?;
@@ -254,5 +318,60 @@ impl RawStore {
             }
         }
         Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aftermath::{EventStore, SqliteStore};
+
+    use super::*;
+
+    /// The baseline and the store write and read the same rows: each reads
+    /// what the other wrote, metadata and trace context included.
+    #[test]
+    fn the_baseline_and_the_store_read_each_other_s_rows() {
+        let db = crate::TempDb::new("raw-layout");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt.block_on(SqliteStore::open(db.path())).unwrap();
+        let event = |n: u64, traced: bool| {
+            let id = Uuid::from_u128(u128::from(n) + 1);
+            let mut metadata = Metadata::caused_by(id);
+            if traced {
+                metadata.trace =
+                    TraceContext::new(7, n + 1, true).map(|t| t.with_tracestate("v=1"));
+                metadata.extra.insert("user".into(), "ann".into());
+            }
+            EventData {
+                id,
+                event_type: "account.Deposited".into(),
+                payload: format!(r#"{{"amount":{n}}}"#).into_bytes(),
+                metadata,
+            }
+        };
+        let written = [
+            event(0, false),
+            event(1, true),
+            event(2, false),
+            event(3, true),
+        ];
+        rt.block_on(store.append("s-1", ExpectedVersion::NoStream, written[..2].to_vec()))
+            .unwrap();
+        let mut raw = RawStore::open(db.path(), Synchronous::Normal).unwrap();
+        raw.append("s-1", ExpectedVersion::Exact(2), &written[2..])
+            .unwrap();
+        let by_raw = raw.read_all(Position::ORIGIN, 10).unwrap();
+        let by_store = rt
+            .block_on(store.read_all(Position::ORIGIN, None, 10))
+            .unwrap();
+        assert_eq!(by_raw.len(), 4);
+        for (i, (r, s)) in by_raw.iter().zip(&by_store).enumerate() {
+            assert_eq!(r.metadata, written[i].metadata, "raw read of event {i}");
+            assert_eq!(s.metadata, written[i].metadata, "store read of event {i}");
+            assert_eq!((r.id, &r.payload), (s.id, &s.payload));
+        }
     }
 }

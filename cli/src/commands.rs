@@ -537,6 +537,7 @@ fn event_json(e: &StoredEvent) -> Value {
         "correlation_id": e.metadata.correlation_id,
         "causation_id": e.metadata.causation_id,
         "traceparent": e.metadata.trace.as_ref().map(|t| t.traceparent()),
+        "tracestate": e.metadata.trace.as_ref().and_then(|t| t.tracestate()),
         "extra": e.metadata.extra,
         "payload": payload_value(&e.payload),
     })
@@ -845,6 +846,12 @@ async fn stream<S: Admin>(
             e.metadata.correlation_id,
             e.metadata.causation_id
         );
+        if let Some(trace) = &e.metadata.trace {
+            match trace.tracestate() {
+                Some(state) => outln!("    trace {trace}  state {}", cut(state, 80)),
+                None => outln!("    trace {trace}"),
+            }
+        }
         for (k, v) in &e.metadata.extra {
             outln!("    {k}: {}", cut(v, 80));
         }

@@ -297,6 +297,44 @@ fn streams_and_one_stream_paged() {
 }
 
 #[test]
+fn stream_shows_an_event_s_trace_context() {
+    use aftermath::trace::TraceContext;
+    use aftermath::{EventData, EventStore, ExpectedVersion, Metadata};
+    let (_dir, path, _) = filled();
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    runtime().block_on(async {
+        let store = SqliteStore::open(&path).await.unwrap();
+        let id = uuid::Uuid::new_v4();
+        let mut metadata = Metadata::caused_by(id);
+        metadata.trace = Some(TraceContext::parse(parent, Some("v=1")).unwrap());
+        metadata.extra.insert("user".into(), "ann".into());
+        let event = EventData {
+            id,
+            event_type: "audit.Noted".into(),
+            payload: b"{}".to_vec(),
+            metadata,
+        };
+        store
+            .append("audit-1", ExpectedVersion::NoStream, vec![event])
+            .await
+            .unwrap();
+    });
+    on(&path)
+        .args(["stream", "audit-1"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "trace {parent}  state v=1"
+        )))
+        .stdout(predicate::str::contains("user: ann"));
+    let page = json_of(on(&path).args(["stream", "audit-1"]));
+    let event = &page["events"][0];
+    assert_eq!(event["traceparent"], parent, "{page}");
+    assert_eq!(event["tracestate"], "v=1");
+    assert_eq!(event["extra"], serde_json::json!({"user": "ann"}));
+}
+
+#[test]
 fn check_accepts_a_store_and_refuses_a_missing_foreign_or_newer_file() {
     let (dir, path, _) = filled();
     on(&path)
@@ -641,6 +679,16 @@ fn version_6_store(path: &Path) {
         [],
     )
     .unwrap();
+    // An event as schema 6 wrote it: the whole metadata as JSON, the trace
+    // context among the `extra` keys.
+    db.execute(
+        r#"INSERT INTO events (stream, version, id, event_type, payload, metadata, recorded_at, correlation_id, causation_id)
+         VALUES ('order-o-1', 1, x'0000000000000000000000000000000a', 'order.Placed', '{}',
+         '{"correlation_id":"00000000-0000-0000-0000-00000000000c","causation_id":"00000000-0000-0000-0000-00000000000d","extra":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","user":"ann"}}',
+         0, x'0000000000000000000000000000000c', x'0000000000000000000000000000000d')"#,
+        [],
+    )
+    .unwrap();
     db.pragma_update(None, "application_id", 0x4146_544D)
         .unwrap();
 }
@@ -658,7 +706,7 @@ fn stored_version(path: &Path) -> i64 {
 fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
     assert_eq!(
         aftermath::store::sqlite::SCHEMA_VERSION,
-        8,
+        9,
         "update version_6_store"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -670,7 +718,7 @@ fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
         .code(1)
         .stderr(one_error_line())
         .stderr(predicate::str::contains(
-            "schema version 6, this tool's is 8",
+            "schema version 6, this tool's is 9",
         ));
     assert_eq!(stored_version(&path), 6, "looking must not migrate");
     on(&path)
@@ -678,9 +726,9 @@ fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
         .assert()
         .success()
         .stdout(predicate::str::contains(
-            "migrated from schema version 6 to 8",
+            "migrated from schema version 6 to 9",
         ));
-    assert_eq!(stored_version(&path), 8);
+    assert_eq!(stored_version(&path), 9);
     // Migration 8 gave the deadline of version 6 its instance's partition
     // hash (computed in Rust: SQLite has no hash function).
     let stored: i64 = rusqlite::Connection::open(&path)
@@ -691,16 +739,28 @@ fn an_older_store_is_refused_untouched_and_migrated_only_on_request() {
         .unwrap();
     let hash = aftermath::subscription::stream_hash("shipping.process-order-1");
     assert_eq!(stored, (hash ^ (1 << 63)) as i64);
+    // The event of version 6 reads as it did.
+    let page = json_of(on(&path).args(["stream", "order-o-1"]));
+    let event = &page["events"][0];
+    assert_eq!(
+        event["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "{page}"
+    );
+    assert_eq!(event["extra"], serde_json::json!({"user": "ann"}));
+    assert_eq!(
+        event["correlation_id"],
+        "00000000-0000-0000-0000-00000000000c"
+    );
     on(&path)
         .arg("check")
         .assert()
         .success()
-        .stdout(predicate::str::contains("schema version 8 (this build: 8)"));
+        .stdout(predicate::str::contains("schema version 9 (this build: 9)"));
     on(&path)
         .args(["migrate", "--yes"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("already at schema version 8"));
+        .stdout(predicate::str::contains("already at schema version 9"));
 
     // An empty file would become a new store: refused.
     let empty = dir.path().join("empty.db");

@@ -45,11 +45,16 @@ pub(crate) use wire::{extra_from_json, extra_of_stored, write_extra_only};
 /// the event (see [`crate::trace`]). `extra` is free key/value metadata for
 /// the application.
 ///
-/// Stores keep it as JSON: `{"correlation_id": .., "causation_id": ..,
-/// "extra": {..}}`, with the trace context as the `traceparent` and
-/// `tracestate` keys of `extra` (the W3C header names). Reading such a map
-/// back puts a valid context in `trace` and leaves `extra` without those
-/// keys; a malformed `traceparent` stays in `extra` as it was stored.
+/// Its JSON form (serde, and what PostgreSQL stores) is
+/// `{"correlation_id": .., "causation_id": .., "extra": {..}}`, with the
+/// trace context as the `traceparent` and `tracestate` keys of `extra` (the
+/// W3C header names); KurrentDB keeps the same keys beside `$correlationId`
+/// and `$causationId`, and SQLite keeps the ids and the context in columns
+/// of their own. Reading the keys back puts the context in `trace` and
+/// leaves `extra` without them, when they are the exact form a context is
+/// written in (a version-00 `traceparent`, a trimmed non-empty
+/// `tracestate`); anything else under those keys stays in `extra` as it was
+/// written. Every store reads back the same `Metadata`.
 ///
 /// ```
 /// use aftermath::Metadata;
@@ -89,6 +94,22 @@ impl Metadata {
             causation_id: id,
             trace: None,
             extra: BTreeMap::new(),
+        }
+    }
+
+    /// The form every store reads back: a context in `extra` (a valid
+    /// version-00 `traceparent`, see [`crate::trace::TRACEPARENT`]) moved
+    /// into `trace` when `trace` is unset; when `trace` is set, the keys of
+    /// `extra` it owns removed (the stores write the typed context there).
+    pub(crate) fn normalize_trace(&mut self) {
+        use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
+        match self.trace {
+            None => self.trace = TraceContext::take_from_extra(&mut self.extra),
+            Some(_) if !self.extra.is_empty() => {
+                self.extra.remove(TRACEPARENT);
+                self.extra.remove(TRACESTATE);
+            }
+            Some(_) => {}
         }
     }
 }

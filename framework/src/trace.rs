@@ -5,9 +5,10 @@
 //!
 //! When a command is executed inside a span (an HTTP handler's, say), the
 //! trace context of that span is stored with each event the command decides,
-//! in [`Metadata::trace`] (kept by the stores as `traceparent` and
-//! `tracestate` in the metadata's `extra` map, the
-//! [W3C Trace Context](https://www.w3.org/TR/trace-context/) header format).
+//! in [`Metadata::trace`] (written by the stores as `traceparent` and
+//! `tracestate` strings in the
+//! [W3C Trace Context](https://www.w3.org/TR/trace-context/) header format,
+//! or in binary by SQLite; see [`Metadata`]).
 //! Every subscriber continues that trace for the work an event causes: a
 //! projection's apply, a reactor's effect attempt, a process manager's
 //! handling of its input and the commands it sends (whose events carry the
@@ -406,21 +407,39 @@ impl TraceContext {
         })
     }
 
-    /// Takes a valid context out of an `extra` map (the [`TRACEPARENT`] and
-    /// [`TRACESTATE`] keys, removed); a malformed one stays where it is.
+    /// The context a stored `traceparent` (and `tracestate`) hold, when
+    /// they are exactly what [`Self::traceparent`] and [`Self::tracestate`]
+    /// give back: a version-00 value without surrounding whitespace, and a
+    /// non-empty, trimmed state. Anything else is left to the application
+    /// as it was written (lifting it would rewrite it).
+    pub(crate) fn from_stored(parent: &str, state: Option<&str>) -> Option<Self> {
+        let b = parent.as_bytes();
+        if b.len() != TRACEPARENT_LEN || !b.starts_with(b"00-") {
+            return None;
+        }
+        let (trace_id, span_id, flags) = parse_well_formed(b)?;
+        let tracestate = match state {
+            None => None,
+            Some(s) if !s.is_empty() && s.trim() == s => Some(Box::from(s)),
+            Some(_) => return None,
+        };
+        Some(TraceContext {
+            trace_id: trace_id.to_be_bytes(),
+            span_id,
+            flags,
+            tracestate,
+        })
+    }
+
+    /// Takes a context out of an `extra` map (the [`TRACEPARENT`] and
+    /// [`TRACESTATE`] keys, removed) when [`Self::from_stored`] reads one;
+    /// anything else stays where it is.
     pub(crate) fn take_from_extra(extra: &mut BTreeMap<String, String>) -> Option<Self> {
         let parent = extra.get(TRACEPARENT)?;
-        match Self::parse(parent, extra.get(TRACESTATE).map(String::as_str)) {
-            Ok(ctx) => {
-                extra.remove(TRACEPARENT);
-                extra.remove(TRACESTATE);
-                Some(ctx)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "leaving a malformed trace context in the metadata");
-                None
-            }
-        }
+        let ctx = Self::from_stored(parent, extra.get(TRACESTATE).map(String::as_str))?;
+        extra.remove(TRACEPARENT);
+        extra.remove(TRACESTATE);
+        Some(ctx)
     }
 
     /// The context of the work running now: with feature `otel`, the
@@ -473,11 +492,13 @@ tokio::task_local! {
 
 /// Sets the context of `metadata` for new events: an explicit one wins
 /// (already in `trace`, or given as `traceparent` in `extra`), else the
-/// current one ([`TraceContext::current`]).
+/// current one ([`TraceContext::current`]). An explicit `traceparent` that
+/// [`TraceContext::from_stored`] does not read stays in `extra` as given,
+/// and no context is added to it.
 pub(crate) fn inject_current(metadata: &mut Metadata) {
-    if metadata.trace.is_none() {
-        metadata.trace =
-            TraceContext::take_from_extra(&mut metadata.extra).or_else(TraceContext::current);
+    metadata.normalize_trace();
+    if metadata.trace.is_none() && !metadata.extra.contains_key(TRACEPARENT) {
+        metadata.trace = TraceContext::current();
     }
 }
 
@@ -710,11 +731,73 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_context_in_extra_is_left_there() {
-        let mut extra = BTreeMap::new();
-        extra.insert(TRACEPARENT.to_owned(), "garbage".to_owned());
-        assert_eq!(TraceContext::take_from_extra(&mut extra), None);
-        assert_eq!(extra[TRACEPARENT], "garbage");
+    fn only_a_context_s_exact_stored_form_leaves_extra() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for (parent, state) in [
+            ("garbage", None),
+            (
+                " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                None,
+            ),
+            (value, Some("")),
+            (value, Some(" v=1")),
+        ] {
+            let mut extra = BTreeMap::new();
+            extra.insert(TRACEPARENT.to_owned(), parent.to_owned());
+            if let Some(state) = state {
+                extra.insert(TRACESTATE.to_owned(), state.to_owned());
+            }
+            let before = extra.clone();
+            assert_eq!(
+                TraceContext::take_from_extra(&mut extra),
+                None,
+                "{parent:?} {state:?}"
+            );
+            assert_eq!(extra, before);
+        }
+        let ctx = TraceContext::from_stored(value, Some("v=1")).unwrap();
+        assert_eq!(
+            (ctx.traceparent().as_str(), ctx.tracestate()),
+            (value, Some("v=1"))
+        );
+    }
+
+    #[test]
+    fn the_hex_table_reads_lowercase_digits_only() {
+        for b in 0..=255u8 {
+            let want = match b {
+                b'0'..=b'9' => Some(u64::from(b - b'0')),
+                b'a'..=b'f' => Some(u64::from(b - b'a' + 10)),
+                _ => None,
+            };
+            assert_eq!(hex_value(&[b]), want, "byte {b}");
+            assert_eq!(
+                hex_value(&[b'1', b, b'f']),
+                want.map(|d| 0x100 | d << 4 | 0xf)
+            );
+        }
+        assert_eq!(hex_value(b"ffffffffffffffff"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn the_binary_form_refuses_what_it_cannot_hold() {
+        let mut bytes = Vec::new();
+        TraceContext::new(3, 4, true)
+            .unwrap()
+            .write_bytes(&mut bytes);
+        bytes.extend_from_slice(&[0xff, 0xfe]);
+        assert_eq!(
+            TraceContext::from_bytes(&bytes),
+            Err("the tracestate is not UTF-8")
+        );
     }
 
     #[tokio::test]
@@ -731,8 +814,25 @@ mod tests {
         let mut meta = Metadata::caused_by(uuid::Uuid::nil());
         meta.extra
             .insert(TRACEPARENT.to_owned(), explicit.traceparent());
-        with_context(Some(ctx), async { inject_current(&mut meta) }).await;
+        with_context(Some(ctx.clone()), async { inject_current(&mut meta) }).await;
+        assert_eq!(meta.trace, Some(explicit.clone()));
+        assert!(meta.extra.is_empty());
+        // An explicit typed context: stale keys of `extra` give way to it.
+        let mut meta = Metadata::caused_by(uuid::Uuid::nil());
+        meta.trace = Some(explicit.clone());
+        meta.extra
+            .insert(TRACEPARENT.to_owned(), "stale".to_owned());
+        meta.extra.insert(TRACESTATE.to_owned(), "stale".to_owned());
+        with_context(Some(ctx.clone()), async { inject_current(&mut meta) }).await;
         assert_eq!(meta.trace, Some(explicit));
         assert!(meta.extra.is_empty());
+        // An explicit `traceparent` the stores would not read as a context
+        // stays as given, and no other context is added.
+        let mut meta = Metadata::caused_by(uuid::Uuid::nil());
+        meta.extra
+            .insert(TRACEPARENT.to_owned(), "garbage".to_owned());
+        with_context(Some(ctx), async { inject_current(&mut meta) }).await;
+        assert_eq!(meta.trace, None);
+        assert_eq!(meta.extra[TRACEPARENT], "garbage");
     }
 }

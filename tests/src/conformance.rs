@@ -414,6 +414,112 @@ pub async fn filtered_reads<B: Backend>() {
     assert!(none.is_empty());
 }
 
+/// Metadata comes back as written, on every read path: ids, the typed
+/// trace context (with and without a `tracestate`), the application's keys
+/// (escaped characters too); a context given as `extra` keys reads back
+/// typed, and `extra` trace keys that are not a stored context's exact form
+/// (malformed, a later version, a lone or padded `tracestate`) stay in
+/// `extra` untouched.
+pub async fn metadata_and_trace_context_round_trip<B: Backend>() {
+    use aftermath::trace::{TRACEPARENT, TRACESTATE, TraceContext};
+    let f = fresh!(B, "metadata_and_trace_context_round_trip");
+    let s = &f.store;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let ctx = TraceContext::parse(parent, None).unwrap();
+    let with = |trace: Option<TraceContext>, extra: &[(&str, &str)]| {
+        let mut e = raw("account.Deposited", r#"{"amount":1}"#);
+        e.metadata.correlation_id = Uuid::new_v4();
+        e.metadata.trace = trace;
+        e.metadata.extra = extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        e
+    };
+    let written = vec![
+        with(None, &[]),
+        with(Some(ctx.clone()), &[]),
+        with(
+            Some(ctx.clone().with_tracestate("vendor=a,other=b")),
+            &[("user", "Zoë \"Z\" 100%"), ("tenant", "t-1")],
+        ),
+        with(None, &[("user", "ann")]),
+    ];
+    // (extra as written, what reads back: trace, extra)
+    type Pairs<'a> = Vec<(&'a str, &'a str)>;
+    let odd: Vec<(Pairs, Option<TraceContext>, Pairs)> = vec![
+        (
+            vec![(TRACEPARENT, parent), (TRACESTATE, "v=1"), ("k", "v")],
+            Some(ctx.clone().with_tracestate("v=1")),
+            vec![("k", "v")],
+        ),
+        (
+            vec![(TRACEPARENT, "garbage")],
+            None,
+            vec![(TRACEPARENT, "garbage")],
+        ),
+        (
+            vec![(
+                TRACEPARENT,
+                " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
+            None,
+            vec![(
+                TRACEPARENT,
+                " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
+        ),
+        (
+            vec![(
+                TRACEPARENT,
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            )],
+            None,
+            vec![(
+                TRACEPARENT,
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            )],
+        ),
+        (
+            vec![(TRACEPARENT, parent), (TRACESTATE, " v=1")],
+            None,
+            vec![(TRACEPARENT, parent), (TRACESTATE, " v=1")],
+        ),
+        (vec![(TRACESTATE, "v=1")], None, vec![(TRACESTATE, "v=1")]),
+    ];
+    let mut batch = written.clone();
+    batch.extend(odd.iter().map(|(extra, _, _)| with(None, extra)));
+    s.append("meta-1", ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    let expected = |i: usize| {
+        let mut meta = batch[i].metadata.clone();
+        if let Some((_, trace, extra)) = i.checked_sub(written.len()).map(|j| &odd[j]) {
+            meta.trace = trace.clone();
+            meta.extra = extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>();
+        }
+        meta
+    };
+    let by_stream: Vec<StoredEvent> = read_stream_all(s, "meta-1", 1, Direction::Forward, 3)
+        .try_collect()
+        .await
+        .unwrap();
+    let by_all = all_events(s).await;
+    let by_type = s
+        .read_all(Position::ORIGIN, Some(&["account.Deposited"]), 100)
+        .await
+        .unwrap();
+    for read in [&by_stream, &by_all, &by_type] {
+        assert_eq!(read.len(), batch.len());
+        for (i, e) in read.iter().enumerate() {
+            assert_eq!(e.metadata, expected(i), "event {i}");
+        }
+    }
+}
+
 /// Type filters of every size (a PostgreSQL read merges one ordered range
 /// per type, in statements of up to 4 and up to 16 types, and another way
 /// beyond), with types that never occur, over `$all` and over partitions:

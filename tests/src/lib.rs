@@ -100,6 +100,7 @@ macro_rules! conformance_tests {
             all_order_under_concurrent_writers,
             filtered_reads,
             filtered_reads_of_many_types,
+            metadata_and_trace_context_round_trip,
             stream_reads_both_directions,
             large_stream_paged,
             find_head_version_and_watch,

@@ -163,14 +163,14 @@ impl<'de> Visitor<'de> for ExtraVisitor {
         let trace = match parent {
             None => None,
             Some(parent) => {
-                match TraceContext::parse(parent.as_str(), state.as_ref().map(Text::as_str)) {
-                    Ok(trace) => {
+                match TraceContext::from_stored(parent.as_str(), state.as_ref().map(Text::as_str)) {
+                    Some(trace) => {
                         state = None;
                         Some(trace)
                     }
                     // Kept as stored: a foreign writer's value is the
                     // application's data, not a reason to fail the read.
-                    Err(_) => {
+                    None => {
                         extra.insert(TRACEPARENT.to_owned(), parent.into_owned());
                         None
                     }

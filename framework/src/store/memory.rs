@@ -166,6 +166,9 @@ impl EventStore for MemoryStore {
         for (i, data) in events.into_iter().enumerate() {
             let idx = start + i;
             let correlation_id = data.metadata.correlation_id;
+            // What the other stores read back from their stored form.
+            let mut metadata = data.metadata;
+            metadata.normalize_trace();
             inner.log.push(StoredEvent {
                 id: data.id,
                 stream: stream.to_owned(),
@@ -174,7 +177,7 @@ impl EventStore for MemoryStore {
                 recorded_at: now,
                 event_type: data.event_type,
                 payload: data.payload,
-                metadata: data.metadata,
+                metadata,
             });
             inner.ids.insert(data.id, idx);
             inner
