@@ -386,24 +386,26 @@ impl TraceContext {
 
     /// Reads [`Self::write_bytes`]; the error says what is wrong.
     pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, &'static str> {
-        let (Some(trace_id), Some(span_id), Some(&flags)) = (
-            bytes.get(..16).and_then(|b| b.try_into().ok()),
-            bytes.get(16..24).and_then(|b| b.try_into().ok()),
-            bytes.get(24),
-        ) else {
+        let Some((ids, state)) = bytes.split_first_chunk::<25>() else {
             return Err("shorter than the 25 bytes of trace id, parent id and flags");
         };
-        let state = std::str::from_utf8(&bytes[25..]).map_err(|_| "the tracestate is not UTF-8")?;
-        let ctx = TraceContext::new(
-            u128::from_be_bytes(trace_id),
-            u64::from_be_bytes(span_id),
-            false,
-        )
-        .ok_or("an id is zero")?;
+        let (trace_id, rest) = ids.split_first_chunk::<16>().ok_or("unreachable")?;
+        let (span_id, flags) = rest.split_first_chunk::<8>().ok_or("unreachable")?;
+        let span_id = u64::from_be_bytes(*span_id);
+        if span_id == 0 || *trace_id == [0; 16] {
+            return Err("an id is zero");
+        }
+        let tracestate = if state.is_empty() {
+            None
+        } else {
+            let state = std::str::from_utf8(state).map_err(|_| "the tracestate is not UTF-8")?;
+            Some(Box::from(state))
+        };
         Ok(TraceContext {
-            flags,
-            tracestate: (!state.is_empty()).then(|| state.into()),
-            ..ctx
+            trace_id: *trace_id,
+            span_id,
+            flags: flags[0],
+            tracestate,
         })
     }
 

@@ -32,8 +32,9 @@ use super::{Plan, Result, Tally, header, row, verdict};
 /// How long one side runs before the other takes over.
 const SLICE: Duration = Duration::from_millis(250);
 /// How many projections catch up per side in each child (a catch-up of
-/// 20k events takes tens of milliseconds; the best counts).
-const CATCH_UPS: usize = 5;
+/// 20k events takes tens of milliseconds, short enough for one preempted
+/// thread to cost it a tenth; the best counts).
+const CATCH_UPS: usize = 15;
 
 /// The three sides, each with its own store.
 #[derive(Clone, Copy, PartialEq)]
