@@ -448,23 +448,19 @@ fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
             )));
         }
     };
-    let id = match value(3)? {
-        ValueRef::Blob(b) => match <[u8; 16]>::try_from(b) {
-            Ok(bytes) => Uuid::from_bytes(bytes),
-            Err(_) => {
-                return Err(corrupt(format!(
-                    "column `id` holds a blob of {} bytes, not a 16-byte UUID",
-                    b.len()
-                )));
-            }
-        },
-        other => {
-            return Err(corrupt(format!(
-                "column `id` holds {}, not a 16-byte UUID",
-                describe(other)
-            )));
-        }
+    let uuid = |index: usize, name: &str| match value(index)? {
+        ValueRef::Blob(b) => <[u8; 16]>::try_from(b).map(Uuid::from_bytes).map_err(|_| {
+            corrupt(format!(
+                "column `{name}` holds a blob of {} bytes, not a 16-byte UUID",
+                b.len()
+            ))
+        }),
+        other => Err(corrupt(format!(
+            "column `{name}` holds {}, not a 16-byte UUID",
+            describe(other)
+        ))),
     };
+    let id = uuid(3, "id")?;
     let event_type = match value(4)? {
         ValueRef::Text(t) => std::str::from_utf8(t)
             .map_err(|e| corrupt(format!("column `event_type` is not UTF-8: {e}")))?
@@ -494,18 +490,6 @@ fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
                 describe(other)
             )));
         }
-    };
-    let uuid = |index: usize, name: &str| match value(index)? {
-        ValueRef::Blob(b) => <[u8; 16]>::try_from(b).map(Uuid::from_bytes).map_err(|_| {
-            corrupt(format!(
-                "column `{name}` holds a blob of {} bytes, not a 16-byte UUID",
-                b.len()
-            ))
-        }),
-        other => Err(corrupt(format!(
-            "column `{name}` holds {}, not a 16-byte UUID",
-            describe(other)
-        ))),
     };
     let correlation_id = uuid(8, "correlation_id")?;
     let causation_id = uuid(9, "causation_id")?;
