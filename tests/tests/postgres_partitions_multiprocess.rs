@@ -144,9 +144,13 @@ fn partitions_shared_by_two_processes_survive_a_sigkill() {
         rt.block_on(checkpoint(&store, 1)),
     ];
     let head_at_kill = rt.block_on(store.head()).unwrap();
+    // At least one of a's partitions dies mid-stream. Not necessarily both:
+    // the 16 streams hash into partitions unevenly, and a small partition
+    // can be at the head between two of the appender's bursts (b takes it
+    // over either way, and its later events are b's).
     assert!(
-        at_kill.iter().all(|p| *p < head_at_kill),
-        "a finished a partition before it was killed: {at_kill:?} (head {head_at_kill})"
+        at_kill.iter().any(|p| *p < head_at_kill),
+        "a finished both partitions before it was killed: {at_kill:?} (head {head_at_kill})"
     );
 
     // b takes over a's partitions: at once, since a's presence session
