@@ -105,11 +105,10 @@ impl Metadata {
         use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
         match self.trace {
             None => self.trace = TraceContext::take_from_extra(&mut self.extra),
-            Some(_) if !self.extra.is_empty() => {
+            Some(_) => {
                 self.extra.remove(TRACEPARENT);
                 self.extra.remove(TRACESTATE);
             }
-            Some(_) => {}
         }
     }
 }

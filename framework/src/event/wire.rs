@@ -37,6 +37,12 @@ impl Serialize for Metadata {
     }
 }
 
+/// Whether `key` of `extra` yields to the typed context (which owns the
+/// trace keys when it is set).
+fn owned_by_trace(metadata: &Metadata, key: &str) -> bool {
+    metadata.trace.is_some() && (key == TRACEPARENT || key == TRACESTATE)
+}
+
 /// `extra`, with the trace context's keys when `with_trace` (they replace
 /// any of the same name in the map: the typed context owns them).
 struct ExtraOut<'a> {
@@ -49,7 +55,7 @@ impl Serialize for ExtraOut<'_> {
         let Metadata { trace, extra, .. } = self.meta;
         let mut out = serializer.serialize_map(None)?;
         for (key, value) in extra {
-            if trace.is_some() && (key == TRACEPARENT || key == TRACESTATE) {
+            if owned_by_trace(self.meta, key) {
                 continue;
             }
             out.serialize_entry(key, value)?;
@@ -242,9 +248,11 @@ pub(crate) fn extra_from_json(
 /// in columns of their own: `{}`, or `{"extra":{..}}` with the
 /// application's keys.
 pub(crate) fn write_extra_only(metadata: &Metadata, out: &mut Vec<u8>) -> serde_json::Result<()> {
-    let reserved =
-        |key: &String| metadata.trace.is_some() && (key == TRACEPARENT || key == TRACESTATE);
-    if metadata.extra.keys().all(reserved) {
+    if metadata
+        .extra
+        .keys()
+        .all(|key| owned_by_trace(metadata, key))
+    {
         out.extend_from_slice(b"{}");
         return Ok(());
     }
