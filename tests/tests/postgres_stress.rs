@@ -164,8 +164,9 @@ async fn naive(url: String, schema: String, stop: Arc<AtomicBool>) -> Vec<Uuid> 
     // Ordered index scans only. The table grows by hundreds of thousands of
     // rows within seconds, far ahead of its planner statistics, and the
     // planner then answers each page with a bitmap scan plus a sort of every
-    // remaining row: the reader fell minutes behind and took a core from the
-    // subscribers under test (how this test once failed CI).
+    // remaining row: the reader fell a minute behind, holding one of the
+    // machine's cores the whole time while the writers and subscribers
+    // under test needed it.
     conn.execute("SET enable_bitmapscan = off; SET enable_seqscan = off")
         .await
         .expect("naive reader sets its plan options");
