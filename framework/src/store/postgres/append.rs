@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use sqlx_core::error::ErrorKind;
 use sqlx_core::row::Row;
-use sqlx_postgres::PgPool;
 use uuid::Uuid;
 
+use super::conns::Conns;
 use super::events::{Sql, db, position_of, sql_int, stmt, stored_hash, stream_version, version_of};
 use super::order::{self, MAX_EVENTS_PER_TRANSACTION};
 use super::types::Xid8;
@@ -119,7 +119,7 @@ pub(super) struct Appended {
 /// Appends `events` to `stream` with one statement (the schema's `append`
 /// function, in its own transaction). Same rules as the in-memory store.
 pub(super) async fn append(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
     expected: ExpectedVersion,
@@ -155,20 +155,22 @@ pub(super) async fn append(
     let mut lost = false;
     loop {
         attempt += 1;
-        let outcome = stmt(&sql.append)
-            .bind(stream)
-            .bind(min)
-            .bind(max)
-            .bind(strict)
-            .bind(notify)
-            .bind(&ids[..])
-            .bind(&types[..])
-            .bind(&payloads[..])
-            .bind(&metadata[..])
-            .bind(&correlation[..])
-            .bind(&causation[..])
-            .bind(hash)
-            .fetch_one(pool)
+        let outcome = conns
+            .fetch_one(
+                stmt(&sql.append)
+                    .bind(stream)
+                    .bind(min)
+                    .bind(max)
+                    .bind(strict)
+                    .bind(notify)
+                    .bind(&ids[..])
+                    .bind(&types[..])
+                    .bind(&payloads[..])
+                    .bind(&metadata[..])
+                    .bind(&correlation[..])
+                    .bind(&causation[..])
+                    .bind(hash),
+            )
             .await;
         let row = match outcome {
             Ok(row) => row,
@@ -182,8 +184,9 @@ pub(super) async fn append(
                     None => (None, None, None),
                 };
                 // A serialization failure or deadlock, or a connection lost
-                // (the pool does not test a recently used connection before
-                // handing it out, see `PostgresStore::connect_to`): tried
+                // (neither a kept connection nor a recently used one of the
+                // store's pool is tested before use, see `conns.rs` and
+                // `PostgresStore::connect_with`): tried
                 // again with the same event ids, so an append that did commit
                 // before the connection went is found as its own retry.
                 let dropped = connection_lost(&e);
@@ -192,7 +195,7 @@ pub(super) async fn append(
                 match (kind, constraint.as_deref()) {
                     // An id of the batch is stored: a retry, or a reuse.
                     (Some(ErrorKind::UniqueViolation), Some("events_id")) => {
-                        if let Some(done) = refused(pool, sql, stream, expected, events).await? {
+                        if let Some(done) = refused(conns, sql, stream, expected, events).await? {
                             return Ok(found(done, lost));
                         }
                         // The conflicting append rolled back meanwhile.
@@ -206,7 +209,7 @@ pub(super) async fn append(
                         if attempt < APPEND_ATTEMPTS {
                             continue;
                         }
-                        let actual = stream_version(pool, sql, stream).await?;
+                        let actual = stream_version(conns, sql, stream).await?;
                         return Err(StoreError::WrongExpectedVersion {
                             stream: stream.to_owned(),
                             expected,
@@ -255,7 +258,7 @@ pub(super) async fn append(
             }),
             // The version did not match: an idempotent retry, a reused id
             // (reported first, as in memory), or a version conflict.
-            _ => match refused(pool, sql, stream, expected, events).await? {
+            _ => match refused(conns, sql, stream, expected, events).await? {
                 Some(done) => Ok(found(done, lost)),
                 None => Err(StoreError::WrongExpectedVersion {
                     stream: stream.to_owned(),
@@ -293,7 +296,7 @@ fn found(mut done: AppendResult, lost: bool) -> Appended {
 /// id of the batch is stored (then it was a version conflict, or a
 /// conflicting append that has rolled back since).
 async fn refused(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
     expected: ExpectedVersion,
@@ -303,9 +306,8 @@ async fn refused(
         return Ok(None);
     };
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    let rows = stmt(&sql.locate)
-        .bind(&ids[..])
-        .fetch_all(pool)
+    let rows = conns
+        .fetch_all(stmt(&sql.locate).bind(&ids[..]))
         .await
         .map_err(db("looking up event ids"))?;
     let mut stored: HashMap<Uuid, Existing> = HashMap::with_capacity(rows.len());
@@ -327,7 +329,7 @@ async fn refused(
         );
     }
     if let Some(existing) = stored.remove(&first.id) {
-        if let Some(result) = retried(pool, sql, stream, expected, events, &existing).await? {
+        if let Some(result) = retried(conns, sql, stream, expected, events, &existing).await? {
             return Ok(Some(result));
         }
         return Err(existing.duplicate(first.id, stream));
@@ -343,7 +345,7 @@ async fn refused(
 /// The first result again when `events` were appended at this place
 /// before: the same stream, where `expected` points, all ids in order.
 async fn retried(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
     expected: ExpectedVersion,
@@ -359,11 +361,13 @@ async fn retried(
     if !same_place {
         return Ok(None);
     }
-    let rows = stmt(&sql.stored_ids)
-        .bind(stream)
-        .bind(sql_int(existing.version))
-        .bind(sql_int(events.len() as u64))
-        .fetch_all(pool)
+    let rows = conns
+        .fetch_all(
+            stmt(&sql.stored_ids)
+                .bind(stream)
+                .bind(sql_int(existing.version))
+                .bind(sql_int(events.len() as u64)),
+        )
         .await
         .map_err(db("checking an idempotent retry"))?;
     if rows.len() != events.len() {

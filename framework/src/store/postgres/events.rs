@@ -6,9 +6,10 @@ use std::sync::Arc;
 use sqlx_core::query::{Query, query};
 use sqlx_core::row::Row;
 use sqlx_core::sql_str::AssertSqlSafe;
-use sqlx_postgres::{PgArguments, PgPool, PgRow, Postgres};
+use sqlx_postgres::{PgArguments, PgRow, Postgres};
 use uuid::Uuid;
 
+use super::conns::Conns;
 use super::order;
 use super::types::{Timestamp, Xid8};
 use crate::event::{Metadata, Position, StoredEvent};
@@ -229,11 +230,11 @@ pub(super) fn position_of(
 
 /// The current version of `stream` (0 when it has no events).
 pub(super) async fn stream_version(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
 ) -> Result<u64, StoreError> {
-    let version: i64 = retried(|| stmt(&sql.stream_version).bind(stream).fetch_one(pool))
+    let version: i64 = retried(|| conns.fetch_one(stmt(&sql.stream_version).bind(stream)))
         .await
         .and_then(|row| row.try_get(0))
         .map_err(db("reading a stream version"))?;
@@ -252,8 +253,8 @@ pub(super) struct Head {
 }
 
 /// Reads the [`Head`].
-pub(super) async fn head(pool: &PgPool, sql: &Sql) -> Result<Head, StoreError> {
-    let row = retried(|| stmt(&sql.head).fetch_one(pool))
+pub(super) async fn head(conns: &Conns, sql: &Sql) -> Result<Head, StoreError> {
+    let row = retried(|| conns.fetch_one(stmt(&sql.head)))
         .await
         .map_err(db("reading the head position"))?;
     let failed = || db("reading the head position");
@@ -274,7 +275,7 @@ pub(super) async fn head(pool: &PgPool, sql: &Sql) -> Result<Head, StoreError> {
 
 /// Reads a page of one stream.
 pub(super) async fn read_stream(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
     from: u64,
@@ -288,11 +289,12 @@ pub(super) async fn read_stream(
         Direction::Backward => (&sql.read_backward, from),
     };
     let rows = retried(|| {
-        stmt(statement)
-            .bind(stream)
-            .bind(sql_int(from))
-            .bind(sql_int(limit as u64))
-            .fetch_all(pool)
+        conns.fetch_all(
+            stmt(statement)
+                .bind(stream)
+                .bind(sql_int(from))
+                .bind(sql_int(limit as u64)),
+        )
     })
     .await
     .map_err(db("reading a stream"))?;
@@ -301,7 +303,7 @@ pub(super) async fn read_stream(
 
 /// Reads a page of one stream forward for folding: five columns, upcast.
 pub(super) async fn read_stream_fold(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
     from: u64,
@@ -309,11 +311,12 @@ pub(super) async fn read_stream_fold(
     upcasters: &Upcasters,
 ) -> Result<Vec<FoldEvent>, StoreError> {
     let rows = retried(|| {
-        stmt(&sql.read_fold)
-            .bind(stream)
-            .bind(sql_int(from.max(1)))
-            .bind(sql_int(limit as u64))
-            .fetch_all(pool)
+        conns.fetch_all(
+            stmt(&sql.read_fold)
+                .bind(stream)
+                .bind(sql_int(from.max(1)))
+                .bind(sql_int(limit as u64)),
+        )
     })
     .await
     .map_err(db("reading a stream"))?;
@@ -387,7 +390,7 @@ pub(super) async fn read_stream_fold(
 /// the stored types in `types` (already widened by the upcasters' old names
 /// and without duplicates).
 pub(super) async fn read_all(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     after: Position,
     types: Option<&[String]>,
@@ -407,7 +410,7 @@ pub(super) async fn read_all(
             .bind(limit)
             .bind(types),
     };
-    let rows = retried(|| query().fetch_all(pool))
+    let rows = retried(|| conns.fetch_all(query()))
         .await
         .map_err(db("reading $all"))?;
     collect(rows, upcasters)
@@ -419,7 +422,7 @@ pub(super) use crate::subscription::partition::stored_hash;
 
 /// Reads a page of one partition of `$all` (see [`read_all`]).
 pub(super) async fn read_partition(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     after: Position,
     types: Option<&[String]>,
@@ -449,7 +452,7 @@ pub(super) async fn read_partition(
             .bind(first)
             .bind(last),
     };
-    let rows = retried(|| query().fetch_all(pool))
+    let rows = retried(|| conns.fetch_all(query()))
         .await
         .map_err(db("reading a partition of $all"))?;
     collect(rows, upcasters)
@@ -458,7 +461,7 @@ pub(super) async fn read_partition(
 /// Reads a page of the events of one correlation id after `after`, below
 /// the horizon (see [`read_all`]).
 pub(super) async fn read_correlation(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     correlation_id: Uuid,
     after: Position,
@@ -467,12 +470,13 @@ pub(super) async fn read_correlation(
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let (transaction, seq) = order::decode(after);
     let rows = retried(|| {
-        stmt(&sql.read_correlation)
-            .bind(transaction)
-            .bind(seq)
-            .bind(sql_int(limit as u64))
-            .bind(correlation_id)
-            .fetch_all(pool)
+        conns.fetch_all(
+            stmt(&sql.read_correlation)
+                .bind(transaction)
+                .bind(seq)
+                .bind(sql_int(limit as u64))
+                .bind(correlation_id),
+        )
     })
     .await
     .map_err(db("reading a correlation"))?;
@@ -481,12 +485,12 @@ pub(super) async fn read_correlation(
 
 /// Finds one event by id.
 pub(super) async fn find_event(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     id: Uuid,
     upcasters: &Upcasters,
 ) -> Result<Option<StoredEvent>, StoreError> {
-    let rows = retried(|| stmt(&sql.find_event).bind(id).fetch_all(pool))
+    let rows = retried(|| conns.fetch_all(stmt(&sql.find_event).bind(id)))
         .await
         .map_err(db("finding an event"))?;
     Ok(collect(rows, upcasters)?.pop())
@@ -581,16 +585,18 @@ fn event_from_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
 
 /// Saves a snapshot unless a newer one is stored.
 pub(super) async fn save_snapshot(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     snapshot: &Snapshot,
 ) -> Result<(), StoreError> {
-    stmt(&sql.save_snapshot)
-        .bind(&snapshot.stream)
-        .bind(sql_int(snapshot.version))
-        .bind(&snapshot.state)
-        .bind(Timestamp(snapshot.taken_at))
-        .execute(pool)
+    conns
+        .execute(
+            stmt(&sql.save_snapshot)
+                .bind(&snapshot.stream)
+                .bind(sql_int(snapshot.version))
+                .bind(&snapshot.state)
+                .bind(Timestamp(snapshot.taken_at)),
+        )
         .await
         .map_err(db("saving a snapshot"))?;
     Ok(())
@@ -599,11 +605,11 @@ pub(super) async fn save_snapshot(
 /// Loads the snapshot of a stream. A bad row is [`StoreError::Corrupt`]
 /// at position 0 (snapshots have no position), naming the stream.
 pub(super) async fn load_snapshot(
-    pool: &PgPool,
+    conns: &Conns,
     sql: &Sql,
     stream: &str,
 ) -> Result<Option<Snapshot>, StoreError> {
-    let Some(row) = retried(|| stmt(&sql.load_snapshot).bind(stream).fetch_optional(pool))
+    let Some(row) = retried(|| conns.fetch_optional(stmt(&sql.load_snapshot).bind(stream)))
         .await
         .map_err(db("loading a snapshot"))?
     else {

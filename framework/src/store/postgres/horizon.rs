@@ -168,7 +168,8 @@ async fn blocker(pool: &PgPool, horizon: Xid8) -> Result<Option<Blocker>, StoreE
 /// Everything the background task needs; it holds no store handle, so it
 /// stops when the last handle (holding the `stop` sender) drops.
 pub(super) struct Background {
-    pub(super) pool: PgPool,
+    /// The store's pool and kept connections.
+    pub(super) conns: Arc<super::conns::Conns>,
     pub(super) sql: Arc<Sql>,
     pub(super) head: Arc<watch::Sender<Position>>,
     pub(super) progress: Arc<Progress>,
@@ -196,7 +197,7 @@ impl Background {
 
     async fn run(self, mut stopped: oneshot::Receiver<()>) {
         let listener = tokio::spawn(listen(
-            (*self.pool.connect_options()).clone(),
+            (*self.conns.pool().connect_options()).clone(),
             format!("{}_events", self.schema),
             self.handle_id.clone(),
             self.wake.clone(),
@@ -226,7 +227,7 @@ impl Background {
             if self.head.receiver_count() == 0 {
                 waiting = false;
             } else {
-                match events::head(&self.pool, &self.sql).await {
+                match events::head(&self.conns, &self.sql).await {
                     Ok(head) => {
                         self.progress.observe(head.horizon);
                         waiting = head.held_back || self.progress.pending().is_some();
@@ -268,7 +269,7 @@ impl Background {
         if last_warning.is_some_and(|t| t.elapsed() < WARNING_INTERVAL) {
             return;
         }
-        let held = match held_back(&self.pool, &self.sql).await {
+        let held = match held_back(self.conns.pool(), &self.sql).await {
             Ok(Some(held)) if held.waiting >= self.warn_after => held,
             Ok(_) => return,
             Err(e) => {

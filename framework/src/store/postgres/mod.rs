@@ -107,6 +107,7 @@ use crate::subscription::Partition;
 use crate::upcast::Upcasters;
 
 mod append;
+mod conns;
 mod deadlines;
 mod events;
 mod horizon;
@@ -197,7 +198,8 @@ impl PostgresOptions {
 
     /// The most connections of the pool that [`PostgresStore::connect_with`]
     /// creates (at least one; ignored by [`PostgresStore::from_pool`]).
-    /// Default 10.
+    /// Default 10. Up to half of them are kept between the store's own
+    /// statements, each for at most 100 ms (see [`PostgresStore::from_pool`]).
     pub fn max_connections(mut self, count: u32) -> Self {
         self.max_connections = count.max(1);
         self
@@ -324,6 +326,9 @@ pub struct Blocker {
 
 struct Shared {
     pool: PgPool,
+    /// The pool again, with the connections kept between the store's own
+    /// statements (see `conns.rs`).
+    conns: Arc<conns::Conns>,
     sql: Arc<Sql>,
     statements: subscriptions::Statements,
     deadlines: deadlines::Statements,
@@ -341,6 +346,8 @@ struct Shared {
     _background: oneshot::Sender<()>,
     /// Dropping it (with the last handle) stops the notifier.
     _notifier: oneshot::Sender<()>,
+    /// Dropping it (with the last handle) gives back the kept connections.
+    _keeper: oneshot::Sender<()>,
 }
 
 /// An [`EventStore`] in a PostgreSQL schema. Clones share the pool and the
@@ -608,6 +615,12 @@ impl PostgresStore {
     /// tests only connections idle for 500 ms; build yours with
     /// `test_before_acquire(false)` and a `before_acquire` hook for the
     /// same. A read or an append whose connection died is tried again either way.
+    ///
+    /// The store runs its own statements (appends, stream and `$all` reads,
+    /// snapshots, the head) on connections it keeps between them rather than
+    /// handing each back, where sqlx tests it with a round trip: at most half
+    /// of the pool, each for at most 100 ms after it left the pool, and all
+    /// of them given back at once when the pool is closed.
     pub async fn from_pool(
         pool: PgPool,
         options: PostgresOptions,
@@ -621,14 +634,16 @@ impl PostgresStore {
         schema::migrate(&pool, &name, &location).await?;
         schema::rebase_positions(&pool, &name, &location).await?;
         let sql = Arc::new(Sql::new(&format!("\"{name}\"")));
-        let head = events::head(&pool, &sql).await?;
+        let conns = conns::Conns::new(pool.clone());
+        let keeper = conns.spawn_keeper();
+        let head = events::head(&conns, &sql).await?;
         let progress = Arc::new(Progress::default());
         progress.observe(head.horizon);
         let head = Arc::new(watch::Sender::new(head.position));
         let wake = Arc::new(Notify::new());
         let handle_id = Uuid::new_v4().simple().to_string();
         let background = Background {
-            pool: pool.clone(),
+            conns: conns.clone(),
             sql: sql.clone(),
             head: head.clone(),
             progress: progress.clone(),
@@ -650,6 +665,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             shared: Arc::new(Shared {
                 pool,
+                conns,
                 sql,
                 statements: subscriptions::Statements::new(&format!("\"{name}\"")),
                 deadlines: deadlines::Statements::new(&format!("\"{name}\"")),
@@ -664,6 +680,7 @@ impl PostgresStore {
                 notifier,
                 _background: background,
                 _notifier: notifier_task,
+                _keeper: keeper,
             }),
         })
     }
@@ -743,7 +760,7 @@ impl EventStore for PostgresStore {
         validate_stream(stream)?;
         check_ids(stream, &events)?;
         let done = append::append(
-            &self.shared.pool,
+            &self.shared.conns,
             &self.shared.sql,
             stream,
             expected,
@@ -774,7 +791,7 @@ impl EventStore for PostgresStore {
             return Ok(Vec::new());
         }
         events::read_stream(
-            &self.shared.pool,
+            &self.shared.conns,
             &self.shared.sql,
             stream,
             from,
@@ -795,7 +812,7 @@ impl EventStore for PostgresStore {
             return Ok(Vec::new());
         }
         events::read_stream_fold(
-            &self.shared.pool,
+            &self.shared.conns,
             &self.shared.sql,
             stream,
             from,
@@ -819,7 +836,7 @@ impl EventStore for PostgresStore {
         let types = types.map(|t| self.stored_types(t));
         let read = || {
             events::read_all(
-                &self.shared.pool,
+                &self.shared.conns,
                 &self.shared.sql,
                 after,
                 types.as_deref(),
@@ -845,7 +862,7 @@ impl EventStore for PostgresStore {
         let types = types.map(|t| self.stored_types(t));
         let read = || {
             events::read_partition(
-                &self.shared.pool,
+                &self.shared.conns,
                 &self.shared.sql,
                 after,
                 types.as_deref(),
@@ -870,7 +887,7 @@ impl EventStore for PostgresStore {
         }
         let read = || {
             events::read_correlation(
-                &self.shared.pool,
+                &self.shared.conns,
                 &self.shared.sql,
                 correlation_id,
                 after,
@@ -882,14 +899,14 @@ impl EventStore for PostgresStore {
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
-        events::stream_version(&self.shared.pool, &self.shared.sql, stream).await
+        events::stream_version(&self.shared.conns, &self.shared.sql, stream).await
     }
 
     /// The last position below the append horizon: everything up to it is
     /// final, so a subscriber may checkpoint there. One statement; never
     /// waits.
     async fn head(&self) -> Result<Position, StoreError> {
-        let head = events::head(&self.shared.pool, &self.shared.sql).await?;
+        let head = events::head(&self.shared.conns, &self.shared.sql).await?;
         self.shared.progress.observe(head.horizon);
         Ok(head.position)
     }
@@ -900,7 +917,7 @@ impl EventStore for PostgresStore {
 
     async fn find_event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
         events::find_event(
-            &self.shared.pool,
+            &self.shared.conns,
             &self.shared.sql,
             id,
             &self.shared.upcasters,
@@ -914,10 +931,10 @@ impl EventStore for PostgresStore {
 
     /// Saves the snapshot unless the stored one has a higher version.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        events::save_snapshot(&self.shared.pool, &self.shared.sql, &snapshot).await
+        events::save_snapshot(&self.shared.conns, &self.shared.sql, &snapshot).await
     }
 
     async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
-        events::load_snapshot(&self.shared.pool, &self.shared.sql, stream).await
+        events::load_snapshot(&self.shared.conns, &self.shared.sql, stream).await
     }
 }

@@ -301,3 +301,149 @@ fn stream_hash_migration_backfills_and_agrees_with_rust() {
             .unwrap();
     });
 }
+
+/// The store's statements run on connections kept between them (see
+/// `conns.rs`): one is reused while fresh and given back to the pool after
+/// `KEEP_FOR`; at most half of the pool is kept; a connection whose
+/// statement failed or was cancelled is not kept; closing the pool does not
+/// wait for kept connections, even while statements keep running; and a
+/// kept connection that died costs one failed try, after which the read is
+/// answered on a live connection.
+#[test]
+fn connections_are_kept_between_statements_and_given_back() {
+    use super::conns::{Conns, KEEP_FOR};
+    use super::events::retried;
+
+    let Some(url) = std::env::var("AFTERMATH_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED postgres::connections_are_kept: AFTERMATH_PG_URL not set\n",
+        );
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pool = || async {
+            sqlx_postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&url)
+                .await
+                .unwrap()
+        };
+        let pid = |row: sqlx_postgres::PgRow| row.get::<i32, _>(0);
+        let backend = "SELECT pg_backend_pid()";
+        let idle_soon = |pool: sqlx_postgres::PgPool, idle: usize| async move {
+            for _ in 0..100 {
+                if pool.num_idle() == idle {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!(
+                "the pool has {} idle connections, not {idle}",
+                pool.num_idle()
+            );
+        };
+
+        let shared = pool().await;
+        let conns = Conns::new(shared.clone());
+        let keeper = conns.spawn_keeper();
+
+        // Kept after its statement, not idle in the pool, and reused.
+        let first = pid(conns.fetch_one(query(backend)).await.unwrap());
+        assert_eq!(conns.kept_count(), 1);
+        assert_eq!(shared.num_idle(), 0);
+        let second = pid(conns.fetch_one(query(backend)).await.unwrap());
+        assert_eq!(first, second, "a fresh kept connection is reused");
+
+        // Given back to the pool once kept for KEEP_FOR.
+        tokio::time::sleep(KEEP_FOR * 3).await;
+        assert_eq!(conns.kept_count(), 0);
+        idle_soon(shared.clone(), 1).await;
+
+        // Four statements at once: two of their connections are kept.
+        let slow = "SELECT pg_sleep(0.05)";
+        let (a, b, c, d) = tokio::join!(
+            conns.execute(query(slow)),
+            conns.execute(query(slow)),
+            conns.execute(query(slow)),
+            conns.execute(query(slow)),
+        );
+        for done in [a, b, c, d] {
+            done.unwrap();
+        }
+        assert_eq!(conns.kept_count(), 2, "half of a pool of 4");
+        tokio::time::sleep(KEEP_FOR * 3).await;
+        assert_eq!(conns.kept_count(), 0);
+
+        // A failed statement's connection is not kept.
+        conns.fetch_one(query("SELECT 1/0")).await.unwrap_err();
+        assert_eq!(conns.kept_count(), 0);
+
+        // Nor one whose statement was cancelled midway; the next statement
+        // gets a connection that works.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(200),
+            conns.fetch_one(query("SELECT pg_backend_pid(), pg_sleep(1)")),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the sleep was cancelled");
+        assert_eq!(conns.kept_count(), 0);
+        conns.fetch_one(query("SELECT 1")).await.unwrap();
+
+        // Closing the pool does not wait for kept connections while
+        // statements keep running on them.
+        let busy = tokio::spawn({
+            let conns = conns.clone();
+            async move {
+                loop {
+                    if let Err(e) = conns.fetch_one(query("SELECT 1")).await {
+                        return e;
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(10), shared.close())
+            .await
+            .expect("closing the pool waited for kept connections");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), busy)
+            .await
+            .expect("statements go on after the pool closed")
+            .unwrap();
+        assert!(
+            matches!(stopped, sqlx_core::Error::PoolClosed),
+            "{stopped:?}"
+        );
+        assert_eq!(conns.kept_count(), 0);
+        drop(keeper);
+
+        // A kept connection whose backend was terminated: the read fails on
+        // it once, and is answered on a live connection.
+        let shared = pool().await;
+        let conns = Conns::new(shared.clone());
+        let _keeper = conns.spawn_keeper();
+        let victim = pid(conns.fetch_one(query(backend)).await.unwrap());
+        assert_eq!(conns.kept_count(), 1);
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        let terminated: bool = query("SELECT pg_terminate_backend($1)")
+            .bind(victim)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap()
+            .get(0);
+        assert!(terminated);
+        let answered = pid(retried(|| conns.fetch_one(query(backend))).await.unwrap());
+        assert_ne!(answered, victim);
+        // Nothing is kept while connections are suspect.
+        assert_eq!(conns.kept_count(), 0);
+        shared.close().await;
+    });
+}
