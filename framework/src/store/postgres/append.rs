@@ -72,13 +72,7 @@ const APPEND_ATTEMPTS: usize = 5;
 /// a while ([`suspect_connections`]): where one connection died (a server
 /// restart, a failover), the idle ones most likely did too.
 pub(super) fn connection_lost(e: &sqlx_core::Error) -> bool {
-    let lost = match e {
-        sqlx_core::Error::Io(_) => true,
-        sqlx_core::Error::Database(d) => d.code().is_some_and(|c| {
-            (c.starts_with("08") && c != "08P01") || matches!(&*c, "57P01" | "57P02" | "57P03")
-        }),
-        _ => false,
-    };
+    let lost = is_gone(e);
     if lost {
         let until = since_start().saturating_add(SUSPECT_FOR);
         SUSPECT_UNTIL.fetch_max(
@@ -87,6 +81,17 @@ pub(super) fn connection_lost(e: &sqlx_core::Error) -> bool {
         );
     }
     lost
+}
+
+/// The classification of [`connection_lost`], without recording anything.
+fn is_gone(e: &sqlx_core::Error) -> bool {
+    match e {
+        sqlx_core::Error::Io(_) => true,
+        sqlx_core::Error::Database(d) => d.code().is_some_and(|c| {
+            (c.starts_with("08") && c != "08P01") || matches!(&*c, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
 }
 
 /// How long after a lost connection every pooled connection is tested.
@@ -423,8 +428,10 @@ mod tests {
     #[test]
     fn only_a_gone_connection_counts_as_lost() {
         let io = sqlx_core::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert!(connection_lost(&io));
-        assert!(!connection_lost(&sqlx_core::Error::RowNotFound));
-        assert!(!connection_lost(&sqlx_core::Error::PoolTimedOut));
+        // `is_gone`: `connection_lost` would make every connection of this
+        // test binary suspect for a few seconds.
+        assert!(is_gone(&io));
+        assert!(!is_gone(&sqlx_core::Error::RowNotFound));
+        assert!(!is_gone(&sqlx_core::Error::PoolTimedOut));
     }
 }

@@ -620,7 +620,9 @@ impl PostgresStore {
     /// snapshots, the head) on connections it keeps between them rather than
     /// handing each back, where sqlx tests it with a round trip: at most half
     /// of the pool, each for at most 100 ms after it left the pool, and all
-    /// of them given back at once when the pool is closed.
+    /// of them given back at once when the pool is closed. Your pool's
+    /// `before_acquire` and `after_release` hooks therefore run when a
+    /// connection leaves or rejoins the pool, not around each statement.
     pub async fn from_pool(
         pool: PgPool,
         options: PostgresOptions,
