@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use sqlx_core::error::Error;
 use sqlx_core::pool::PoolConnection;
 use sqlx_core::query::Query;
-use sqlx_postgres::{PgArguments, PgConnection, PgPool, PgQueryResult, PgRow, Postgres};
+use sqlx_postgres::{PgArguments, PgConnection, PgPool, PgRow, Postgres};
 use tokio::sync::oneshot;
 
 use super::append::suspect_connections;
@@ -215,18 +215,8 @@ impl Conns {
         Ok(rows)
     }
 
-    /// [`Query::fetch_one`] on a kept connection or one of the pool.
-    pub(super) async fn fetch_one(
-        &self,
-        query: Query<'_, Postgres, PgArguments>,
-    ) -> Result<PgRow, Error> {
-        let mut lease = self.lease().await?;
-        let row = query.fetch_one(lease.conn()).await?;
-        lease.finished = true;
-        Ok(row)
-    }
-
-    /// [`Query::fetch_optional`] on a kept connection or one of the pool.
+    /// [`Query::fetch_optional`] on a kept connection or one of the pool
+    /// (also for statements that return no rows).
     pub(super) async fn fetch_optional(
         &self,
         query: Query<'_, Postgres, PgArguments>,
@@ -237,15 +227,12 @@ impl Conns {
         Ok(row)
     }
 
-    /// [`Query::execute`] on a kept connection or one of the pool.
-    pub(super) async fn execute(
+    /// [`Query::fetch_one`] on a kept connection or one of the pool.
+    pub(super) async fn fetch_one(
         &self,
         query: Query<'_, Postgres, PgArguments>,
-    ) -> Result<PgQueryResult, Error> {
-        let mut lease = self.lease().await?;
-        let done = query.execute(lease.conn()).await?;
-        lease.finished = true;
-        Ok(done)
+    ) -> Result<PgRow, Error> {
+        self.fetch_optional(query).await?.ok_or(Error::RowNotFound)
     }
 }
 

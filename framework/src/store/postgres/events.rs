@@ -590,7 +590,7 @@ pub(super) async fn save_snapshot(
     snapshot: &Snapshot,
 ) -> Result<(), StoreError> {
     conns
-        .execute(
+        .fetch_optional(
             stmt(&sql.save_snapshot)
                 .bind(&snapshot.stream)
                 .bind(sql_int(snapshot.version))

@@ -325,8 +325,7 @@ pub struct Blocker {
 }
 
 struct Shared {
-    pool: PgPool,
-    /// The pool again, with the connections kept between the store's own
+    /// The pool, with the connections kept between the store's own
     /// statements (see `conns.rs`).
     conns: Arc<conns::Conns>,
     sql: Arc<Sql>,
@@ -666,7 +665,6 @@ impl PostgresStore {
         .spawn();
         Ok(PostgresStore {
             shared: Arc::new(Shared {
-                pool,
                 conns,
                 sql,
                 statements: subscriptions::Statements::new(&format!("\"{name}\"")),
@@ -690,7 +688,7 @@ impl PostgresStore {
     /// The connection pool, to run your own SQL (read models, checkpoints)
     /// on the same connections.
     pub fn pool(&self) -> &PgPool {
-        &self.shared.pool
+        self.shared.conns.pool()
     }
 
     /// The schema holding the store's tables.
@@ -704,7 +702,7 @@ impl PostgresStore {
     /// see it in `pg_stat_activity` or `pg_prepared_xacts`) the transaction
     /// responsible. Cheap enough to export as a metric.
     pub async fn held_back(&self) -> Result<Option<HeldBack>, StoreError> {
-        horizon::held_back(&self.shared.pool, &self.shared.sql).await
+        horizon::held_back(self.shared.conns.pool(), &self.shared.sql).await
     }
 
     /// The stored event types that read as `types` (with the upcasters' old
@@ -742,7 +740,7 @@ impl PostgresStore {
     /// ```
     pub async fn wait_for_own_writes(&self, timeout: Duration) -> Result<bool, StoreError> {
         horizon::wait_own_writes(
-            &self.shared.pool,
+            self.shared.conns.pool(),
             &self.shared.sql,
             &self.shared.progress,
             timeout,
